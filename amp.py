@@ -1,0 +1,118 @@
+"""Precision levels (ours; apex.amp no longer exists): O0, O1, O2, O3 in float16 or bfloat16.
+
+  O0  fp32 everywhere (TF32 matmuls only with EXTRA.TF32, off as in PyTorch).
+  O1  autocast to AMP_DTYPE, fp32 weights (upstream's AMP). Dynamic loss scaling for fp16.
+  O2  the model's weights and activations in AMP_DTYPE, fp32 master weights held by the optimizer,
+      the loss in fp32; LayerNorm and softmax compute their statistics in fp32 inside their
+      kernels. Dynamic loss scaling for fp16, none for bf16.
+  O3  pure AMP_DTYPE, no master weights (inference; training allowed with a warning).
+
+For O2 the optimizer steps an fp32 copy of the model (`master`); after each step the half model
+(`model`) receives the new weights. Checkpoints are written from the master, in fp32, in the
+standard layout, so a checkpoint from any level loads at any other.
+"""
+import contextlib
+import copy
+import logging
+from typing import Iterable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+class Precision:
+    def __init__(self, level: str, dtype: str = 'float16', device: torch.device = torch.device('cpu'),
+                 tf32: bool = False):
+        if level not in ('O0', 'O1', 'O2', 'O3'):
+            raise ValueError(f'AMP opt level {level!r} is not one of O0, O1, O2, O3')
+        self.level = level
+        self.dtype = DTYPES[dtype] if level != 'O0' else torch.float32
+        self.device = torch.device(device)
+        self.half_weights = level in ('O2', 'O3')
+        scale = self.dtype == torch.float16 and level in ('O1', 'O2')
+        self._scaler = torch.amp.GradScaler(self.device.type, enabled=scale)
+        self._pairs = []          # (master param, model param) for O2
+        if level == 'O0' and self.device.type == 'cuda':
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def describe(self) -> str:
+        return {'O0': 'O0 fp32', 'O1': f'O1 autocast {self.dtype_name}',
+                'O2': f'O2 {self.dtype_name} weights + fp32 master', 'O3': f'O3 pure {self.dtype_name}'}[self.level]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace('torch.', '')
+
+    # ------------------------------------------------------------------ model
+    def prepare(self, model: torch.nn.Module):
+        """-> (compute model, master model). `model` is fp32 and already holds its weights."""
+        if self.level == 'O2':
+            master = model
+            model = copy.deepcopy(master).to(self.dtype)
+            self._pairs = [(pm, p) for pm, p in zip(master.parameters(), model.parameters())]
+            return model, master
+        if self.level == 'O3':
+            model = model.to(self.dtype)
+        return model, model
+
+    def autocast(self):
+        if self.level == 'O1':
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) if self.half_weights else x
+
+    # ------------------------------------------------------------------ optimisation
+    def backward(self, loss: torch.Tensor) -> None:
+        self._scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
+             clip_grad: Optional[float]) -> torch.Tensor:
+        """Unscale, clip (norm over master grads), step, update the scale; returns the grad norm."""
+        if self._pairs:
+            for pm, p in self._pairs:           # half grads -> fp32 master grads (still scaled)
+                if p.grad is None:
+                    pm.grad = None
+                elif pm.grad is None:
+                    pm.grad = p.grad.float()
+                else:
+                    pm.grad.copy_(p.grad)
+        self._scaler.unscale_(optimizer)
+        params = [p for p in parameters if p.grad is not None]
+        if clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])) \
+                if params else torch.zeros(())
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        if self._pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([p for _, p in self._pairs], [pm for pm, _ in self._pairs])
+        return norm
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self._pairs:
+            model.zero_grad(set_to_none=True)
+
+    def sync_from_master(self) -> None:
+        """Copy master weights into the half model (after loading a checkpoint into the master)."""
+        if self._pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([p for _, p in self._pairs], [pm for pm, _ in self._pairs])
+
+    def get_scale(self) -> float:
+        return self._scaler.get_scale() if self._scaler.is_enabled() else 1.0
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._scaler.load_state_dict(state)

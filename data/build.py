@@ -1,0 +1,163 @@
+"""Datasets, transforms, samplers and mixup, as upstream builds them (timm + torchvision).
+
+DATA.DATASET: 'imagenet' / 'imagenet22K' read an ImageFolder tree `<DATA_PATH>/{train,val}/<class>/*`
+(or, with --zip, upstream's `train.zip` + `train_map.txt` layout, see `zipdata.py`);
+'synthetic' makes random images in memory (EXTRA.SYNTHETIC_TRAIN_SIZE / _VAL_SIZE) for throughput
+and benchmarks.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from timm.data import Mixup, create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from .samplers import ShardSampler
+
+
+class DataError(ValueError):
+    """The dataset a config points to is missing or unusable."""
+
+
+def _interp(name: str) -> InterpolationMode:
+    return {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR,
+            'nearest': InterpolationMode.NEAREST}.get(name, InterpolationMode.BICUBIC)
+
+
+def build_transform(is_train: bool, config):
+    img_size = config.DATA.IMG_SIZE
+    if is_train:
+        t = create_transform(
+            input_size=img_size, is_training=True,
+            color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+            auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None,
+            re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION)
+        if img_size <= 32:
+            # As upstream: small images get a padded random crop instead of a random-resized crop.
+            t.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+        return t
+    t = []
+    if config.TEST.CROP:
+        size = int((256 / 224) * img_size)
+        t += [transforms.Resize(size, interpolation=_interp(config.DATA.INTERPOLATION)),
+              transforms.CenterCrop(img_size)]
+    else:
+        t += [transforms.Resize((img_size, img_size), interpolation=_interp(config.DATA.INTERPOLATION))]
+    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(t)
+
+
+def pil_loader(path: str) -> Image.Image:
+    """Open an image as RGB; a corrupt file is an error that names it."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            return img.convert('RGB')
+    except Exception as e:
+        raise DataError(f'cannot read image {path}: {e}. Remove or replace the file.') from None
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Random normalised images with random labels, deterministic per index; nothing on disk."""
+
+    def __init__(self, size: int, img_size: int, num_classes: int, seed: int = 0):
+        self.size, self.img_size, self.num_classes, self.seed = size, img_size, num_classes, seed
+        self.classes = [str(i) for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        img = torch.randn(3, self.img_size, self.img_size, generator=g)
+        return img, int(torch.randint(self.num_classes, (1,), generator=g))
+
+
+def build_dataset(is_train: bool, config):
+    """(dataset, class count) for the train or val split."""
+    name = config.DATA.DATASET
+    if name == 'synthetic':
+        size = config.EXTRA.SYNTHETIC_TRAIN_SIZE if is_train else config.EXTRA.SYNTHETIC_VAL_SIZE
+        ds = SyntheticDataset(size, config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES,
+                              seed=0 if is_train else 1)
+        return ds, config.MODEL.NUM_CLASSES
+    if name not in ('imagenet', 'imagenet22K'):
+        raise DataError(f"DATA.DATASET {name!r} is not supported: use 'imagenet', 'imagenet22K' "
+                        f"(ImageFolder layout) or 'synthetic'")
+    root = config.DATA.DATA_PATH
+    if not root:
+        raise DataError("no data path: pass --data-path <dir> holding train/ and val/ "
+                        "(ImageFolder layout), or use --opts DATA.DATASET synthetic")
+    split = 'train' if is_train else 'val'
+    transform = build_transform(is_train, config)
+    if config.DATA.ZIP_MODE:
+        from .zipdata import ZipImageDataset
+        ds = ZipImageDataset(root, split, transform, cache_mode=config.DATA.CACHE_MODE if is_train else 'part')
+        return ds, len(ds.classes)
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DataError(f"data folder not found: {path!r}. --data-path must hold train/ and val/ "
+                        f"sub-folders with one folder per class (ImageFolder layout)")
+    try:
+        ds = datasets.ImageFolder(path, transform=transform, loader=pil_loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f'{path}: {e}') from None
+    return ds, len(ds.classes)
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def build_loader(config):
+    """-> (dataset_train, dataset_val, loader_train, loader_val, mixup_fn), as upstream.
+
+    MODEL.NUM_CLASSES follows the dataset's class count unless the user set it, in which case
+    a mismatch is an error (upstream silently overwrote it).
+    """
+    dataset_train, n_train = build_dataset(True, config)
+    dataset_val, n_val = build_dataset(False, config)
+    if n_train != n_val:
+        raise DataError(f'train has {n_train} classes but val has {n_val}: both need the same class folders')
+    if config.MODEL.NUM_CLASSES != n_train:
+        if config.EXTRA.NUM_CLASSES_FROM_DATA:
+            config.defrost()
+            config.MODEL.NUM_CLASSES = n_train
+            config.freeze()
+        else:
+            raise DataError(f'MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the dataset has '
+                            f'{n_train} classes: remove MODEL.NUM_CLASSES from your config/--opts or fix it')
+
+    world, rank = _world()
+    sampler_train = torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
+    # Validation: each sample exactly once across ranks (no padding duplicates).
+    sampler_val = ShardSampler(len(dataset_val), world, rank, shuffle=config.TEST.SHUFFLE)
+    if len(dataset_train) < config.DATA.BATCH_SIZE * world:
+        raise DataError(f'{len(dataset_train)} training images is fewer than one global batch '
+                        f'({config.DATA.BATCH_SIZE} x {world} processes): lower --batch-size')
+
+    workers = config.DATA.NUM_WORKERS
+    # No persistent workers: each epoch's worker seeds come from the main RNG, so a resumed run
+    # repeats the uninterrupted run's augmentations exactly.
+    loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
+        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=True)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=config.DATA.BATCH_SIZE, shuffle=False,
+        num_workers=workers, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+        drop_last=False)
+
+    mixup_fn = None
+    if config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0. or config.AUG.CUTMIX_MINMAX is not None:
+        mixup_fn = Mixup(
+            mixup_alpha=config.AUG.MIXUP, cutmix_alpha=config.AUG.CUTMIX, cutmix_minmax=config.AUG.CUTMIX_MINMAX,
+            prob=config.AUG.MIXUP_PROB, switch_prob=config.AUG.MIXUP_SWITCH_PROB, mode=config.AUG.MIXUP_MODE,
+            label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+    return dataset_train, dataset_val, loader_train, loader_val, mixup_fn

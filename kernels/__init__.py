@@ -1,0 +1,123 @@
+"""The registry of fused ops: which implementation each flag gets, decided once at model build.
+
+Each op file exports ``IMPLS = {'torch': ..., 'triton': ... or None, 'apex': ... or None}``
+(None: not available here). ``get_impl(op, backend)`` resolves one, ``build_ops`` resolves all
+of a model's flags into an ``Ops`` bundle that the model calls; the model never imports triton
+or apex itself.
+
+Backends (config ``KERNEL_BACKEND``):
+  auto    the Triton kernels on CUDA, the PyTorch reference on CPU;
+  triton  the Triton kernels (on CPU only under TRITON_INTERPRET=1: that is how CI tests them);
+  apex    apex's op where apex has one (fails at start if apex is not importable), ours otherwise;
+  torch   the pure-PyTorch reference.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dense, layer_norm, mlp, window_attention, window_process
+from ._utils import apex_available, triton_available, triton_interpret
+from .layer_norm import layer_norm_ref
+from .window_process import window_merge_ref, window_partition_ref
+
+logger = logging.getLogger(__name__)
+
+OPS = {
+    'window_process': window_process,
+    'window_attention': window_attention,
+    'layer_norm': layer_norm,
+    'mlp': mlp,
+    'dense': dense,
+}
+# The user's flag for each op, for error messages.
+FLAGS = {
+    'window_process': '--fused_window_process',
+    'window_attention': '--unfused_mha',
+    'layer_norm': '--fused_layernorm',
+    'mlp': '--fused_mlp',
+    'dense': '--fused_dense',
+}
+BACKENDS = ('auto', 'triton', 'apex', 'torch')
+
+
+class KernelUnavailable(RuntimeError):
+    """The implementation a flag and backend ask for cannot run here."""
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'triton' where Triton kernels can run (CUDA, or the interpreter), else 'torch'."""
+    if backend not in BACKENDS:
+        raise KernelUnavailable(f"KERNEL_BACKEND {backend!r} is not one of {list(BACKENDS)}")
+    if backend != 'auto':
+        return backend
+    return 'triton' if triton_available() and torch.cuda.is_available() else 'torch'
+
+
+def get_impl(op: str, backend: str = 'auto'):
+    """The implementation of `op` for `backend`, or a KernelUnavailable naming flag and fix."""
+    module = OPS[op]
+    flag = FLAGS[op]
+    chosen = resolve_backend(backend)
+    if chosen == 'apex':
+        apex_module = getattr(module, 'APEX_MODULE', None)
+        if apex_module is None:      # apex has no such op: ours stands in
+            chosen = 'triton' if torch.cuda.is_available() or triton_interpret() else 'torch'
+        elif not apex_available(apex_module):
+            raise KernelUnavailable(
+                f"{flag} with KERNEL_BACKEND apex needs {apex_module}, which is not importable here: "
+                f"install NVIDIA apex with its CUDA extensions, or use KERNEL_BACKEND auto")
+    impl = module.IMPLS.get(chosen)
+    if impl is None:
+        why = ('triton is not importable' if chosen == 'triton' and not triton_available()
+               else f'no {chosen} implementation exists yet')
+        raise KernelUnavailable(f"{flag}: {why}. Use KERNEL_BACKEND torch, or turn {flag} off.")
+    if chosen == 'triton' and not torch.cuda.is_available() and not triton_interpret():
+        raise KernelUnavailable(
+            f"{flag} with KERNEL_BACKEND triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run the "
+            f"kernels on the CPU (slow; for tests). Use KERNEL_BACKEND auto or torch on the CPU.")
+    return chosen, impl
+
+
+@dataclass
+class Ops:
+    """What a Swin model calls for each op; the defaults are upstream's PyTorch ops."""
+    window_partition: Callable = window_partition_ref
+    window_merge: Callable = window_merge_ref
+    window_attention: Optional[Callable] = None   # None: the model's inline upstream math
+    layer_norm: Callable = layer_norm_ref
+    linear: Callable = F.linear
+    mlp: Optional[Callable] = None                # None: fc1 -> GELU -> fc2 through `linear`
+    chosen: tuple = ()                            # (op, backend) pairs, for the log
+
+
+def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool = False,
+              dense: bool = False, window_attention: bool = False, backend: str = 'auto') -> Ops:
+    """Resolve every requested fused op once; log the choice; fail early and clearly."""
+    ops = Ops()
+    chosen = []
+    if window_process:
+        b, (ops.window_partition, ops.window_merge) = get_impl('window_process', backend)
+        chosen.append(('window_process', b))
+    if window_attention:
+        b, ops.window_attention = get_impl('window_attention', backend)
+        chosen.append(('window_attention', b))
+    if layer_norm:
+        b, ops.layer_norm = get_impl('layer_norm', backend)
+        chosen.append(('layer_norm', b))
+    if dense:
+        b, ops.linear = get_impl('dense', backend)
+        chosen.append(('dense', b))
+    if mlp:
+        b, ops.mlp = get_impl('mlp', backend)
+        chosen.append(('mlp', b))
+    ops.chosen = tuple(chosen)
+    if chosen:
+        logger.info('fused ops: ' + ', '.join(f'{op}={b}' for op, b in chosen))
+    return ops
+
+
+__all__ = ['Ops', 'build_ops', 'get_impl', 'resolve_backend', 'KernelUnavailable',
+           'window_partition_ref', 'window_merge_ref', 'OPS', 'FLAGS']

@@ -1,0 +1,190 @@
+"""Cyclic shift + window partition, and window merge + reverse shift, as one gather each.
+
+Math (w = window, s = shift, map [B, H, W, C], windows [B*nW, w, w, C] with nW = (H/w)(W/w)):
+    partition:  win[b, wy, wx, i, j, c] = x[b, (wy*w + i + s) mod H, (wx*w + j + s) mod W, c]
+    merge:      the inverse permutation, x[b, (wy*w + i + s) mod H, ...] = win[b, wy, wx, i, j, c]
+(roll by -s then partition; merge then roll by +s, as upstream). Both are permutations of rows of C
+values, so the backward of partition is merge of the gradient and vice versa: bit-exact, no math.
+
+Limits: H and W multiples of w (rejected otherwise, upstream does not pad); any B, C, dtype; the
+map side may have any strides, the windows side is made contiguous. Offsets are int64, the grid is
+1-D over row blocks (no 65535 limit), launches go to the current stream (Triton's default).
+"""
+import torch
+
+from ._utils import check_triton_device, next_power_of_2, triton_available
+
+
+# ----------------------------------------------------------------------------- reference
+def window_partition_ref(x: torch.Tensor, window_size: int, shift_size: int = 0) -> torch.Tensor:
+    """[B, H, W, C] -> [B*nW, w, w, C], after rolling the map by -shift_size (upstream's ops)."""
+    B, H, W, C = x.shape
+    if shift_size:
+        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
+
+
+def window_merge_ref(windows: torch.Tensor, H: int, W: int, shift_size: int = 0) -> torch.Tensor:
+    """[B*nW, w, w, C] -> [B, H, W, C], then roll by +shift_size (upstream's window_reverse + roll)."""
+    w = windows.shape[1]
+    B = windows.shape[0] // ((H // w) * (W // w))
+    x = windows.view(B, H // w, W // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, -1)
+    if shift_size:
+        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
+    return x
+
+
+def _check_shape(H: int, W: int, window_size: int, shift_size: int) -> None:
+    if H % window_size or W % window_size:
+        raise ValueError(f'feature map {H}x{W} is not a multiple of the window {window_size}: '
+                         f'choose DATA.IMG_SIZE / window sizes that divide (upstream does not pad)')
+    if not 0 <= shift_size < window_size:
+        raise ValueError(f'shift {shift_size} must be in [0, window {window_size})')
+
+
+# ----------------------------------------------------------------------------- triton kernels
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _window_shuffle_kernel(
+        map_ptr, win_ptr,                      # the [B, H, W, C] map (strided) and contiguous windows
+        n_rows, C, H, W,
+        stride_mb, stride_mh, stride_mw, stride_mc,
+        window_size, shift_size,
+        TO_WINDOWS: tl.constexpr,              # True: map -> windows (partition); False: merge
+        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # Each program moves BLOCK_ROWS window-layout rows of C values; rows are tokens.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        area = window_size * window_size
+        n_wx = W // window_size
+        n_win = (H // window_size) * n_wx
+        j = rows % window_size                          # column inside the window
+        i = (rows // window_size) % window_size         # row inside the window
+        win = (rows // area) % n_win
+        b = rows // (area * n_win)
+        y = ((win // n_wx) * window_size + i + shift_size) % H   # source row on the map (rolled)
+        x = ((win % n_wx) * window_size + j + shift_size) % W
+        map_row = b * stride_mb + y * stride_mh + x * stride_mw   # int64 element offsets
+        win_row = rows * C
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            map_off = map_row[:, None] + cols[None, :].to(tl.int64) * stride_mc
+            win_off = win_row[:, None] + cols[None, :]
+            if TO_WINDOWS:
+                tl.store(win_ptr + win_off, tl.load(map_ptr + map_off, mask=mask), mask=mask)
+            else:
+                tl.store(map_ptr + map_off, tl.load(win_ptr + win_off, mask=mask), mask=mask)
+
+
+def _launch(map_t: torch.Tensor, win_t: torch.Tensor, window_size: int, shift_size: int,
+            to_windows: bool) -> None:
+    B, H, W, C = map_t.shape
+    n_rows = B * H * W
+    block_c = min(next_power_of_2(C), 256)
+    # ~4K elements per program: enough bytes in flight per SM without spilling registers.
+    block_rows = max(1, min(64, 4096 // block_c))
+    grid = (triton.cdiv(n_rows, block_rows),)
+    _window_shuffle_kernel[grid](
+        map_t, win_t, n_rows, C, H, W, *map_t.stride(), window_size, shift_size,
+        TO_WINDOWS=to_windows, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=4)
+
+
+# ----------------------------------------------------------------------------- launchers
+def window_partition_fwd(x: torch.Tensor, window_size: int, shift_size: int) -> torch.Tensor:
+    """Triton partition: [B, H, W, C] (any strides) -> new contiguous [B*nW, w, w, C]."""
+    check_triton_device(x)
+    B, H, W, C = x.shape
+    _check_shape(H, W, window_size, shift_size)
+    out = torch.empty((B * H * W // window_size ** 2, window_size, window_size, C),
+                      dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch(x, out, window_size, shift_size, to_windows=True)
+    return out
+
+
+def window_merge_fwd(windows: torch.Tensor, H: int, W: int, shift_size: int) -> torch.Tensor:
+    """Triton merge: [B*nW, w, w, C] -> new contiguous [B, H, W, C]."""
+    check_triton_device(windows)
+    w, C = windows.shape[1], windows.shape[-1]
+    _check_shape(H, W, w, shift_size)
+    windows = windows.contiguous()
+    B = windows.shape[0] // ((H // w) * (W // w))
+    out = torch.empty((B, H, W, C), dtype=windows.dtype, device=windows.device)
+    if out.numel():
+        _launch(out, windows, w, shift_size, to_windows=False)
+    return out
+
+
+# The backward of a permutation is the inverse permutation of the gradient.
+window_partition_bwd = window_merge_fwd
+window_merge_bwd = window_partition_fwd
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op('swin::window_partition', mutates_args=())
+def _window_partition_op(x: torch.Tensor, window_size: int, shift_size: int) -> torch.Tensor:
+    return window_partition_fwd(x, window_size, shift_size)
+
+
+@_window_partition_op.register_fake
+def _(x, window_size, shift_size):
+    B, H, W, C = x.shape
+    return x.new_empty((B * (H // window_size) * (W // window_size), window_size, window_size, C))
+
+
+@torch.library.custom_op('swin::window_merge', mutates_args=())
+def _window_merge_op(windows: torch.Tensor, H: int, W: int, shift_size: int) -> torch.Tensor:
+    return window_merge_fwd(windows, H, W, shift_size)
+
+
+@_window_merge_op.register_fake
+def _(windows, H, W, shift_size):
+    w = windows.shape[1]
+    return windows.new_empty((windows.shape[0] // ((H // w) * (W // w)), H, W, windows.shape[-1]))
+
+
+def _partition_setup(ctx, inputs, output):
+    x, _, ctx.shift_size = inputs
+    ctx.H, ctx.W = x.shape[1], x.shape[2]
+
+
+def _partition_backward(ctx, grad):
+    return _window_merge_op(grad, ctx.H, ctx.W, ctx.shift_size), None, None
+
+
+def _merge_setup(ctx, inputs, output):
+    windows, _, _, ctx.shift_size = inputs
+    ctx.window_size = windows.shape[1]
+
+
+def _merge_backward(ctx, grad):
+    return _window_partition_op(grad, ctx.window_size, ctx.shift_size), None, None, None
+
+
+_window_partition_op.register_autograd(_partition_backward, setup_context=_partition_setup)
+_window_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+
+
+# ----------------------------------------------------------------------------- functional API
+def window_partition(x: torch.Tensor, window_size: int, shift_size: int = 0) -> torch.Tensor:
+    """Fused roll(-shift) + partition, differentiable: [B, H, W, C] -> [B*nW, w, w, C]."""
+    return _window_partition_op(x, window_size, shift_size)
+
+
+def window_merge(windows: torch.Tensor, H: int, W: int, shift_size: int = 0) -> torch.Tensor:
+    """Fused merge + roll(+shift), differentiable: [B*nW, w, w, C] -> [B, H, W, C]."""
+    return _window_merge_op(windows, H, W, shift_size)
+
+
+# Implementations by backend; apex has no such op, so 'apex' uses ours.
+IMPLS = {
+    'torch': (window_partition_ref, window_merge_ref),
+    'triton': (window_partition, window_merge) if triton_available() else None,
+}
+IMPLS['apex'] = IMPLS['triton']

@@ -1,0 +1,37 @@
+"""Logging: rank 0 to the console, every rank to <output>/log_rank{rank}.txt."""
+import functools
+import logging
+import os
+import sys
+
+try:
+    from termcolor import colored
+except ImportError:  # colour is optional
+    def colored(text, *args, **kwargs):
+        return text
+
+
+@functools.lru_cache()
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    fmt = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s'
+    color_fmt = colored('[%(asctime)s %(name)s]', 'green') + \
+        colored('(%(filename)s %(lineno)d)', 'yellow') + ': %(levelname)s %(message)s'
+    if dist_rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setLevel(logging.DEBUG)
+        console.setFormatter(logging.Formatter(fmt=color_fmt, datefmt='%Y-%m-%d %H:%M:%S'))
+        logger.addHandler(console)
+    os.makedirs(output_dir, exist_ok=True)
+    file_handler = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(fmt=fmt, datefmt='%Y-%m-%d %H:%M:%S'))
+    logger.addHandler(file_handler)
+    # The kernel registry logs which implementation each flag got through this logger too.
+    kernels_logger = logging.getLogger('kernels')
+    kernels_logger.setLevel(logging.INFO)
+    for h in logger.handlers:
+        kernels_logger.addHandler(h)
+    return logger

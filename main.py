@@ -1,0 +1,335 @@
+"""Train, evaluate (--eval) or time (--throughput) a Swin Transformer; upstream's command line.
+
+    python main.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml --data-path <imagenet>
+    torchrun --nproc_per_node 8 main.py --cfg ... --batch-size 128
+    python -m torch.distributed.launch --nproc_per_node 8 main.py --cfg ...
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import AverageMeter, accuracy
+
+from amp import Precision
+from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, amp_opt_level, get_config
+from data import build_loader
+from logger import create_logger
+from lr_scheduler import build_scheduler
+from models import build_model
+from optimizer import build_optimizer
+from utils import (auto_resume_helper, is_dist, load_checkpoint, load_pretrained, rank,
+                   reduce_tensor, rng_state, save_checkpoint, set_rng_state, world_size)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def parse_option(argv=None):
+    """-> (args, config). Upstream's flags, plus the seed fork's and ours."""
+    p = argparse.ArgumentParser('Swin Transformer training and evaluation script', add_help=True)
+    p.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to config file')
+    p.add_argument('--opts', default=None, nargs='+', help="modify config options by adding 'KEY VALUE' pairs")
+    p.add_argument('--batch-size', type=int, help='batch size for a single GPU')
+    p.add_argument('--data-path', type=str, help='path to dataset')
+    p.add_argument('--zip', action='store_true', help='use zipped dataset instead of folder dataset')
+    p.add_argument('--cache-mode', type=str, default='part', choices=['no', 'full', 'part'],
+                   help='no: no cache, full: cache all data, part: each rank caches its shard')
+    p.add_argument('--pretrained', help='pretrained weight from checkpoint, could be imagenet22k pretrained weight')
+    p.add_argument('--resume', help='resume from checkpoint')
+    p.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
+    p.add_argument('--use-checkpoint', action='store_true', help='whether to use gradient checkpointing to save memory')
+    p.add_argument('--disable_amp', action='store_true', help='Disable pytorch amp')
+    p.add_argument('--amp-opt-level', type=str, choices=list(AMP_OPT_LEVELS),
+                   help='precision level: O0 fp32, O1 autocast, O2 half weights + fp32 master, O3 pure half')
+    p.add_argument('--amp-dtype', type=str, choices=list(AMP_DTYPES), help='half type for O1-O3')
+    p.add_argument('--output', default='output', type=str, metavar='PATH',
+                   help='root of output folder, the full path is <output>/<model_name>/<tag> (default: output)')
+    p.add_argument('--tag', help='tag of experiment')
+    p.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    p.add_argument('--throughput', action='store_true', help='Test throughput only')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=None, dest='local_rank',
+                   help='local rank (set by torch.distributed.launch)')
+    p.add_argument('--optim', type=str, choices=['adamw', 'sgd', 'fused_adam', 'fused_lamb'],
+                   help='overwrite optimizer if provided')
+    p.add_argument('--fused_adam', action='store_true', help='fused AdamW (= --optim fused_adam)')
+    p.add_argument('--fused_window_process', action='store_true', help='fused cyclic shift + window partition')
+    p.add_argument('--fused_layernorm', action='store_true', help='fused LayerNorm')
+    p.add_argument('--fused_mlp', action='store_true', help='fused fc1 + GELU + fc2')
+    p.add_argument('--fused_dense', action='store_true', help='fused Linear (bias in the GEMM epilogue)')
+    p.add_argument('--unfused_mha', '--fused_window_attention', action='store_true', dest='unfused_mha',
+                   help='fused window attention: q k^T + bias + mask + softmax + @v in one kernel')
+    p.add_argument('--kernel-backend', type=str, choices=list(KERNEL_BACKENDS),
+                   help='implementation of the fused flags: auto, triton, apex or torch')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    args = p.parse_args(argv)
+    return args, get_config(args)
+
+
+def init_distributed(config) -> torch.device:
+    """One process (plain python), or one per GPU/CPU slot under torchrun / distributed.launch."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(config.LOCAL_RANK)
+    if world > 1 and not is_dist():
+        dist.init_process_group('nccl' if use_cuda else 'gloo', init_method='env://',
+                                world_size=world, rank=int(os.environ['RANK']))
+        dist.barrier()
+    return torch.device('cuda', config.LOCAL_RANK) if use_cuda else torch.device('cpu')
+
+
+def scale_lr(config) -> None:
+    """Linear LR scaling by total batch / 512 (and by accumulation steps), as upstream."""
+    factor = config.DATA.BATCH_SIZE * world_size() / 512.0
+    if config.TRAIN.ACCUMULATION_STEPS > 1:
+        factor *= config.TRAIN.ACCUMULATION_STEPS
+    config.defrost()
+    config.TRAIN.BASE_LR *= factor
+    config.TRAIN.WARMUP_LR *= factor
+    config.TRAIN.MIN_LR *= factor
+    config.freeze()
+
+
+def main(config, logger=None):
+    device = init_distributed(config)
+    seed = config.SEED + rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    scale_lr(config)
+    os.makedirs(config.OUTPUT, exist_ok=True)
+    logger = logger or create_logger(config.OUTPUT, rank(), name=f'{config.MODEL.NAME}')
+    if rank() == 0:
+        with open(os.path.join(config.OUTPUT, 'config.json'), 'w') as f:
+            f.write(config.dump())
+        logger.info(f'Full config saved to {os.path.join(config.OUTPUT, "config.json")}')
+    logger.info(config.dump())
+
+    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+
+    precision = Precision(amp_opt_level(config), config.AMP_DTYPE, device, tf32=config.EXTRA.TF32)
+    logger.info(f'Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME} ({precision.describe()})')
+    model = build_model(config)
+    logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
+    if hasattr(model, 'flops'):
+        logger.info(f'number of GFLOPs: {model.flops() / 1e9}')
+    model.to(device)
+    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+        load_pretrained(config, model, logger)
+    model_without_ddp, master = precision.prepare(model)
+    if precision.level == 'O3' and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        logger.warning('O3 trains in pure half precision without fp32 master weights: '
+                       'accuracy may differ from O1/O2. Prefer O2 for training.')
+    optimizer = build_optimizer(config, master)
+    model = model_without_ddp
+    if is_dist():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[config.LOCAL_RANK] if device.type == 'cuda' else None,
+            broadcast_buffers=False)
+    if config.COMPILE:
+        model = torch.compile(model)
+
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    steps_per_epoch = len(data_loader_train) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(data_loader_train)} batches per epoch is fewer than '
+                         f'TRAIN.ACCUMULATION_STEPS={accum}: lower the accumulation or the batch size')
+    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()     # mixup/cutmix give soft (label-smoothed) targets
+    elif config.MODEL.LABEL_SMOOTHING > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    max_accuracy = 0.0
+    # AUTO_RESUME never overrides an explicit --resume, nor an --eval of a given checkpoint.
+    if config.TRAIN.AUTO_RESUME and not config.MODEL.RESUME and not config.EVAL_MODE:
+        resume_file = auto_resume_helper(config.OUTPUT)
+        if resume_file:
+            config.defrost()
+            config.MODEL.RESUME = resume_file
+            config.freeze()
+            logger.info(f'auto resuming from {resume_file}')
+        else:
+            logger.info(f'no checkpoint found in {config.OUTPUT}, ignoring auto resume')
+
+    resumed_rng = None
+    if config.MODEL.RESUME:
+        max_accuracy = load_checkpoint(config, master, optimizer, lr_scheduler, precision, logger)
+        precision.sync_from_master()
+        resumed_rng = rng_state()   # validation below draws loader seeds: training resumes from here
+    if config.EVAL_MODE or (config.MODEL.RESUME and not config.THROUGHPUT_MODE):
+        if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+            logger.warning('--eval without --resume or --pretrained evaluates randomly initialised weights')
+        acc1, acc5, loss = validate(config, data_loader_val, model, precision, logger)
+        logger.info(f'Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%')
+        if config.EVAL_MODE:
+            return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
+
+    if config.THROUGHPUT_MODE:
+        return {'throughput': throughput(data_loader_val, model, precision, logger)}
+
+    if resumed_rng is not None:
+        set_rng_state(resumed_rng)
+    logger.info('Start training')
+    start_time = time.time()
+    for epoch in range(config.TRAIN.START_EPOCH, config.TRAIN.EPOCHS):
+        data_loader_train.sampler.set_epoch(epoch)
+        train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
+                        lr_scheduler, precision, master, logger)
+        acc1, acc5, loss = validate(config, data_loader_val, model, precision, logger)
+        logger.info(f'Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%')
+        improved = acc1 > max_accuracy
+        max_accuracy = max(max_accuracy, acc1)
+        logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+        if rank() == 0:
+            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+                save_checkpoint(config, epoch, master, max_accuracy, optimizer, lr_scheduler, precision, logger)
+            if improved:
+                save_checkpoint(config, epoch, master, max_accuracy, optimizer, lr_scheduler, precision,
+                                logger, name='ckpt_best.pth')
+    total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    logger.info(f'Training time {total}')
+    return {'max_accuracy': max_accuracy}
+
+
+def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mixup_fn, lr_scheduler,
+                    precision, master, logger):
+    model.train()
+    precision.zero_grad(optimizer, model)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    steps_per_epoch = len(data_loader) // accum
+    num_batches = steps_per_epoch * accum     # leftover micro-batches are not carried over
+    device = next(master.parameters()).device
+    batch_time, loss_meter, norm_meter, scaler_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
+    nonfinite = 0
+    start = end = time.time()
+    for idx, (samples, targets) in enumerate(data_loader):
+        if idx >= num_batches:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        samples = precision.cast_input(samples)
+        update = (idx + 1) % accum == 0
+        # Non-final micro-steps accumulate locally: no all-reduce until the last one.
+        sync_ctx = model.no_sync() if (not update and hasattr(model, 'no_sync')) else contextlib.nullcontext()
+        with sync_ctx:
+            with precision.autocast():
+                outputs = model(samples)
+            loss = criterion(outputs.float(), targets)        # the loss in fp32 at every level
+            finite = torch.isfinite(loss.detach()).float()
+            if is_dist():                                      # every rank skips, or none does
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                nonfinite += 1
+                logger.warning(f'non-finite loss at epoch {epoch} step {idx} ({nonfinite} in a row): step skipped')
+                precision.zero_grad(optimizer, model)
+                if nonfinite >= config.EXTRA.MAX_NONFINITE_STEPS:
+                    raise NonFiniteLossError(
+                        f'{nonfinite} consecutive non-finite losses (EXTRA.MAX_NONFINITE_STEPS): stopping. '
+                        f'The last good checkpoint in {config.OUTPUT} is intact; lower the LR, raise '
+                        f'WARMUP_EPOCHS or use AMP_DTYPE bfloat16, then resume from it.')
+                continue
+            nonfinite = 0
+            precision.backward(loss / accum)
+        if update:
+            grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
+            precision.zero_grad(optimizer, model)
+            lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
+            norm_meter.update(float(grad_norm))
+            scaler_meter.update(precision.get_scale())
+        loss_meter.update(loss.item(), targets.size(0))
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0:
+            lr = optimizer.param_groups[0]['lr']
+            wd = optimizer.param_groups[0]['weight_decay']
+            mem = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0) if torch.cuda.is_available() else 0
+            etas = batch_time.avg * (num_batches - idx)
+            logger.info(
+                f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_batches}]\t'
+                f'eta {datetime.timedelta(seconds=int(etas))} lr {lr:.6f}\t wd {wd:.4f}\t'
+                f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
+                f'loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t'
+                f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t'
+                f'loss_scale {scaler_meter.val:.4f} ({scaler_meter.avg:.4f})\t'
+                f'mem {mem:.0f}MB')
+    epoch_time = time.time() - start
+    logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))} '
+                f'train_loss {loss_meter.avg:.6f}')
+    return loss_meter.avg
+
+
+@torch.no_grad()
+def validate(config, data_loader, model, precision, logger):
+    """Exact dataset metrics: per-rank sums and counts, all-reduced (no averages of averages)."""
+    criterion = torch.nn.CrossEntropyLoss(reduction='sum')
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)    # loss sum, top1, top5, count
+    end = time.time()
+    for idx, (images, target) in enumerate(data_loader):
+        images = precision.cast_input(images.to(device, non_blocking=True))
+        target = target.to(device, non_blocking=True)
+        with precision.autocast():
+            output = model(images)
+        output = output.float()
+        n = target.size(0)
+        acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
+        totals += torch.tensor([criterion(output, target).item(), acc1.item() * n / 100,
+                                acc5.item() * n / 100, n], dtype=torch.float64, device=device)
+        if idx % config.PRINT_FREQ == 0:
+            logger.info(f'Test: [{idx}/{len(data_loader)}]\ttime {time.time() - end:.3f}')
+            end = time.time()
+    totals = reduce_tensor(totals, average=False)
+    loss, top1, top5, count = totals.tolist()
+    acc1, acc5, loss = 100 * top1 / count, 100 * top5 / count, loss / count
+    logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} (loss {loss:.4f}, {int(count)} images)')
+    return acc1, acc5, loss
+
+
+@torch.no_grad()
+def throughput(data_loader, model, precision, logger) -> float:
+    """Upstream's protocol (eval, 50 warm-up and 30 timed forwards on one batch), at the run's precision."""
+    model.eval()
+    device = next(model.parameters()).device
+    images, _ = next(iter(data_loader))
+    images = precision.cast_input(images.to(device, non_blocking=True))
+    batch_size = images.shape[0]
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    with precision.autocast():
+        for _ in range(50):
+            model(images)
+        sync()
+        logger.info('throughput averaged with 30 times')
+        tic = time.time()
+        for _ in range(30):
+            model(images)
+        sync()
+    value = 30 * batch_size / (time.time() - tic)
+    logger.info(f'batch_size {batch_size} throughput {value:.1f} images/s (precision: {precision.describe()})')
+    return value
+
+
+if __name__ == '__main__':
+    _args, _config = parse_option()
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+    warnings.filterwarnings('ignore', message='.*TypedStorage.*')
+    _result = main(_config)
+    if rank() == 0:
+        print('RESULT ' + json.dumps(_result))
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,417 @@
+"""Swin Transformer V1 (Liu et al., 2021), with upstream's semantics and state-dict layout.
+
+Read top-down: helpers -> attention -> block -> merging -> stage -> embedding -> model.
+Every fused op is looked up once at build time in `kernels` (an `ops` bundle handed down to the
+blocks); with every flag off the forward is upstream's sequence of PyTorch ops. No flag adds,
+removes or renames a parameter or buffer: a checkpoint saved with any flags loads with any other.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from timm.layers import DropPath, trunc_normal_
+
+import kernels
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """[N, N] index into the (2w-1)^2-row bias table: (dy + w-1) * (2w-1) + (dx + w-1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
+                                        indexing='ij')).flatten(1)           # 2, N
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)      # N, N, 2 (dy, dx)
+    rel = rel + (window_size - 1)
+    return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]              # N, N
+
+
+def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """[nW, N, N] additive mask: 0 within a region of the shifted map, -100 across regions."""
+    img_mask = torch.zeros(1, H, W, 1)
+    slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    region = 0
+    for h in slices:
+        for w in slices:
+            img_mask[:, h, w, :] = region
+            region += 1
+    mask_windows = kernels.window_partition_ref(img_mask, window_size, 0).view(-1, window_size ** 2)  # nW, N
+    mask = mask_windows[:, None, :] - mask_windows[:, :, None]                          # nW, N, N
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact) -> dropout -> fc2 -> dropout; fused as one op under --fused_mlp."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None,
+                 out_features: Optional[int] = None, act_layer=nn.GELU, drop: float = 0.,
+                 ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+        self.ops = ops or kernels.Ops()
+        if self.ops.mlp is not None and drop > 0:
+            raise ValueError(f"--fused_mlp needs MLP dropout 0 (MODEL.DROP_RATE is {drop}): "
+                             f"set MODEL.DROP_RATE 0.0 or turn --fused_mlp off")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.mlp is not None:
+            return self.ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        x = self.drop(self.act(self.ops.linear(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(self.ops.linear(x, self.fc2.weight, self.fc2.bias))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window, with a learned relative position bias.
+
+    Args:
+        dim: Channels.
+        window_size: (Wh, Ww); square windows only, as upstream's configs.
+        num_heads: Attention heads.
+        qkv_bias: Learnable bias on q, k, v.
+        qk_scale: Overrides head_dim ** -0.5.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout on the output.
+    """
+
+    def __init__(self, dim: int, window_size: Sequence[int], num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
+                 ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.window_size = tuple(window_size)
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        w = self.window_size[0]
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(w))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+        self.softmax = nn.Softmax(dim=-1)
+        self.ops = ops or kernels.Ops()
+        if self.ops.window_attention is not None and attn_drop > 0:
+            raise ValueError(f"--unfused_mha (fused window attention) needs attention dropout 0, "
+                             f"got {attn_drop}: turn the flag off or the dropout off")
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """[heads, N, N] bias gathered from the table (once per step, shared by all windows)."""
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(N, N, -1).permute(2, 0, 1)                       # heads, N, N
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B*nW, N, C]; mask: [nW, N, N] (0 or -100) or None. Returns [B*nW, N, C]."""
+        B_, N, C = x.shape
+        qkv = self.ops.linear(x, self.qkv.weight, self.qkv.bias)          # B*nW, N, 3C
+        bias = self.relative_position_bias()
+        if self.ops.window_attention is not None:
+            x = self.ops.window_attention(qkv, bias, mask, self.num_heads, self.scale)  # B*nW, N, C
+        else:
+            qkv = qkv.reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]                              # B*nW, heads, N, hd
+            attn = (q * self.scale) @ k.transpose(-2, -1)                 # B*nW, heads, N, N
+            attn = attn + bias.unsqueeze(0)
+            if mask is not None:
+                nW = mask.shape[0]
+                attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                attn = attn.view(-1, self.num_heads, N, N)
+            attn = self.attn_drop(self.softmax(attn))
+            x = (attn @ v).transpose(1, 2).reshape(B_, N, C)              # B*nW, N, C
+        x = self.ops.linear(x, self.proj.weight, self.proj.bias)
+        return self.proj_drop(x)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}'
+
+    def flops(self, N: int) -> int:
+        """Multiply-adds of one window of N tokens (upstream's count)."""
+        flops = N * self.dim * 3 * self.dim                               # qkv
+        flops += self.num_heads * N * (self.dim // self.num_heads) * N    # q @ k^T
+        flops += self.num_heads * N * N * (self.dim // self.num_heads)    # attn @ v
+        flops += N * self.dim * self.dim                                  # proj
+        return flops
+
+
+class SwinTransformerBlock(nn.Module):
+    """(Shifted-)window attention and MLP, each with a pre-norm and a drop-path residual."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+                 drop_path: float = 0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 fused_window_process: bool = False, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        if min(self.input_resolution) <= self.window_size:
+            # One window covers the map: no shift, and the window shrinks to the map.
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        self.ops = ops or kernels.Ops()
+
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, (self.window_size, self.window_size), num_heads, qkv_bias,
+                                    qk_scale, attn_drop, drop, ops=self.ops)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, ops=self.ops)
+
+        H, W = self.input_resolution
+        if self.shift_size > 0:
+            if H % self.window_size or W % self.window_size:
+                raise ValueError(f'feature map {H}x{W} is not a multiple of window {self.window_size}')
+            attn_mask = shifted_window_mask(H, W, self.window_size, self.shift_size)
+        else:
+            attn_mask = None
+        self.register_buffer('attn_mask', attn_mask)
+        self.fused_window_process = fused_window_process
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H*W, C] -> [B, H*W, C]."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        shortcut = x
+        x = self.ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        windows = self.ops.window_partition(x.view(B, H, W, C), self.window_size, self.shift_size)
+        windows = windows.view(-1, self.window_size * self.window_size, C)   # B*nW, N, C
+        attn_windows = self.attn(windows, mask=self.attn_mask)              # B*nW, N, C
+        attn_windows = attn_windows.view(-1, self.window_size, self.window_size, C)
+        x = self.ops.window_merge(attn_windows, H, W, self.shift_size)      # B, H, W, C
+        x = shortcut + self.drop_path(x.view(B, H * W, C))
+        y = self.ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return x + self.drop_path(self.mlp(y))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+    def flops(self) -> int:
+        H, W = self.input_resolution
+        nW = H * W / self.window_size / self.window_size
+        flops = self.dim * H * W                                          # norm1
+        flops += nW * self.attn.flops(self.window_size * self.window_size)
+        flops += 2 * H * W * self.dim * self.dim * self.mlp_ratio         # mlp
+        flops += self.dim * H * W                                         # norm2
+        return flops
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> concat (x0,x1,x2,x3 at offsets (0,0),(1,0),(0,1),(1,1)) -> norm -> 4C->2C."""
+
+    def __init__(self, input_resolution: Sequence[int], dim: int, norm_layer=nn.LayerNorm,
+                 ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.input_resolution = tuple(input_resolution)
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim)
+        self.ops = ops or kernels.Ops()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H*W, C] -> [B, H/2*W/2, 2C]."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, 'input feature has wrong size'
+        assert H % 2 == 0 and W % 2 == 0, f'x size ({H}*{W}) are not even.'
+        x = x.view(B, H // 2, 2, W // 2, 2, C)
+        # (h-offset, w-offset) order (0,0),(1,0),(0,1),(1,1): w-offset outer, as upstream's cat.
+        x = x.permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2 * W // 2, 4 * C)  # B, H/2*W/2, 4C
+        x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        return self.ops.linear(x, self.reduction.weight, None)
+
+    def extra_repr(self) -> str:
+        return f'input_resolution={self.input_resolution}, dim={self.dim}'
+
+    def flops(self) -> int:
+        H, W = self.input_resolution
+        return H * W * self.dim + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
+
+
+class BasicLayer(nn.Module):
+    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int,
+                 window_size: int, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+                 drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint: bool = False,
+                 fused_window_process: bool = False, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads,
+                window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop,
+                attn_drop=attn_drop,
+                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
+                norm_layer=norm_layer, fused_window_process=fused_window_process, ops=ops)
+            for i in range(depth)])
+        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=norm_layer, ops=ops)
+                           if downsample is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
+
+    def flops(self) -> int:
+        flops = sum(blk.flops() for blk in self.blocks)
+        return flops + (self.downsample.flops() if self.downsample is not None else 0)
+
+
+class PatchEmbed(nn.Module):
+    """Image [B, 3, H, W] -> patch tokens [B, H/p*W/p, C] by a strided conv (+ LayerNorm)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
+                 embed_dim: int = 96, norm_layer=None, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.patches_resolution = [img_size[0] // patch_size[0], img_size[1] // patch_size[1]]
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+        self.ops = ops or kernels.Ops()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if (H, W) != self.img_size:
+            raise ValueError(f"input image size ({H}*{W}) doesn't match model "
+                             f"({self.img_size[0]}*{self.img_size[1]}): set DATA.IMG_SIZE")
+        x = self.proj(x).flatten(2).transpose(1, 2)                       # B, Ph*Pw, C
+        if self.norm is not None:
+            x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        return x
+
+    def flops(self) -> int:
+        Ho, Wo = self.patches_resolution
+        flops = Ho * Wo * self.embed_dim * self.in_chans * (self.patch_size[0] * self.patch_size[1])
+        if self.norm is not None:
+            flops += Ho * Wo * self.embed_dim
+        return flops
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer V1, keyword-compatible with upstream's class.
+
+    Our keyword switches (all off by default) choose fused implementations at build time:
+    `fused_window_process`, `fused_layernorm`, `fused_mlp`, `fused_dense`, `fused_attention`
+    (the `--unfused_mha` flag), resolved through `kernels` for `kernel_backend`
+    ('auto', 'triton', 'apex' or 'torch').
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths=(2, 2, 6, 2),
+                 num_heads=(3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.,
+                 attn_drop_rate: float = 0., drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
+                 fused_window_process: bool = False, fused_layernorm: bool = False,
+                 fused_mlp: bool = False, fused_dense: bool = False, fused_attention: bool = False,
+                 kernel_backend: str = 'auto', **kwargs):
+        super().__init__()
+        self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm,
+                                     mlp=fused_mlp, dense=fused_dense, window_attention=fused_attention,
+                                     backend=kernel_backend)
+        ops = self.ops
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer if patch_norm else None, ops=ops)
+        num_patches = self.patch_embed.num_patches
+        patches_resolution = self.patch_embed.patches_resolution
+        self.patches_resolution = patches_resolution
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]  # stochastic depth
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            self.layers.append(BasicLayer(
+                dim=int(embed_dim * 2 ** i),
+                input_resolution=(patches_resolution[0] // 2 ** i, patches_resolution[1] // 2 ** i),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size,
+                mlp_ratio=self.mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                norm_layer=norm_layer, downsample=PatchMerging if i < self.num_layers - 1 else None,
+                use_checkpoint=use_checkpoint, fused_window_process=fused_window_process, ops=ops))
+
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'relative_position_bias_table'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)                                           # B, L, C
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)  # B, L, C
+        return torch.flatten(self.avgpool(x.transpose(1, 2)), 1)         # B, C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        if isinstance(self.head, nn.Linear):
+            return self.ops.linear(x, self.head.weight, self.head.bias)
+        return self.head(x)
+
+    def flops(self) -> int:
+        flops = self.patch_embed.flops()
+        flops += sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
+        flops += self.num_features * self.num_classes
+        return flops

@@ -1,0 +1,39 @@
+"""Optimizers with upstream's parameter groups: no weight decay for 1-D parameters, biases,
+`absolute_pos_embed` and `relative_position_bias_table`."""
+import torch
+from torch import optim
+
+
+def _is_no_decay(name: str, param: torch.Tensor, skip: set, skip_keywords: set) -> bool:
+    return (param.ndim == 1 or name.endswith('.bias') or name in skip
+            or any(k in name for k in skip_keywords))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    skip_keywords = model.no_weight_decay_keywords() if hasattr(model, 'no_weight_decay_keywords') else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _is_no_decay(name, p, skip, skip_keywords) else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.}]
+
+
+def build_optimizer(config, model: torch.nn.Module) -> optim.Optimizer:
+    if config.TRAIN.LAYER_DECAY != 1.0:
+        raise NotImplementedError('TRAIN.LAYER_DECAY != 1.0 (SimMIM fine-tuning) is not implemented in this fork')
+    groups = param_groups(model, config.TRAIN.WEIGHT_DECAY)
+    c = config.TRAIN.OPTIMIZER
+    name = c.NAME.lower()
+    if name == 'sgd':
+        return optim.SGD(groups, momentum=c.MOMENTUM, nesterov=True, lr=config.TRAIN.BASE_LR,
+                         weight_decay=config.TRAIN.WEIGHT_DECAY)
+    if name == 'adamw':
+        return optim.AdamW(groups, eps=c.EPS, betas=tuple(c.BETAS), lr=config.TRAIN.BASE_LR,
+                           weight_decay=config.TRAIN.WEIGHT_DECAY)
+    if name in ('fused_adam', 'fused_lamb'):
+        raise NotImplementedError(
+            f"--optim {name} / --fused_adam: the fused optimizers are not implemented yet; "
+            f"use --optim adamw (torch's AdamW).")
+    raise ValueError(f'TRAIN.OPTIMIZER.NAME {name!r} is not one of adamw, sgd, fused_adam, fused_lamb')

@@ -1,0 +1,241 @@
+"""Checkpoints (save / resume / pretrained adaptation), the loss scaler, distributed helpers."""
+import os
+import pickle
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model or cannot be read."""
+
+
+# ----------------------------------------------------------------------------- distributed
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def reduce_tensor(tensor: torch.Tensor, average: bool = True) -> torch.Tensor:
+    rt = tensor.clone()
+    if is_dist():
+        dist.all_reduce(rt, op=dist.ReduceOp.SUM)
+        if average:
+            rt /= dist.get_world_size()
+    return rt
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Every RNG the training loop draws from, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': list(random.getstate()[1]),
+             'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                       'has_gauss': int(has_gauss), 'cached': float(cached)}}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate((3, tuple(state['python']), None))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ----------------------------------------------------------------------------- reading checkpoints
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint file on the CPU. Ours load with weights_only=True; old upstream files
+    (which pickle a yacs CfgNode) need a full unpickle, done only after the safe load fails."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path!r}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f'cannot read checkpoint {path!r}: {e}') from None
+
+
+_BUFFER_KEYS = ('relative_position_index', 'attn_mask')
+
+
+def _model_state(ckpt: dict) -> dict:
+    sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("the checkpoint holds no state dict (expected {'model': state_dict} or a state dict)")
+    return sd
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """Strict load, except that index/mask buffers the model recomputes may be absent (old files).
+    Any other difference is an error that lists the keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.endswith(_BUFFER_KEYS)]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+             for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = ([f'missing: {missing[:8]}{" ..." if len(missing) > 8 else ""}'] if missing else []) + \
+                ([f'unexpected: {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}'] if unexpected else []) + \
+                ([f'shape mismatch: {wrong[:8]}{" ..." if len(wrong) > 8 else ""}'] if wrong else [])
+        raise CheckpointError(f'{what} does not fit this model (another architecture or size?):\n  '
+                              + '\n  '.join(lines) + '\nUse --pretrained to adapt windows, resolution and '
+                              'class count; check --cfg matches the checkpoint.')
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger) -> float:
+    """Resume (or, for --eval, just load) MODEL.RESUME; returns the max accuracy it recorded."""
+    logger.info(f'==============> Resuming from {config.MODEL.RESUME}....................')
+    ckpt = read_checkpoint(config.MODEL.RESUME)
+    load_model_state(model, _model_state(ckpt), f'checkpoint {config.MODEL.RESUME}')
+    max_accuracy = 0.0
+    if not config.EVAL_MODE and 'optimizer' in ckpt and 'lr_scheduler' in ckpt and 'epoch' in ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        if 'scaler' in ckpt and ckpt['scaler']:
+            loss_scaler.load_state_dict(ckpt['scaler'])
+        config.defrost()
+        config.TRAIN.START_EPOCH = ckpt['epoch'] + 1
+        config.freeze()
+        if 'rng' in ckpt:
+            set_rng_state(ckpt['rng'])
+        logger.info(f"=> loaded successfully '{config.MODEL.RESUME}' (epoch {ckpt['epoch']})")
+    if 'max_accuracy' in ckpt:
+        max_accuracy = float(ckpt['max_accuracy'])
+    return max_accuracy
+
+
+def save_checkpoint(config, epoch: int, model, max_accuracy: float, optimizer, lr_scheduler,
+                    loss_scaler, logger, name: Optional[str] = None) -> str:
+    """Write ckpt_epoch_{epoch}.pth atomically (temp file, then rename). The config is stored as
+    YAML text so the file loads with torch.load(weights_only=True)."""
+    state = {'model': model_state_fp32(model),
+             'optimizer': optimizer.state_dict(),
+             'lr_scheduler': lr_scheduler.state_dict(),
+             'max_accuracy': max_accuracy,
+             'scaler': loss_scaler.state_dict(),
+             'epoch': epoch,
+             'config': config.dump(),
+             'rng': rng_state()}
+    path = os.path.join(config.OUTPUT, name or f'ckpt_epoch_{epoch}.pth')
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    logger.info(f'{path} saved !!!')
+    return path
+
+
+def model_state_fp32(model) -> dict:
+    """The model's state dict with floating tensors in fp32 (the checkpoint layout at every level)."""
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+
+
+def auto_resume_helper(output_dir: str) -> Optional[str]:
+    """The newest ckpt_epoch_*.pth in output_dir (by epoch number), or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for f in os.listdir(output_dir):
+        if f.startswith('ckpt_epoch_') and f.endswith('.pth'):
+            try:
+                found.append((int(f[len('ckpt_epoch_'):-len('.pth')]), f))
+            except ValueError:
+                continue
+    return os.path.join(output_dir, max(found)[1]) if found else None
+
+
+# ----------------------------------------------------------------------------- pretrained adaptation
+def imagenet_22k_to_1k_indices() -> list:
+    """Row of the 21841-class head for each ImageNet-1k class, from timm's shipped synset lists:
+    the 1k synset's position in the 22k (Google) list; n04399382 (class 850), absent there, maps
+    to row 5564 as upstream's map does."""
+    from importlib import resources
+    info = resources.files('timm.data') / '_info'
+    synsets_1k = (info / 'imagenet_synsets.txt').read_text().split()
+    position = {s: i for i, s in enumerate((info / 'imagenet21k_goog_synsets.txt').read_text().split())}
+    indices = []
+    for i, s in enumerate(synsets_1k):
+        if s == 'n04399382':
+            indices.append(5564)
+        elif s in position:
+            indices.append(position[s])
+        else:
+            raise CheckpointError(f'ImageNet-1k synset {s} (class {i}) is not in the 22k list')
+    return indices
+
+
+def _resize_square(t: torch.Tensor, new_side: int) -> torch.Tensor:
+    """[L, C] with L = side^2 -> [new_side^2, C], bicubic over the side x side grid."""
+    L, C = t.shape
+    side = int(round(L ** 0.5))
+    grid = t.float().T.reshape(1, C, side, side)
+    out = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    return out.reshape(C, new_side * new_side).T.to(t.dtype)
+
+
+def adapt_pretrained_state(state_dict: dict, model: torch.nn.Module) -> tuple:
+    """(adapted state dict, list of what changed) for a Swin V1 `model`: drops index/mask
+    buffers, resizes bias tables and absolute_pos_embed, maps a 22k head to 1k, drops a head
+    of another size (the model keeps its fresh head). Anything else must already fit."""
+    own = model.state_dict()
+    out, notes = {}, []
+    head_mismatch = False
+    for k, v in state_dict.items():
+        if k.endswith(_BUFFER_KEYS):
+            continue
+        if k not in own:
+            out[k] = v          # reported by load_model_state as unexpected
+            continue
+        target = own[k].shape
+        if v.shape == target:
+            out[k] = v
+        elif k.endswith('relative_position_bias_table'):
+            if v.shape[1] != target[1]:
+                raise CheckpointError(f'{k}: {v.shape[1]} heads in the checkpoint, {target[1]} in the model')
+            out[k] = _resize_square(v, int(round(target[0] ** 0.5)))
+            notes.append(f'{k}: bicubic {tuple(v.shape)} -> {tuple(target)}')
+        elif k == 'absolute_pos_embed':
+            if v.shape[-1] != target[-1]:
+                raise CheckpointError(f'{k}: width {v.shape[-1]} vs {target[-1]}')
+            out[k] = _resize_square(v[0], int(round(target[1] ** 0.5)))[None]
+            notes.append(f'{k}: bicubic {tuple(v.shape)} -> {tuple(target)}')
+        elif k in ('head.weight', 'head.bias'):
+            head_mismatch = True
+            if v.shape[0] == 21841 and target[0] == 1000 and v.shape[1:] == target[1:]:
+                out[k] = v[imagenet_22k_to_1k_indices()]
+                notes.append(f'{k}: 21841 -> 1000 classes by the 22k->1k synset map')
+            else:
+                notes.append(f'{k}: {tuple(v.shape)} does not fit {tuple(target)}; head re-initialised')
+        else:
+            out[k] = v          # reported by load_model_state as a shape mismatch
+    if head_mismatch:
+        for k in ('head.weight', 'head.bias'):
+            out.setdefault(k, own[k])
+    return out, notes
+
+
+def load_pretrained(config, model, logger) -> None:
+    """Fine-tune start: load MODEL.PRETRAINED into `model`, adapting what upstream adapts."""
+    logger.info(f'==============> Loading weight {config.MODEL.PRETRAINED} for fine-tuning......')
+    state_dict = _model_state(read_checkpoint(config.MODEL.PRETRAINED))
+    adapted, notes = adapt_pretrained_state(state_dict, model)
+    load_model_state(model, adapted, f'pretrained weights {config.MODEL.PRETRAINED}')
+    for n in notes:
+        logger.info(f'adapted {n}')
+    logger.info(f"=> loaded successfully '{config.MODEL.PRETRAINED}'")
