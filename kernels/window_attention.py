@@ -1,31 +1,321 @@
-"""Window attention: softmax(q k^T * scale + bias + mask) v for every (window, head).
+"""Fused window attention: softmax(q k^T * scale + B + M) v for every (window, head), on-chip.
 
-Shapes: qkv [B*nW, N, 3C] straight from the qkv projection (split as (3, heads, head_dim));
-bias [heads, N, N] gathered once per step from relative_position_bias_table; mask [nW, N, N]
-(0 / -100) or None, window b uses mask[b % nW]. Output [B*nW, N, C], the layout proj reads.
+Shapes (B_ = batch * windows, N = w*w tokens, C = heads * d):
+  qkv    [B_, N, 3C]  straight from the qkv projection, split as (3, heads, d); no permute copies
+  table  [(2w-1)^2, heads]  relative_position_bias_table; B[h, i, j] = table[index[i, j], h]
+  index  [N, N]  relative_position_index (int)
+  mask   [nW, N, N] or None  the shifted-window mask (0 / -100); window b uses mask[b % nW]
+  out    [B_, N, C]  in the layout the output projection reads.
+
+Forward, per (window b, head h, block of query rows), keys all in one tile (N <= 256):
+  S = (q k^T) * scale + B + M;   P = softmax(S) in fp32;   O = P v;   lse = logsumexp(S)
+Only O and lse (fp32, [B_, heads, N]) are written; the N x N scores never leave the chip.
+
+Backward (recompute S and P from lse):
+  dV = P^T dO;   dP = dO V^T;   D_i = sum_j P_ij dP_ij = sum_d dO_id O_id
+  dS = P * (dP - D);   dQ = dS K * scale;   dK = dS^T Q * scale;   dB[h] = sum_b dS[b, h]
+dQ, dK, dV are written straight into one [B_, N, 3C] tensor, the qkv projection's layout.
+dB is deterministic: each program owns a strided group of windows and accumulates dS for them
+in registers (or, when the queries span several blocks, in its own slice of a global buffer);
+the groups are then summed by torch, and dB is scattered to the table by a fixed one-hot
+matmul (no float atomics anywhere).
+
+Limits: N <= 256 (windows up to 16), head_dim 16..128; fp32/fp16/bf16 with fp32 accumulation
+(fp32 inputs use IEEE fp32 products, not TF32: the flag never changes the math); no attention
+dropout (rejected at model build). Offsets are int64 and the grid is 1-D (no 65535 limit).
 """
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+from ._utils import check_triton_device, next_power_of_2, triton_available
 
 
-def window_attention_ref(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor],
-                         num_heads: int, scale: float) -> torch.Tensor:
-    """Upstream's math, op for op."""
+# ----------------------------------------------------------------------------- reference
+def window_attention_ref(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                         mask: Optional[torch.Tensor], num_heads: int, scale: float) -> torch.Tensor:
+    """Upstream's math, op for op: [B_, N, 3C] -> [B_, N, C]."""
     B_, N, C3 = qkv.shape
     C = C3 // 3
     qkv = qkv.reshape(B_, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]                                  # B*nW, heads, N, hd
-    attn = (q * scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)      # B*nW, heads, N, N
+    q, k, v = qkv[0], qkv[1], qkv[2]                                  # B_, heads, N, d
+    bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)      # heads, N, N
+    attn = (q * scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)      # B_, heads, N, N
     if mask is not None:
         nW = mask.shape[0]
         attn = attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, num_heads, N, N)
     attn = attn.softmax(dim=-1)
-    return (attn @ v).transpose(1, 2).reshape(B_, N, C)               # B*nW, N, C
+    return (attn @ v).transpose(1, 2).reshape(B_, N, C)               # B_, N, C
 
 
+def _check(qkv, table, index, mask, num_heads):
+    B_, N, C3 = qkv.shape
+    if C3 % (3 * num_heads):
+        raise ValueError(f'qkv width {C3} is not 3 x heads ({num_heads}) x head_dim')
+    d = C3 // 3 // num_heads
+    if N > 256:
+        raise ValueError(f'fused window attention supports windows of up to 256 tokens, got {N}')
+    if not 16 <= d <= 128:
+        raise ValueError(f'fused window attention supports head_dim 16..128, got {d}')
+    if table.shape[1] != num_heads or index.shape != (N, N):
+        raise ValueError(f'bias table {tuple(table.shape)} / index {tuple(index.shape)} do not fit '
+                         f'{num_heads} heads and {N} tokens')
+    if mask is not None and (mask.shape[1:] != (N, N) or B_ % mask.shape[0]):
+        raise ValueError(f'mask {tuple(mask.shape)} does not fit {B_} windows of {N} tokens')
+    return B_, N, C3 // 3, d
+
+
+# ----------------------------------------------------------------------------- triton kernels
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot(a, b, DOT_MODE: tl.constexpr):
+        """a @ b with fp32 accumulation. DOT_MODE 0: half inputs on the tensor cores; 1: fp32
+        inputs as IEEE fp32 (no TF32); 2: upcast to fp32 first (Triton's CPU interpreter computes
+        bf16 dots wrongly; bf16 -> fp32 is exact, so the math is the same)."""
+        if DOT_MODE == 0:
+            return tl.dot(a, b)
+        elif DOT_MODE == 1:
+            return tl.dot(a, b, input_precision='ieee')
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='ieee')
+
+    @triton.jit
+    def _scores(qkv_ptr, table_ptr, index_ptr, mask_ptr, b, h, rows, cols, d_idx,
+                N, C, n_heads, n_mask, scale,
+                HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr):
+        """S = q k^T * scale + B + M for one (window, head, query block); -inf on padded keys.
+        Returns (S, q, k)."""
+        row_ok = rows < N
+        col_ok = cols < N
+        d_ok = d_idx < HEAD_DIM
+        base = b * N * 3 * C + h * HEAD_DIM
+        q = tl.load(qkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.)
+        k = tl.load(qkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.)
+        s = _dot(q, tl.trans(k), DOT_MODE) * scale
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        rc = rows[:, None] * N + cols[None, :]
+        idx = tl.load(index_ptr + rc, mask=tile_ok, other=0)
+        s += tl.load(table_ptr + idx * n_heads + h, mask=tile_ok, other=0.).to(tl.float32)
+        if HAS_MASK:
+            w = b % n_mask
+            s += tl.load(mask_ptr + w * N * N + rc, mask=tile_ok, other=0.).to(tl.float32)
+        s = tl.where(col_ok[None, :], s, float('-inf'))
+        return s, q, k
+
+    @triton.jit
+    def _window_attention_fwd_kernel(
+        qkv_ptr, table_ptr, index_ptr, mask_ptr, out_ptr, lse_ptr,
+        N, C, n_heads, n_mask, scale,
+        HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
+        NUM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        m_blk = pid % NUM_M
+        bh = pid // NUM_M
+        h = bh % n_heads
+        b = bh // n_heads
+        rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        d_idx = tl.arange(0, BLOCK_D)
+        s, q, k = _scores(qkv_ptr, table_ptr, index_ptr, mask_ptr, b, h, rows, cols, d_idx,
+                          N, C, n_heads, n_mask, scale, HAS_MASK, HEAD_DIM, DOT_MODE)
+        m = tl.max(s, axis=1)
+        p = tl.exp(s - m[:, None])
+        l = tl.sum(p, axis=1)
+        v = tl.load(qkv_ptr + b * N * 3 * C + 2 * C + h * HEAD_DIM + cols[:, None] * 3 * C + d_idx[None, :],
+                    mask=(cols < N)[:, None] & (d_idx < HEAD_DIM)[None, :], other=0.)
+        o = _dot(p.to(v.dtype), v, DOT_MODE) / l[:, None]
+        row_ok = rows < N
+        tl.store(out_ptr + b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (d_idx < HEAD_DIM)[None, :])
+        tl.store(lse_ptr + bh * N + rows, m + tl.log(l), mask=row_ok)
+
+    @triton.jit
+    def _window_attention_bwd_kernel(
+        qkv_ptr, table_ptr, index_ptr, mask_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr,
+        B_, N, C, n_heads, n_mask, scale, n_groups,
+        HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
+        NUM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Program (group g, head h) walks windows g, g + n_groups, ... for head h.
+        pid = tl.program_id(0).to(tl.int64)
+        h = pid % n_heads
+        g = pid // n_heads
+        cols = tl.arange(0, BLOCK_N)
+        d_idx = tl.arange(0, BLOCK_D)
+        col_ok = cols < N
+        d_ok = d_idx < HEAD_DIM
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        dbias_base = dbias_ptr + (g * n_heads + h) * N * N
+        dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # used when NUM_M == 1
+        for b in range(g, B_, n_groups):
+            base = b * N * 3 * C + h * HEAD_DIM
+            v = tl.load(qkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :], mask=kv_mask, other=0.)
+            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            for m_blk in tl.static_range(NUM_M):
+                rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = rows < N
+                rd_mask = row_ok[:, None] & d_ok[None, :]
+                s, q, k = _scores(qkv_ptr, table_ptr, index_ptr, mask_ptr, b, h, rows, cols, d_idx,
+                                  N, C, n_heads, n_mask, scale, HAS_MASK, HEAD_DIM, DOT_MODE)
+                lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
+                p = tl.exp(s - lse[:, None])
+                p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
+                o_off = b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :]
+                do = tl.load(dout_ptr + o_off, mask=rd_mask, other=0.)
+                o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)   # D_i = rowsum(dO * O)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_MODE)
+                dp = _dot(do, tl.trans(v), DOT_MODE)
+                ds = p * (dp - delta[:, None])                          # dL/dS, fp32
+                dq = _dot(ds.to(k.dtype), k, DOT_MODE) * scale
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_MODE) * scale
+                tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
+                         dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
+                if NUM_M == 1:
+                    dbias_acc += ds
+                else:
+                    # This program alone owns its slice of the buffer: read-add-write, no atomics.
+                    rc = rows[:, None] * N + cols[None, :]
+                    tile_ok = row_ok[:, None] & col_ok[None, :]
+                    cur = tl.load(dbias_base + rc, mask=tile_ok, other=0.)
+                    tl.store(dbias_base + rc, cur + ds, mask=tile_ok)
+                    tl.debug_barrier()
+            tl.store(dqkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
+                     dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(dqkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :],
+                     dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+        if NUM_M == 1:
+            rows = tl.arange(0, BLOCK_M)
+            tl.store(dbias_base + rows[:, None] * N + cols[None, :], dbias_acc,
+                     mask=(rows < N)[:, None] & col_ok[None, :])
+
+
+def _dot_mode(qkv: torch.Tensor) -> int:
+    if qkv.dtype == torch.float32:
+        return 1
+    return 2 if qkv.device.type == 'cpu' else 0
+
+
+def _blocks(N: int, d: int):
+    block_n = max(16, next_power_of_2(N))
+    block_m = min(block_n, 64)
+    num_m = (N + block_m - 1) // block_m
+    num_warps = 4 if block_n <= 64 else 8
+    return block_m, block_n, max(16, next_power_of_2(d)), num_m, num_warps
+
+
+def _n_groups(B_: int, heads: int, device: torch.device) -> int:
+    """Windows per backward program: enough programs to fill the GPU ~4 times over."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 2
+    return max(1, min(B_, (4 * sms + heads - 1) // heads))
+
+
+# ----------------------------------------------------------------------------- launchers
+def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                         mask: Optional[torch.Tensor], num_heads: int, scale: float):
+    """-> (out [B_, N, C], lse [B_, heads, N] fp32)."""
+    check_triton_device(qkv)
+    B_, N, C, d = _check(qkv, table, index, mask, num_heads)
+    qkv, table, index = qkv.contiguous(), table.contiguous(), index.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
+    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
+    grid = (B_ * num_heads * num_m,)
+    if B_:
+        _window_attention_fwd_kernel[grid](
+            qkv, table, index, mask if mask is not None else qkv, out, lse,
+            N, C, num_heads, mask.shape[0] if mask is not None else 1, float(scale),
+            HAS_MASK=mask is not None, HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
+            NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+    return out, lse
+
+
+def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                         mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                         num_heads: int, scale: float):
+    """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable like table)."""
+    check_triton_device(qkv)
+    B_, N, C, d = _check(qkv, table, index, mask, num_heads)
+    qkv, table, index, dout = qkv.contiguous(), table.contiguous(), index.contiguous(), dout.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
+    n_groups = _n_groups(B_, num_heads, qkv.device)
+    dqkv = torch.empty_like(qkv)
+    # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes).
+    alloc = torch.zeros if num_m > 1 else torch.empty
+    dbias_partial = alloc((n_groups, num_heads, N, N), dtype=torch.float32, device=qkv.device)
+    if B_:
+        _window_attention_bwd_kernel[(n_groups * num_heads,)](
+            qkv, table, index, mask if mask is not None else qkv, out, lse, dout, dqkv, dbias_partial,
+            B_, N, C, num_heads, mask.shape[0] if mask is not None else 1, float(scale), n_groups,
+            HAS_MASK=mask is not None, HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
+            NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+    dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
+    # Scatter to the table rows through the index: a one-hot matmul, deterministic.
+    onehot = F.one_hot(index.reshape(-1).long(), table.shape[0]).to(torch.float32)  # N*N, rows
+    dtable = onehot.T @ dbias.permute(1, 2, 0).reshape(N * N, num_heads)             # rows, heads
+    return dqkv, dtable.to(table.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op('swin::window_attention_fwd', mutates_args=())
+def _fwd_op(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
+            num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_attention_fwd(qkv, table, index, mask, num_heads, scale)
+
+
+@_fwd_op.register_fake
+def _(qkv, table, index, mask, num_heads, scale):
+    B_, N, C3 = qkv.shape
+    return qkv.new_empty((B_, N, C3 // 3)), qkv.new_empty((B_, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op('swin::window_attention_bwd', mutates_args=())
+def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+            mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_attention_bwd(dout, qkv, table, index, mask, out, lse, num_heads, scale)
+
+
+@_bwd_op.register_fake
+def _(dout, qkv, table, index, mask, out, lse, num_heads, scale):
+    return torch.empty_like(qkv), torch.empty_like(table)
+
+
+def _setup(ctx, inputs, output):
+    qkv, table, index, mask, ctx.num_heads, ctx.scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, table, index, mask, out, lse)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, table, index, mask, out, lse = ctx.saved_tensors
+    dqkv, dtable = _bwd_op(dout, qkv, table, index, mask, out, lse, ctx.num_heads, ctx.scale)
+    return dqkv, dtable, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                     mask: Optional[torch.Tensor], num_heads: int, scale: float) -> torch.Tensor:
+    """Fused, differentiable window attention (see the module docstring): [B_, N, 3C] -> [B_, N, C]."""
+    return _fwd_op(qkv, table, index, mask, num_heads, float(scale))[0]
+
+
+# apex has no matching op: 'apex' uses ours.
 IMPLS = {
     'torch': window_attention_ref,
-    'triton': None,
+    'triton': window_attention if triton_available() else None,
 }
+IMPLS['apex'] = IMPLS['triton']

@@ -110,10 +110,12 @@ class WindowAttention(nn.Module):
         """x: [B*nW, N, C]; mask: [nW, N, N] (0 or -100) or None. Returns [B*nW, N, C]."""
         B_, N, C = x.shape
         qkv = self.ops.linear(x, self.qkv.weight, self.qkv.bias)          # B*nW, N, 3C
-        bias = self.relative_position_bias()
         if self.ops.window_attention is not None:
-            x = self.ops.window_attention(qkv, bias, mask, self.num_heads, self.scale)  # B*nW, N, C
+            x = self.ops.window_attention(qkv, self.relative_position_bias_table,
+                                          self.relative_position_index, mask, self.num_heads,
+                                          self.scale)                   # B*nW, N, C
         else:
+            bias = self.relative_position_bias()
             qkv = qkv.reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]                              # B*nW, heads, N, hd
             attn = (q * self.scale) @ k.transpose(-2, -1)                 # B*nW, heads, N, N

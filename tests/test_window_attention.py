@@ -1,0 +1,79 @@
+"""--unfused_mha (fused window attention): forward and every gradient (qkv, bias table) against a
+float64 reference, on window sizes 7, 8 and 12, masked and unmasked, odd batches; CPU under
+TRITON_INTERPRET=1 and the GPU."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from kernels import window_attention as wa
+from models.swin_transformer import relative_position_index, shifted_window_mask
+
+# (dtype, max relative error ||got - ref|| / ||ref||), against float64 on unrounded inputs; measured
+# ~2.5e-7 (fp32), ~5e-4 (fp16), ~7e-3 (bf16). fp32 runs IEEE fp32 products; the half types round
+# q, k, v, P and dS to 11 (fp16) or 8 (bf16) mantissa bits before fp32-accumulated products.
+TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+CASES = [  # batch, window, heads, head_dim, shifted
+    (1, 7, 3, 32, True),       # Swin-T stage 1 head shape, one image
+    (3, 7, 2, 16, False),      # odd batch, unshifted
+    (2, 8, 2, 32, True),       # window 8 (N = 64)
+    (1, 12, 2, 16, True),      # window 12 (N = 144): several query blocks
+]
+
+
+def _inputs(batch, window, heads, d, shifted, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    side = 2 * window                                   # a 2x2 grid of windows
+    nW = 4
+    N, C = window * window, heads * d
+    qkv = torch.randn(batch * nW, N, 3 * C, generator=g, dtype=torch.float64)
+    table = torch.randn((2 * window - 1) ** 2, heads, generator=g, dtype=torch.float64)
+    index = relative_position_index(window)
+    mask = shifted_window_mask(side, side, window, window // 2).double() if shifted else None
+    dout = torch.randn(batch * nW, N, C, generator=g, dtype=torch.float64)
+    return qkv, table, index, mask, dout
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('dtype', list(TOLERANCE), ids=str)
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_forward_and_gradients_match_float64_reference(case, dtype):
+    batch, window, heads, d, shifted = case
+    qkv, table, index, mask, dout = _inputs(*case, dtype, seed=hash(case) % 1000)
+    scale = d ** -0.5
+    ref_qkv, ref_table = qkv.clone().requires_grad_(), table.clone().requires_grad_()
+    ref = wa.window_attention_ref(ref_qkv, ref_table, index, mask, heads, scale)
+    ref.backward(dout)
+
+    f_qkv = qkv.to(DEVICE, dtype).requires_grad_()
+    f_table = table.to(DEVICE, torch.float32).requires_grad_()
+    f_mask = mask.to(DEVICE, torch.float32) if mask is not None else None
+    out = wa.window_attention(f_qkv, f_table, index.to(DEVICE), f_mask, heads, scale)
+    assert out.dtype == dtype and out.shape == ref.shape
+    out.backward(dout.to(DEVICE, dtype))
+    tol = TOLERANCE[dtype]
+    assert _rel(out.cpu(), ref.detach()) < tol
+    assert _rel(f_qkv.grad.cpu(), ref_qkv.grad) < tol
+    assert _rel(f_table.grad.cpu(), ref_table.grad) < tol
+    assert torch.isfinite(f_qkv.grad).all()
+
+
+def test_bias_table_gradient_is_deterministic():
+    qkv, table, index, mask, dout = _inputs(2, 7, 3, 32, True, torch.float32, seed=3)
+    grads = []
+    for _ in range(2):
+        t = table.float().to(DEVICE).requires_grad_()
+        wa.window_attention(qkv.float().to(DEVICE), t, index.to(DEVICE), mask.float().to(DEVICE), 3, 32 ** -0.5) \
+            .backward(dout.float().to(DEVICE))
+        grads.append(t.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_bad_shapes_are_rejected():
+    qkv = torch.randn(4, 49, 3 * 3 * 8, device=DEVICE)          # head_dim 8: below the kernel's 16
+    with pytest.raises(ValueError, match='head_dim'):
+        wa.window_attention(qkv, torch.randn(169, 3, device=DEVICE), relative_position_index(7).to(DEVICE),
+                            None, 3, 1.0)
