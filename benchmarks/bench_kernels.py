@@ -1,0 +1,102 @@
+"""Each fused op against its torch reference and the best PyTorch built-in, forward and
+forward+backward, with achieved bandwidth. GPU only.
+
+    python benchmarks/bench_kernels.py
+"""
+import torch
+import torch.nn.functional as F
+
+from common import bench_ms, environment, write_results
+
+from kernels import layer_norm as ln
+from kernels import window_attention as wa
+from kernels import window_process as wp
+from models.swin_transformer import relative_position_index, shifted_window_mask
+
+
+def _fwd_bwd(fn, inputs, grad):
+    def run():
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad)
+    return run
+
+
+def bench_window_process(rows):
+    for B, HW, C, dtype in [(128, 56, 96, torch.float16), (128, 56, 96, torch.float32),
+                            (128, 28, 192, torch.float16), (128, 14, 768, torch.float16)]:
+        w, s = 7, 3
+        x = torch.randn(B, HW, HW, C, device='cuda', dtype=dtype, requires_grad=True)
+        g = torch.randn(B * HW * HW // 49, w, w, C, device='cuda', dtype=dtype)
+        nbytes = 2 * x.numel() * x.element_size()          # read + write once
+        for impl, fn in (('torch roll+partition', wp.window_partition_ref), ('triton', wp.window_partition)):
+            f = bench_ms(lambda: fn(x, w, s))
+            fb = bench_ms(_fwd_bwd(lambda: fn(x, w, s), [x], g))
+            rows.append({'op': 'window shift+partition', 'shape': f'B{B} {HW}x{HW} C{C}', 'dtype': str(dtype)[6:],
+                         'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3,
+                         'fwd_GB/s': nbytes / f / 1e6, 'fwd+bwd_GB/s': 2 * nbytes / fb / 1e6})
+
+
+def _sdpa_materialised(qkv, table, index, mask, heads, scale):
+    """timm's way: bias (+mask) materialised per window, then SDPA."""
+    B_, N, C3 = qkv.shape
+    q, k, v = qkv.view(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)     # 1, heads, N, N
+    if mask is not None:
+        nW = mask.shape[0]
+        bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(B_ // nW, -1, -1, -1, -1)
+        bias = bias.reshape(B_, heads, N, N)
+    bias = bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return out.transpose(1, 2).reshape(B_, N, C3 // 3)
+
+
+def bench_window_attention(rows):
+    for name, windows, heads, nW, side in [('Swin-T stage 1', 8192, 3, 64, 56), ('Swin-L stage 3', 512, 24, 4, 14)]:
+        N, d, w = 49, 32, 7
+        dtype = torch.bfloat16
+        qkv = torch.randn(windows, N, 3 * heads * d, device='cuda', dtype=dtype, requires_grad=True)
+        table = torch.randn(169, heads, device='cuda', requires_grad=True)
+        index = relative_position_index(w).cuda()
+        mask = shifted_window_mask(side, side, w, 3).cuda()
+        g = torch.randn(windows, N, heads * d, device='cuda', dtype=dtype)
+        nbytes = (qkv.numel() + g.numel()) * 2                 # read qkv, write out
+        impls = [('eager (upstream math)', wa.window_attention_ref), ('SDPA, bias+mask materialised', _sdpa_materialised),
+                 ('triton fused', wa.window_attention)]
+        for impl, fn in impls:
+            call = (lambda fn=fn: fn(qkv, table, index, mask, heads, d ** -0.5))
+            f = bench_ms(call)
+            fb = bench_ms(_fwd_bwd(call, [qkv, table], g))
+            rows.append({'op': 'window attention', 'shape': f'{name}: {windows}x{heads} N{N} d{d}', 'dtype': 'bfloat16',
+                         'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6})
+
+
+def bench_layer_norm(rows):
+    for M, C, dtype in [(128 * 3136, 96, torch.bfloat16), (128 * 784, 384, torch.bfloat16),
+                        (128 * 196, 768, torch.bfloat16), (128 * 49, 1536, torch.float32)]:
+        x = torch.randn(M, C, device='cuda', dtype=dtype, requires_grad=True)
+        wgt = torch.ones(C, device='cuda', requires_grad=True)
+        b = torch.zeros(C, device='cuda', requires_grad=True)
+        g = torch.randn_like(x)
+        nbytes = 2 * x.numel() * x.element_size()
+        for impl, fn in (('F.layer_norm', ln.layer_norm_ref), ('triton', ln.layer_norm)):
+            call = (lambda fn=fn: fn(x, wgt, b, 1e-5))
+            f = bench_ms(call)
+            fb = bench_ms(_fwd_bwd(call, [x, wgt, b], g))
+            rows.append({'op': 'layer norm', 'shape': f'{M}x{C}', 'dtype': str(dtype)[6:], 'impl': impl,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6,
+                         'fwd+bwd_GB/s': 5 * x.numel() * x.element_size() / fb / 1e6})
+
+
+def main():
+    env = environment()
+    rows = []
+    bench_window_process(rows)
+    bench_window_attention(rows)
+    bench_layer_norm(rows)
+    print(write_results('kernels', rows, ['op', 'shape', 'dtype', 'impl', 'fwd_us', 'fwd+bwd_us',
+                                          'fwd_GB/s', 'fwd+bwd_GB/s'], env))
+
+
+if __name__ == '__main__':
+    main()

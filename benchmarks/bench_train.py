@@ -1,0 +1,145 @@
+"""Whole-model training and inference speed, side by side in one process (BENCH.md protocol).
+
+    python benchmarks/bench_train.py --model tiny [--only NAME ...]
+
+Training: batch 128, 224x224 synthetic inputs already on the GPU, full steps (forward, loss,
+backward, clip 5.0 with the loss scaler, AdamW step, zero_grad) through the same `Precision`
+class main.py uses; 10 warm-up steps, then 30 timed between CUDA events. Inference: eval,
+no_grad, 50 warm-up and 30 timed forwards (upstream's --throughput protocol).
+"""
+import argparse
+import gc
+import time
+
+import torch
+
+from common import cuda_time_ms, environment, write_results
+
+from amp import Precision
+from models.swin_transformer import SwinTransformer
+from optimizer import param_groups
+
+MODELS = {
+    'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    'large': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+}
+ALL = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True)
+TIMM = {'tiny': 'swin_tiny_patch4_window7_224', 'large': 'swin_large_patch4_window7_224'}
+
+# name, flags, level, dtype, compile
+TRAIN = [
+    ('reference eager O1 fp16 (upstream default)', {}, 'O1', 'float16', False),
+    ('reference eager O1 bf16', {}, 'O1', 'bfloat16', False),
+    ('--fused_window_process, O1 bf16', dict(fused_window_process=True), 'O1', 'bfloat16', False),
+    ('--unfused_mha (fused attention), O1 bf16', dict(fused_attention=True), 'O1', 'bfloat16', False),
+    ('--fused_layernorm, O1 bf16', dict(fused_layernorm=True), 'O1', 'bfloat16', False),
+    ('all flags eager, O1 fp16', ALL, 'O1', 'float16', False),
+    ('all flags eager, O1 bf16', ALL, 'O1', 'bfloat16', False),
+    ('reference eager O2 bf16', {}, 'O2', 'bfloat16', False),
+    ('all flags eager, O2 bf16', ALL, 'O2', 'bfloat16', False),
+    ('reference eager O3 bf16 (pure bf16)', {}, 'O3', 'bfloat16', False),
+    ('reference + compile, O1 bf16', {}, 'O1', 'bfloat16', True),
+    ('timm + compile, O1 bf16', 'timm', 'O1', 'bfloat16', True),
+    ('all flags + compile, O2 bf16', ALL, 'O2', 'bfloat16', True),
+    ('reference + compile, O3 bf16', {}, 'O3', 'bfloat16', True),
+    ('all flags + compile, O3 bf16', ALL, 'O3', 'bfloat16', True),
+]
+INFER = [
+    ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),
+    ('reference O1 fp16', {}, 'O1', 'float16', False),
+    ('all flags O1 fp16', ALL, 'O1', 'float16', False),
+    ('reference O3 bf16', {}, 'O3', 'bfloat16', False),
+    ('all flags O3 bf16', ALL, 'O3', 'bfloat16', False),
+    ('reference + compile, O3 bf16', {}, 'O3', 'bfloat16', True),
+    ('all flags + compile, O3 bf16', ALL, 'O3', 'bfloat16', True),
+]
+
+
+def build(size, flags):
+    if flags == 'timm':
+        import timm
+        return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
+    return SwinTransformer(**MODELS[size], **flags, kernel_backend='triton')
+
+
+def train_row(size, name, flags, level, dtype, compile_, batch):
+    torch.manual_seed(0)
+    precision = Precision(level, dtype if level != 'O0' else 'float16', torch.device('cuda'))
+    model, master = precision.prepare(build(size, flags).cuda())
+    optimizer = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
+    step_model = torch.compile(model) if compile_ else model
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))
+    y = torch.randint(0, 1000, (batch,), device='cuda')
+    model.train()
+
+    def step():
+        with precision.autocast():
+            out = step_model(x)
+        loss = criterion(out.float(), y)
+        precision.backward(loss)
+        precision.step(optimizer, master.parameters(), 5.0)
+        precision.zero_grad(optimizer, model)
+
+    t0 = time.time()
+    step()                                   # compilation / autotune stays out of the timing
+    torch.cuda.synchronize()
+    first = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    ms = cuda_time_ms(step, warmup=10, iters=30)
+    return {'mode': 'train', 'config': name, 'img/s': batch / ms * 1e3, 'ms/step': ms,
+            'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30, 'first_step_s': first}
+
+
+@torch.no_grad()
+def infer_row(size, name, flags, level, dtype, compile_, batch):
+    precision = Precision(level, dtype if level != 'O0' else 'float16', torch.device('cuda'))
+    model, _ = precision.prepare(build(size, flags).cuda())
+    model.eval()
+    run = torch.compile(model) if compile_ else model
+    x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))
+
+    def fwd():
+        with precision.autocast():
+            run(x)
+    ms = cuda_time_ms(fwd, warmup=50, iters=30)
+    return {'mode': 'inference', 'config': name, 'img/s': batch / ms * 1e3, 'ms/step': ms,
+            'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--model', choices=list(MODELS), default='tiny')
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--only', nargs='*', default=None, help='substrings of config names to run')
+    p.add_argument('--skip-infer', action='store_true')
+    p.add_argument('--compiled', choices=['no', 'only', 'all'], default='all',
+                   help='run the torch.compile rows: not, only them, or with the rest')
+    a = p.parse_args()
+    env = environment()
+    rows = []
+    jobs = [(train_row, r) for r in TRAIN] + ([] if a.skip_infer else [(infer_row, r) for r in INFER])
+    for fn, (name, flags, level, dtype, compile_) in jobs:
+        if a.only and not any(s in name for s in a.only):
+            continue
+        if (a.compiled == 'no' and compile_) or (a.compiled == 'only' and not compile_):
+            continue
+        try:
+            row = fn(a.model, name, flags, level, dtype, compile_, a.batch)
+        except Exception as e:   # report, keep measuring the rest
+            row = {'mode': fn.__name__[:-4], 'config': name, 'error': f'{type(e).__name__}: {str(e)[:200]}'}
+        rows.append(row)
+        print(row, flush=True)
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    base = next((r['img/s'] for r in rows if r['config'].startswith('reference eager O1 fp16') and 'img/s' in r), None)
+    for r in rows:
+        if base and r['mode'] == 'train' and 'img/s' in r:
+            r['vs upstream default'] = r['img/s'] / base
+    print(write_results(f'train_{a.model}_{a.compiled}', rows, ['mode', 'config', 'img/s', 'ms/step', 'peak_GiB',
+                                                   'vs upstream default', 'error'], env))
+
+
+if __name__ == '__main__':
+    main()

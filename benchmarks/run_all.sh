@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark in one call, printing short tables at the end.
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|train|train-eager|train-compiled|main ...]
+# Results (JSON + markdown) go to $OUT (else benchmarks/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${1:-tiny}; shift || true
+PARTS=${*:-tests kernels train main}
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv,noheader || true
+for part in $PARTS; do
+  case $part in
+    tests)   python3 -m pytest -q -x tests/test_window_process.py tests/test_window_attention.py \
+               tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py 2>&1 | tail -5 ;;
+    kernels) python3 benchmarks/bench_kernels.py ;;
+    train|train-eager|train-compiled)
+             c=all; [ $part = train-eager ] && c=no; [ $part = train-compiled ] && c=only
+             for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
+               python3 benchmarks/bench_train.py --model "$m" --compiled $c; done ;;
+    main)    # main.py itself: Swin-T, synthetic data, batch 128, reference path, AMP fp16 (upstream default)
+             python3 main.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml --output /tmp/out \
+               --opts DATA.DATASET synthetic TRAIN.EPOCHS 1 EXTRA.SYNTHETIC_TRAIN_SIZE 7680 \
+               EXTRA.SYNTHETIC_VAL_SIZE 512 PRINT_FREQ 20 2>&1 | grep -E "Train:|Acc@1|RESULT" | tail -4 ;;
+  esac
+done
