@@ -213,7 +213,8 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     device = next(master.parameters()).device
     batch_time, loss_meter, norm_meter, scaler_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
     nonfinite = 0
-    start = end = time.time()
+    start = end = timed_start = time.time()
+    timed_from = 0
     for idx, (samples, targets) in enumerate(data_loader):
         if idx >= num_batches:
             break
@@ -253,6 +254,8 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         loss_meter.update(loss.item(), targets.size(0))
         batch_time.update(time.time() - end)
         end = time.time()
+        if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps
+            timed_from, timed_start = idx, end
         if idx % config.PRINT_FREQ == 0:
             lr = optimizer.param_groups[0]['lr']
             wd = optimizer.param_groups[0]['weight_decay']
@@ -267,7 +270,11 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 f'loss_scale {scaler_meter.val:.4f} ({scaler_meter.avg:.4f})\t'
                 f'mem {mem:.0f}MB')
     epoch_time = time.time() - start
-    logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))} '
+    steady = ''
+    if num_batches - 1 > timed_from:
+        rate = (num_batches - 1 - timed_from) * config.DATA.BATCH_SIZE * world_size() / (end - timed_start)
+        steady = f' ({rate:.1f} images/s from step {timed_from}, all ranks)'
+    logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{steady} '
                 f'train_loss {loss_meter.avg:.6f}')
     return loss_meter.avg
 

@@ -64,7 +64,9 @@ def bench_window_attention(rows):
         impls = [('eager (upstream math)', wa.window_attention_ref), ('SDPA, bias+mask materialised', _sdpa_materialised),
                  ('triton fused', wa.window_attention)]
         for impl, fn in impls:
-            call = (lambda fn=fn: fn(qkv, table, index, mask, heads, d ** -0.5))
+            def call(fn=fn):
+                with torch.autocast('cuda', dtype=dtype):   # as the model runs it (table is fp32)
+                    return fn(qkv, table, index, mask, heads, d ** -0.5)
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [qkv, table], g))
             rows.append({'op': 'window attention', 'shape': f'{name}: {windows}x{heads} N{N} d{d}', 'dtype': 'bfloat16',

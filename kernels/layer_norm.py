@@ -126,8 +126,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     programs = max(1, min(4 * sms, triton.cdiv(M, block_rows)))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program) if M else 1
-    dw_part = torch.zeros((programs, C), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros((programs, C), dtype=torch.float32, device=x.device)
+    # every program writes its whole row of partial sums: no zero-fill needed
+    dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
     if M:
         _layer_norm_bwd_kernel[(programs,)](
             dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, M, C, rows_per_program,
@@ -175,6 +176,22 @@ def _backward(ctx, dy, _dmean, _drstd):
 _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _LayerNorm(torch.autograd.Function):
+    """Eager path (see window_process.py: custom-op dispatch is too slow for eager steps)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, fp32_output):
+        y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, fp32_output)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
+        return dx, dw, db, None, None
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Fused, differentiable LayerNorm over the last dimension (F.layer_norm's math).
 
@@ -184,7 +201,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """
     fp32_output = (x.device.type == 'cuda' and x.dtype != torch.float32
                    and torch.is_autocast_enabled('cuda'))
-    return _fwd_op(x, weight, bias, float(eps), fp32_output)[0]
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, weight, bias, float(eps), fp32_output)[0]
+    return _LayerNorm.apply(x, weight, bias, float(eps), fp32_output)
 
 
 def _apex_layer_norm(x, weight, bias, eps=1e-5):

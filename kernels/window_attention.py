@@ -307,10 +307,29 @@ def _backward(ctx, dout, _dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _WindowAttention(torch.autograd.Function):
+    """Eager path (see window_process.py: custom-op dispatch is too slow for eager steps)."""
+
+    @staticmethod
+    def forward(ctx, qkv, table, index, mask, num_heads, scale):
+        out, lse = window_attention_fwd(qkv, table, index, mask, num_heads, scale)
+        ctx.save_for_backward(qkv, table, index, mask, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, table, index, mask, out, lse = ctx.saved_tensors
+        dqkv, dtable = window_attention_bwd(dout, qkv, table, index, mask, out, lse, ctx.num_heads, ctx.scale)
+        return dqkv, dtable, None, None, None, None
+
+
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                      mask: Optional[torch.Tensor], num_heads: int, scale: float) -> torch.Tensor:
     """Fused, differentiable window attention (see the module docstring): [B_, N, 3C] -> [B_, N, C]."""
-    return _fwd_op(qkv, table, index, mask, num_heads, float(scale))[0]
+    if torch.compiler.is_compiling():
+        return _fwd_op(qkv, table, index, mask, num_heads, float(scale))[0]
+    return _WindowAttention.apply(qkv, table, index, mask, num_heads, float(scale))
 
 
 # apex has no matching op: 'apex' uses ours.

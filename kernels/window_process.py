@@ -171,15 +171,45 @@ _window_partition_op.register_autograd(_partition_backward, setup_context=_parti
 _window_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
+# ----------------------------------------------------------------------------- autograd (eager)
+class _WindowPartition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, window_size, shift_size):
+        ctx.H, ctx.W, ctx.shift_size = x.shape[1], x.shape[2], shift_size
+        return window_partition_fwd(x, window_size, shift_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return window_partition_bwd(grad, ctx.H, ctx.W, ctx.shift_size), None, None
+
+
+class _WindowMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, windows, H, W, shift_size):
+        ctx.window_size, ctx.shift_size = windows.shape[1], shift_size
+        return window_merge_fwd(windows, H, W, shift_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return window_merge_bwd(grad, ctx.window_size, ctx.shift_size), None, None, None
+
+
 # ----------------------------------------------------------------------------- functional API
+# Eager calls go through the thin autograd.Function (a custom op costs tens of microseconds of
+# Python dispatch per call, which an eager Swin step cannot afford); torch.compile traces the
+# registered custom ops, which it sees as single nodes.
 def window_partition(x: torch.Tensor, window_size: int, shift_size: int = 0) -> torch.Tensor:
     """Fused roll(-shift) + partition, differentiable: [B, H, W, C] -> [B*nW, w, w, C]."""
-    return _window_partition_op(x, window_size, shift_size)
+    if torch.compiler.is_compiling():
+        return _window_partition_op(x, window_size, shift_size)
+    return _WindowPartition.apply(x, window_size, shift_size)
 
 
 def window_merge(windows: torch.Tensor, H: int, W: int, shift_size: int = 0) -> torch.Tensor:
     """Fused merge + roll(+shift), differentiable: [B*nW, w, w, C] -> [B, H, W, C]."""
-    return _window_merge_op(windows, H, W, shift_size)
+    if torch.compiler.is_compiling():
+        return _window_merge_op(windows, H, W, shift_size)
+    return _WindowMerge.apply(windows, H, W, shift_size)
 
 
 # Implementations by backend; apex has no such op, so 'apex' uses ours.

@@ -1,0 +1,63 @@
+"""Where a training step's time goes: wall time vs GPU busy time per step, and the top kernels.
+
+    python benchmarks/profile_step.py --model tiny --flags all --level O1 --dtype bfloat16 [--compile]
+"""
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_train import ALL, MODELS, build
+
+from amp import Precision
+from optimizer import param_groups
+
+FLAG_SETS = {'none': {}, 'all': ALL, 'attn': dict(fused_attention=True)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--model', default='tiny', choices=list(MODELS))
+    p.add_argument('--flags', default='all', choices=list(FLAG_SETS))
+    p.add_argument('--level', default='O1')
+    p.add_argument('--dtype', default='bfloat16')
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--top', type=int, default=15)
+    a = p.parse_args()
+    precision = Precision(a.level, a.dtype, torch.device('cuda'))
+    model, master = precision.prepare(build(a.model, FLAG_SETS[a.flags]).cuda())
+    opt = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
+    run = torch.compile(model) if a.compile else model
+    x = precision.cast_input(torch.randn(128, 3, 224, 224, device='cuda'))
+    y = torch.randint(0, 1000, (128,), device='cuda')
+
+    def step():
+        with precision.autocast():
+            out = run(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y, label_smoothing=0.1)
+        precision.backward(loss)
+        precision.step(opt, master.parameters(), 5.0)
+        precision.zero_grad(opt, model)
+
+    for _ in range(8):
+        step()
+    torch.cuda.synchronize()
+    steps = 5
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.time()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.time() - t0) / steps * 1e3
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_total = sum(e.self_device_time_total for e in events) / steps / 1e3
+    print(f'{a.model} flags={a.flags} {a.level} {a.dtype} compile={a.compile}: '
+          f'wall {wall:.1f} ms/step (profiled), GPU busy {gpu_total:.1f} ms/step, '
+          f'{sum(e.count for e in events) / steps:.0f} kernels/step')
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:a.top]:
+        print(f'  {e.self_device_time_total / steps / 1e3:7.2f} ms  {e.count // steps:5d}x  {e.key[:110]}')
+
+
+if __name__ == '__main__':
+    main()

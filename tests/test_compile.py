@@ -1,0 +1,44 @@
+"""The fused ops are registered custom ops: torch.library.opcheck passes (schema, fake tensors,
+autograd registration), and dynamo traces a model with every flag on without a graph break."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from kernels import layer_norm as ln
+from kernels import window_attention as wa
+from kernels import window_process as wp
+from models.swin_transformer import SwinTransformer, relative_position_index, shifted_window_mask
+
+CHECKS = ('test_schema', 'test_faketensor', 'test_autograd_registration')
+
+
+def test_opcheck_window_process():
+    x = torch.randn(2, 8, 8, 5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(wp._window_partition_op, (x, 4, 2), test_utils=CHECKS)
+    win = torch.randn(8, 4, 4, 5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(wp._window_merge_op, (win, 8, 8, 2), test_utils=CHECKS)
+
+
+def test_opcheck_window_attention():
+    qkv = torch.randn(8, 16, 3 * 32, device=DEVICE, requires_grad=True)
+    table = torch.randn(49, 2, device=DEVICE, requires_grad=True)
+    mask = shifted_window_mask(8, 8, 4, 2).to(DEVICE)
+    torch.library.opcheck(wa._fwd_op, (qkv, table, relative_position_index(4).to(DEVICE), mask, 2, 0.25),
+                          test_utils=CHECKS)
+
+
+def test_opcheck_layer_norm():
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, device=DEVICE, requires_grad=True)
+    b = torch.randn(40, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ln._fwd_op, (x, w, b, 1e-5, False), test_utils=CHECKS)
+
+
+def test_no_graph_breaks_with_every_flag():
+    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                            window_size=4, num_classes=10, fused_window_process=True, fused_attention=True,
+                            fused_layernorm=True, kernel_backend='triton').to(DEVICE)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=DEVICE))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
