@@ -75,13 +75,16 @@ class Precision:
              clip_grad: Optional[float]) -> torch.Tensor:
         """Unscale, clip (norm over master grads), step, update the scale; returns the grad norm."""
         if self._pairs:
-            for pm, p in self._pairs:           # half grads -> fp32 master grads (still scaled)
+            # half grads -> fp32 master grads (still scaled), one foreach copy; the master grads
+            # persist across steps (only the half model's grads are cleared).
+            live = [(pm, p) for pm, p in self._pairs if p.grad is not None]
+            for pm, _ in live:
+                if pm.grad is None:
+                    pm.grad = torch.empty_like(pm)
+            for pm, p in self._pairs:
                 if p.grad is None:
                     pm.grad = None
-                elif pm.grad is None:
-                    pm.grad = p.grad.float()
-                else:
-                    pm.grad.copy_(p.grad)
+            torch._foreach_copy_([pm.grad for pm, _ in live], [p.grad for _, p in live])
         self._scaler.unscale_(optimizer)
         params = [p for p in parameters if p.grad is not None]
         if clip_grad:
@@ -97,9 +100,10 @@ class Precision:
         return norm
 
     def zero_grad(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-        optimizer.zero_grad(set_to_none=True)
         if self._pairs:
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)   # master grads are overwritten by the next step
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
     def sync_from_master(self) -> None:
         """Copy master weights into the half model (after loading a checkpoint into the master)."""

@@ -77,8 +77,8 @@ def bench_layer_norm(rows):
     for M, C, dtype in [(128 * 3136, 96, torch.bfloat16), (128 * 784, 384, torch.bfloat16),
                         (128 * 196, 768, torch.bfloat16), (128 * 49, 1536, torch.float32)]:
         x = torch.randn(M, C, device='cuda', dtype=dtype, requires_grad=True)
-        wgt = torch.ones(C, device='cuda', requires_grad=True)
-        b = torch.zeros(C, device='cuda', requires_grad=True)
+        wgt = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
+        b = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
         g = torch.randn_like(x)
         nbytes = 2 * x.numel() * x.element_size()
         for impl, fn in (('F.layer_norm', ln.layer_norm_ref), ('triton', ln.layer_norm)):

@@ -43,6 +43,8 @@ TRAIN = [
     ('all flags + compile, O2 bf16', ALL, 'O2', 'bfloat16', True),
     ('reference + compile, O3 bf16', {}, 'O3', 'bfloat16', True),
     ('all flags + compile, O3 bf16', ALL, 'O3', 'bfloat16', True),
+    ('reference + compile (CUDA graphs), O2 bf16', {}, 'O2', 'bfloat16', 'reduce-overhead'),
+    ('all flags + compile (CUDA graphs), O2 bf16', ALL, 'O2', 'bfloat16', 'reduce-overhead'),
 ]
 INFER = [
     ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),
@@ -52,6 +54,8 @@ INFER = [
     ('all flags O3 bf16', ALL, 'O3', 'bfloat16', False),
     ('reference + compile, O3 bf16', {}, 'O3', 'bfloat16', True),
     ('all flags + compile, O3 bf16', ALL, 'O3', 'bfloat16', True),
+    ('reference + compile (CUDA graphs), O2 bf16', {}, 'O2', 'bfloat16', 'reduce-overhead'),
+    ('all flags + compile (CUDA graphs), O2 bf16', ALL, 'O2', 'bfloat16', 'reduce-overhead'),
 ]
 
 
@@ -62,12 +66,19 @@ def build(size, flags):
     return SwinTransformer(**MODELS[size], **flags, kernel_backend='triton')
 
 
+def _compiled(model, compile_):
+    """compile_: False, True (default mode) or a torch.compile mode name."""
+    if not compile_:
+        return model
+    return torch.compile(model) if compile_ is True else torch.compile(model, mode=compile_)
+
+
 def train_row(size, name, flags, level, dtype, compile_, batch):
     torch.manual_seed(0)
     precision = Precision(level, dtype if level != 'O0' else 'float16', torch.device('cuda'))
     model, master = precision.prepare(build(size, flags).cuda())
     optimizer = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
-    step_model = torch.compile(model) if compile_ else model
+    step_model = _compiled(model, compile_)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))
     y = torch.randint(0, 1000, (batch,), device='cuda')
@@ -96,7 +107,7 @@ def infer_row(size, name, flags, level, dtype, compile_, batch):
     precision = Precision(level, dtype if level != 'O0' else 'float16', torch.device('cuda'))
     model, _ = precision.prepare(build(size, flags).cuda())
     model.eval()
-    run = torch.compile(model) if compile_ else model
+    run = _compiled(model, compile_)
     x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))
 
     def fwd():
