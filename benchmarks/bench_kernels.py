@@ -61,9 +61,13 @@ def bench_window_attention(rows):
         mask = shifted_window_mask(side, side, w, 3).cuda()
         g = torch.randn(windows, N, heads * d, device='cuda', dtype=dtype)
         nbytes = (qkv.numel() + g.numel()) * 2                 # read qkv, write out
-        impls = [('eager (upstream math)', wa.window_attention_ref), ('SDPA, bias+mask materialised', _sdpa_materialised),
-                 ('triton fused', wa.window_attention)]
-        for impl, fn in impls:
+        impls = [('eager (upstream math)', wa.window_attention_ref, {}),
+                 ('SDPA, bias+mask materialised', _sdpa_materialised, {})]
+        impls += [(f'triton fused (warps fwd {fw} / bwd {bw}, {ps} bwd programs/SM)', wa.window_attention,
+                   dict(fwd_warps=fw, bwd_warps=bw, bwd_programs_per_sm=ps))
+                  for fw, bw, ps in [(4, 4, 4), (2, 2, 4), (8, 8, 4), (4, 4, 8), (4, 8, 2)]]
+        for impl, fn, tuning in impls:
+            wa.TUNING.update(tuning)
             def call(fn=fn):
                 with torch.autocast('cuda', dtype=dtype):   # as the model runs it (table is fp32)
                     return fn(qkv, table, index, mask, heads, d ** -0.5)
@@ -71,6 +75,7 @@ def bench_window_attention(rows):
             fb = bench_ms(_fwd_bwd(call, [qkv, table], g))
             rows.append({'op': 'window attention', 'shape': f'{name}: {windows}x{heads} N{N} d{d}', 'dtype': 'bfloat16',
                          'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6})
+    wa.TUNING.update(fwd_warps=None, bwd_warps=None, bwd_programs_per_sm=4)
 
 
 def bench_layer_norm(rows):
@@ -91,11 +96,12 @@ def bench_layer_norm(rows):
 
 
 def main():
+    import sys
     env = environment()
     rows = []
-    bench_window_process(rows)
-    bench_window_attention(rows)
-    bench_layer_norm(rows)
+    parts = sys.argv[1:] or ['window_process', 'window_attention', 'layer_norm']
+    for part in parts:
+        globals()[f'bench_{part}'](rows)
     print(write_results('kernels', rows, ['op', 'shape', 'dtype', 'impl', 'fwd_us', 'fwd+bwd_us',
                                           'fwd_GB/s', 'fwd+bwd_GB/s'], env))
 

@@ -146,7 +146,8 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
 @_fwd_op.register_fake
 def _(x, weight, bias, eps, fp32_output):
     M = x.numel() // x.shape[-1]
-    return (torch.empty_like(x, dtype=torch.float32 if fp32_output else x.dtype), x.new_empty((M,), dtype=torch.float32),
+    # contiguous, like the real output (x itself may be strided)
+    return (x.new_empty(x.shape, dtype=torch.float32 if fp32_output else x.dtype), x.new_empty((M,), dtype=torch.float32),
             x.new_empty((M,), dtype=torch.float32))
 
 
@@ -158,7 +159,7 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch
 
 @_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup(ctx, inputs, output):

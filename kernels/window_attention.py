@@ -85,10 +85,9 @@ if triton_available():
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='ieee')
 
     @triton.jit
-    def _scores(qkv_ptr, table_ptr, index_ptr, mask_ptr, b, h, rows, cols, d_idx,
-                N, C, n_heads, n_mask, scale,
-                HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr):
-        """S = q k^T * scale + B + M for one (window, head, query block); -inf on padded keys.
+    def _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr):
+        """S = q k^T * scale + (B + M) for one (window, head, query block); -inf on padded keys.
         Returns (S, q, k)."""
         row_ok = rows < N
         col_ok = cols < N
@@ -100,20 +99,17 @@ if triton_available():
                     mask=col_ok[:, None] & d_ok[None, :], other=0.)
         s = _dot(q, tl.trans(k), DOT_MODE) * scale
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        rc = rows[:, None] * N + cols[None, :]
-        idx = tl.load(index_ptr + rc, mask=tile_ok, other=0)
-        s += tl.load(table_ptr + idx * n_heads + h, mask=tile_ok, other=0.).to(tl.float32)
-        if HAS_MASK:
-            w = b % n_mask
-            s += tl.load(mask_ptr + w * N * N + rc, mask=tile_ok, other=0.).to(tl.float32)
+        # bias + mask of this window's type and head: one fp32 tile, shared by every batch (L2)
+        bm_tile = bm_ptr + ((b % n_bm) * n_heads + h) * N * N
+        s += tl.load(bm_tile + rows[:, None] * N + cols[None, :], mask=tile_ok, other=0.)
         s = tl.where(col_ok[None, :], s, float('-inf'))
         return s, q, k
 
     @triton.jit
     def _window_attention_fwd_kernel(
-        qkv_ptr, table_ptr, index_ptr, mask_ptr, out_ptr, lse_ptr,
-        N, C, n_heads, n_mask, scale,
-        HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
+        qkv_ptr, bm_ptr, out_ptr, lse_ptr,
+        N, C, n_heads, n_bm, scale,
+        HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
         NUM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -124,8 +120,8 @@ if triton_available():
         rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         d_idx = tl.arange(0, BLOCK_D)
-        s, q, k = _scores(qkv_ptr, table_ptr, index_ptr, mask_ptr, b, h, rows, cols, d_idx,
-                          N, C, n_heads, n_mask, scale, HAS_MASK, HEAD_DIM, DOT_MODE)
+        s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                          HEAD_DIM, DOT_MODE)
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])
         l = tl.sum(p, axis=1)
@@ -139,9 +135,9 @@ if triton_available():
 
     @triton.jit
     def _window_attention_bwd_kernel(
-        qkv_ptr, table_ptr, index_ptr, mask_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr,
-        B_, N, C, n_heads, n_mask, scale, n_groups,
-        HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
+        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr,
+        B_, N, C, n_heads, n_bm, scale, n_groups,
+        HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
         NUM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # Program (group g, head h) walks windows g, g + n_groups, ... for head h.
@@ -164,8 +160,8 @@ if triton_available():
                 rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = rows < N
                 rd_mask = row_ok[:, None] & d_ok[None, :]
-                s, q, k = _scores(qkv_ptr, table_ptr, index_ptr, mask_ptr, b, h, rows, cols, d_idx,
-                                  N, C, n_heads, n_mask, scale, HAS_MASK, HEAD_DIM, DOT_MODE)
+                s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                  HEAD_DIM, DOT_MODE)
                 lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
                 p = tl.exp(s - lse[:, None])
                 p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
@@ -199,24 +195,39 @@ if triton_available():
                      mask=(rows < N)[:, None] & col_ok[None, :])
 
 
+def _bias_mask(table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[nW or 1, heads, N, N] fp32: the gathered bias plus each window type's mask, built once per
+    call (for Swin-T stage 1, 1.8 MB) so the kernel reads one L2-resident tile per (window, head)
+    instead of gathering index, table and mask itself."""
+    N = index.shape[0]
+    bias = table.float()[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)   # heads, N, N
+    if mask is None:
+        return bias.unsqueeze(0).contiguous()
+    return (bias.unsqueeze(0) + mask.float().unsqueeze(1)).contiguous()       # nW, heads, N, N
+
+
 def _dot_mode(qkv: torch.Tensor) -> int:
     if qkv.dtype == torch.float32:
         return 1
     return 2 if qkv.device.type == 'cpu' else 0
 
 
-def _blocks(N: int, d: int):
+# Launch settings; benchmarks/bench_kernels.py sweeps them (the defaults are its H100 winners).
+TUNING = {'fwd_warps': None, 'bwd_warps': None, 'bwd_programs_per_sm': 4}
+
+
+def _blocks(N: int, d: int, warps=None):
     block_n = max(16, next_power_of_2(N))
     block_m = min(block_n, 64)
     num_m = (N + block_m - 1) // block_m
-    num_warps = 4 if block_n <= 64 else 8
+    num_warps = warps or (4 if block_n <= 64 else 8)
     return block_m, block_n, max(16, next_power_of_2(d)), num_m, num_warps
 
 
 def _n_groups(B_: int, heads: int, device: torch.device) -> int:
-    """Windows per backward program: enough programs to fill the GPU ~4 times over."""
+    """Windows per backward program: enough programs to fill the GPU several times over."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 2
-    return max(1, min(B_, (4 * sms + heads - 1) // heads))
+    return max(1, min(B_, (TUNING['bwd_programs_per_sm'] * sms + heads - 1) // heads))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -225,17 +236,16 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
     """-> (out [B_, N, C], lse [B_, heads, N] fp32)."""
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
-    qkv, table, index = qkv.contiguous(), table.contiguous(), index.contiguous()
-    mask = mask.contiguous() if mask is not None else None
+    qkv = qkv.contiguous()
+    bm = _bias_mask(table, index, mask)
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
-    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
+    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['fwd_warps'])
     grid = (B_ * num_heads * num_m,)
     if B_:
         _window_attention_fwd_kernel[grid](
-            qkv, table, index, mask if mask is not None else qkv, out, lse,
-            N, C, num_heads, mask.shape[0] if mask is not None else 1, float(scale),
-            HAS_MASK=mask is not None, HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
+            qkv, bm, out, lse, N, C, num_heads, bm.shape[0], float(scale),
+            HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
             NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     return out, lse
 
@@ -246,9 +256,9 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Ten
     """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable like table)."""
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
-    qkv, table, index, dout = qkv.contiguous(), table.contiguous(), index.contiguous(), dout.contiguous()
-    mask = mask.contiguous() if mask is not None else None
-    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
+    qkv, dout = qkv.contiguous(), dout.contiguous()
+    bm = _bias_mask(table, index, mask)
+    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['bwd_warps'])
     n_groups = _n_groups(B_, num_heads, qkv.device)
     dqkv = torch.empty_like(qkv)
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes).
@@ -256,9 +266,9 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Ten
     dbias_partial = alloc((n_groups, num_heads, N, N), dtype=torch.float32, device=qkv.device)
     if B_:
         _window_attention_bwd_kernel[(n_groups * num_heads,)](
-            qkv, table, index, mask if mask is not None else qkv, out, lse, dout, dqkv, dbias_partial,
-            B_, N, C, num_heads, mask.shape[0] if mask is not None else 1, float(scale), n_groups,
-            HAS_MASK=mask is not None, HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
+            qkv, bm, out, lse, dout, dqkv, dbias_partial,
+            B_, N, C, num_heads, bm.shape[0], float(scale), n_groups,
+            HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
             NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
     # Scatter to the table rows through the index: a one-hot matmul, deterministic.
@@ -289,7 +299,7 @@ def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Tensor, index: t
 
 @_bwd_op.register_fake
 def _(dout, qkv, table, index, mask, out, lse, num_heads, scale):
-    return torch.empty_like(qkv), torch.empty_like(table)
+    return qkv.new_empty(qkv.shape), torch.empty_like(table)
 
 
 def _setup(ctx, inputs, output):

@@ -32,6 +32,8 @@ def test_opcheck_layer_norm():
     w = torch.randn(40, device=DEVICE, requires_grad=True)
     b = torch.randn(40, device=DEVICE, requires_grad=True)
     torch.library.opcheck(ln._fwd_op, (x, w, b, 1e-5, False), test_utils=CHECKS)
+    strided = torch.randn(2, 40, 6, device=DEVICE).transpose(1, 2).requires_grad_()   # as patch_embed gives
+    torch.library.opcheck(ln._fwd_op, (strided, w, b, 1e-5, False), test_utils=CHECKS)
 
 
 def test_no_graph_breaks_with_every_flag():
