@@ -26,44 +26,36 @@ MODELS = {
 ALL = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True)
 TIMM = {'tiny': 'swin_tiny_patch4_window7_224', 'large': 'swin_large_patch4_window7_224'}
 
-# name, flags, level, dtype, compile
+ATTN = dict(fused_attention=True)
+CG = 'reduce-overhead'      # torch.compile with CUDA graphs
+
+# name, flags, level, dtype, compile (False, True, or a torch.compile mode)
 TRAIN = [
     ('reference eager O1 fp16 (upstream default)', {}, 'O1', 'float16', False),
     ('reference eager O1 bf16', {}, 'O1', 'bfloat16', False),
     ('--fused_window_process, O1 bf16', dict(fused_window_process=True), 'O1', 'bfloat16', False),
-    ('--unfused_mha (fused attention), O1 bf16', dict(fused_attention=True), 'O1', 'bfloat16', False),
+    ('--unfused_mha (fused attention), O1 bf16', ATTN, 'O1', 'bfloat16', False),
     ('--fused_layernorm, O1 bf16', dict(fused_layernorm=True), 'O1', 'bfloat16', False),
-    ('all flags eager, O1 fp16', ALL, 'O1', 'float16', False),
     ('all flags eager, O1 bf16', ALL, 'O1', 'bfloat16', False),
-    ('reference eager O2 bf16', {}, 'O2', 'bfloat16', False),
     ('all flags eager, O2 bf16', ALL, 'O2', 'bfloat16', False),
     ('reference eager O3 bf16 (pure bf16)', {}, 'O3', 'bfloat16', False),
     ('reference + compile, O1 bf16', {}, 'O1', 'bfloat16', True),
     ('timm + compile, O1 bf16', 'timm', 'O1', 'bfloat16', True),
+    ('reference + compile, O3 bf16 (pure bf16)', {}, 'O3', 'bfloat16', True),
     ('all flags + compile, O2 bf16', ALL, 'O2', 'bfloat16', True),
-    ('reference + compile, O3 bf16', {}, 'O3', 'bfloat16', True),
-    ('all flags + compile, O3 bf16', ALL, 'O3', 'bfloat16', True),
-    ('reference + compile (CUDA graphs), O2 bf16', {}, 'O2', 'bfloat16', 'reduce-overhead'),
-    ('all flags + compile (CUDA graphs), O2 bf16', ALL, 'O2', 'bfloat16', 'reduce-overhead'),
+    ('reference + compile (CUDA graphs), O2 bf16', {}, 'O2', 'bfloat16', CG),
+    ('all flags + compile (CUDA graphs), O2 bf16', ALL, 'O2', 'bfloat16', CG),
+    ('--unfused_mha + compile (CUDA graphs), O2 bf16', ATTN, 'O2', 'bfloat16', CG),
 ]
 INFER = [
     ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),
     ('reference O1 fp16', {}, 'O1', 'float16', False),
     ('all flags O1 fp16', ALL, 'O1', 'float16', False),
-    ('reference O3 bf16', {}, 'O3', 'bfloat16', False),
     ('all flags O3 bf16', ALL, 'O3', 'bfloat16', False),
-    ('reference + compile, O3 bf16', {}, 'O3', 'bfloat16', True),
-    ('all flags + compile, O3 bf16', ALL, 'O3', 'bfloat16', True),
-    ('reference + compile (CUDA graphs), O2 bf16', {}, 'O2', 'bfloat16', 'reduce-overhead'),
-    ('all flags + compile (CUDA graphs), O2 bf16', ALL, 'O2', 'bfloat16', 'reduce-overhead'),
+    ('reference + compile (CUDA graphs), O3 bf16', {}, 'O3', 'bfloat16', CG),
+    ('all flags + compile (CUDA graphs), O3 bf16', ALL, 'O3', 'bfloat16', CG),
+    ('--unfused_mha + compile (CUDA graphs), O3 bf16', ATTN, 'O3', 'bfloat16', CG),
 ]
-
-
-def build(size, flags):
-    if flags == 'timm':
-        import timm
-        return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
-    return SwinTransformer(**MODELS[size], **flags, kernel_backend='triton')
 
 
 def _compiled(model, compile_):

@@ -86,7 +86,8 @@ if triton_available():
 
     @triton.jit
     def _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr):
+                HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, ROWS_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr):
         """S = q k^T * scale + (B + M) for one (window, head, query block); -inf on padded keys.
         Returns (S, q, k)."""
         row_ok = rows < N
@@ -98,10 +99,10 @@ if triton_available():
         k = tl.load(qkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.)
         s = _dot(q, tl.trans(k), DOT_MODE) * scale
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        # bias + mask of this window's type and head: one fp32 tile, shared by every batch (L2)
-        bm_tile = bm_ptr + ((b % n_bm) * n_heads + h) * N * N
-        s += tl.load(bm_tile + rows[:, None] * N + cols[None, :], mask=tile_ok, other=0.)
+        # bias + mask of this window's type and head: one padded fp32 tile [ROWS_PAD, BLOCK_N],
+        # shared by every image (L2-resident); padding keeps rows 16-byte aligned and loads unmasked
+        bm_tile = bm_ptr + ((b % n_bm) * n_heads + h) * (ROWS_PAD * BLOCK_N)
+        s += tl.load(bm_tile + rows[:, None] * BLOCK_N + cols[None, :])
         s = tl.where(col_ok[None, :], s, float('-inf'))
         return s, q, k
 
@@ -121,7 +122,7 @@ if triton_available():
         cols = tl.arange(0, BLOCK_N)
         d_idx = tl.arange(0, BLOCK_D)
         s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                          HEAD_DIM, DOT_MODE)
+                          HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])
         l = tl.sum(p, axis=1)
@@ -161,7 +162,7 @@ if triton_available():
                 row_ok = rows < N
                 rd_mask = row_ok[:, None] & d_ok[None, :]
                 s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                  HEAD_DIM, DOT_MODE)
+                                  HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
                 lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
                 p = tl.exp(s - lse[:, None])
                 p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
@@ -195,15 +196,17 @@ if triton_available():
                      mask=(rows < N)[:, None] & col_ok[None, :])
 
 
-def _bias_mask(table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """[nW or 1, heads, N, N] fp32: the gathered bias plus each window type's mask, built once per
-    call (for Swin-T stage 1, 1.8 MB) so the kernel reads one L2-resident tile per (window, head)
-    instead of gathering index, table and mask itself."""
+def _bias_mask(table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
+               rows_pad: int, block_n: int) -> torch.Tensor:
+    """[nW or 1, heads, rows_pad, block_n] fp32: the gathered bias plus each window type's mask,
+    zero-padded, built once per call (Swin-T stage 1: 3 MB) so that the kernel reads one aligned,
+    L2-resident tile per (window, head) instead of gathering index, table and mask itself."""
     N = index.shape[0]
     bias = table.float()[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)   # heads, N, N
-    if mask is None:
-        return bias.unsqueeze(0).contiguous()
-    return (bias.unsqueeze(0) + mask.float().unsqueeze(1)).contiguous()       # nW, heads, N, N
+    bm = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.float().unsqueeze(1)
+    out = bm.new_zeros((bm.shape[0], bm.shape[1], rows_pad, block_n))
+    out[:, :, :N, :N] = bm
+    return out
 
 
 def _dot_mode(qkv: torch.Tensor) -> int:
@@ -213,7 +216,7 @@ def _dot_mode(qkv: torch.Tensor) -> int:
 
 
 # Launch settings; benchmarks/bench_kernels.py sweeps them (the defaults are its H100 winners).
-TUNING = {'fwd_warps': None, 'bwd_warps': None, 'bwd_programs_per_sm': 4}
+TUNING = {'fwd_warps': None, 'bwd_warps': None, 'bwd_programs_per_sm': 8}
 
 
 def _blocks(N: int, d: int, warps=None):
@@ -237,10 +240,10 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
     qkv = qkv.contiguous()
-    bm = _bias_mask(table, index, mask)
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
     block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['fwd_warps'])
+    bm = _bias_mask(table, index, mask, num_m * block_m, block_n)
     grid = (B_ * num_heads * num_m,)
     if B_:
         _window_attention_fwd_kernel[grid](
@@ -257,8 +260,8 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Ten
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
     qkv, dout = qkv.contiguous(), dout.contiguous()
-    bm = _bias_mask(table, index, mask)
     block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['bwd_warps'])
+    bm = _bias_mask(table, index, mask, num_m * block_m, block_n)
     n_groups = _n_groups(B_, num_heads, qkv.device)
     dqkv = torch.empty_like(qkv)
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes).
