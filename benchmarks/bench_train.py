@@ -58,6 +58,13 @@ INFER = [
 ]
 
 
+def build(size, flags):
+    if flags == 'timm':
+        import timm
+        return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
+    return SwinTransformer(**MODELS[size], **flags, kernel_backend='triton')
+
+
 def _compiled(model, compile_):
     """compile_: False, True (default mode) or a torch.compile mode name."""
     if not compile_:
