@@ -88,8 +88,9 @@ def test_two_process_cpu_ddp(demo_data, tmp_path, launcher):
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29511']
     else:
         cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node', '2', '--master_port', '29512']
-    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path),
-                    '--opts', 'TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0'], launcher=cmd)
+    extra = ['--accumulation-steps', '2'] if launcher != 'torchrun' else []     # no_sync path
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path)] + extra +
+                   ['--opts', 'TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0'], launcher=cmd)
     # Exact validation over both ranks: every one of the 40 images counted once.
     assert '40 images)' in out
     assert (tmp_path / 'swin_micro_shapes10' / 'default' / 'ckpt_epoch_0.pth').exists()
@@ -125,3 +126,14 @@ def test_num_classes_mismatch_is_an_error(demo_data, tmp_path):
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path),
                     '--opts', 'MODEL.NUM_CLASSES', '7'] + FAST, expect_ok=False)
     assert 'MODEL.NUM_CLASSES is 7 but the dataset has 10 classes' in out
+
+
+def test_finetune_from_pretrained(demo_data, tmp_path):
+    """--pretrained from a checkpoint with another class count: head re-initialised, rest loaded."""
+    from models.swin_transformer import SwinTransformer
+    src = SwinTransformer(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2), num_heads=(3, 6),
+                          window_size=4, num_classes=5)
+    torch.save({'model': src.state_dict()}, tmp_path / 'pre.pth')
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path / 'o'),
+                    '--pretrained', str(tmp_path / 'pre.pth'), '--opts', 'TRAIN.EPOCHS', '1'] + FAST)
+    assert 'head re-initialised' in out and 'loaded successfully' in out
