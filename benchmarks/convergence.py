@@ -1,0 +1,127 @@
+"""Convergence check: the same seed and data, flags on vs off and O1 vs O2, each twice (seeds 0
+and 1) to see run-to-run noise; plus DDP on 2 GPUs vs 1 GPU at the same global batch. Every run is
+a real `main.py` training run on the generated shapes dataset; curves come from its logs.
+
+    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2]   # on the GPU machine
+    python benchmarks/convergence.py plot --out DIR                             # CSV -> PNG, anywhere
+"""
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = 'configs/demo/swin_micro_shapes10.yaml'
+FLAGS = ['--fused_window_process', '--unfused_mha', '--fused_layernorm']
+VARIANTS = {   # name: (extra main.py args, processes)
+    'flags off, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'], 1),
+    'all flags, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'] + FLAGS, 1),
+    'flags off, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'], 1),
+    'all flags, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'] + FLAGS, 1),
+    'DDP 2 GPUs x 32, flags off, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16',
+                                             '--batch-size', '32'], 2),
+}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')
+
+
+def run(args):
+    data = os.path.join(args.out, 'shapes10')
+    subprocess.run([sys.executable, '-m', 'data.demo_dataset', '--out', data], cwd=ROOT, check=True)
+    procs, port = [], 29600
+    jobs = [(name, seed) for seed in (0, 1) for name in VARIANTS]
+    jobs = [j for j in jobs if not (VARIANTS[j[0]][1] > 1 and j[1] == 1)]   # DDP once
+    for i, (name, seed) in enumerate(jobs):
+        extra, nproc = VARIANTS[name]
+        tag = f'{_slug(name)}_seed{seed}'
+        env = dict(os.environ, PYTHONUNBUFFERED='1')
+        if nproc > 1:
+            env['CUDA_VISIBLE_DEVICES'] = ','.join(str(g) for g in range(nproc))
+            launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+                        '--master_port', str(port + i)]
+        else:
+            env['CUDA_VISIBLE_DEVICES'] = str(i % args.gpus)
+            launcher = [sys.executable]
+        cmd = launcher + ['main.py', '--cfg', CFG, '--data-path', data, '--output', args.out, '--tag', tag] + \
+            extra + ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3']
+        log = open(os.path.join(args.out, f'{tag}.out'), 'w')
+        procs.append((name, seed, tag, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    t0 = time.time()
+    for name, seed, tag, p in procs:
+        p.wait()
+        print(f'{name} seed {seed}: exit {p.returncode} ({time.time() - t0:.0f} s)', flush=True)
+    rows = []
+    for name, seed, tag, _ in procs:
+        rows += parse_log(os.path.join(args.out, 'swin_micro_shapes10', tag, 'log_rank0.txt'), name, seed)
+    with open(os.path.join(args.out, 'convergence.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['variant', 'seed', 'epoch', 'train_loss', 'val_acc1'])
+        w.writeheader()
+        w.writerows(rows)
+    summarize(rows)
+
+
+def parse_log(path: str, name: str, seed: int) -> list:
+    losses, accs = {}, []
+    with open(path) as f:
+        for line in f:
+            m = re.search(r'EPOCH (\d+) training takes .* train_loss ([\d.]+)', line)
+            if m:
+                losses[int(m.group(1))] = float(m.group(2))
+            m = re.search(r'\* Acc@1 ([\d.]+)', line)
+            if m:
+                accs.append(float(m.group(1)))
+    return [{'variant': name, 'seed': seed, 'epoch': e, 'train_loss': losses[e], 'val_acc1': accs[i]}
+            for i, e in enumerate(sorted(losses)) if i < len(accs)]
+
+
+def summarize(rows):
+    last = {}
+    for r in rows:
+        last[(r['variant'], r['seed'])] = r
+    print('| variant | seed | final train loss | final val acc@1 |\n|---|---|---|---|')
+    for (v, s), r in sorted(last.items()):
+        print(f"| {v} | {s} | {float(r['train_loss']):.4f} | {float(r['val_acc1']):.1f} |")
+
+
+def plot(args):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    with open(os.path.join(args.out, 'convergence.csv')) as f:
+        rows = list(csv.DictReader(f))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (variant, seed) in sorted({(r['variant'], r['seed']) for r in rows}):
+        rs = [r for r in rows if r['variant'] == variant and r['seed'] == seed]
+        ep = [int(r['epoch']) for r in rs]
+        style = '-' if seed == '0' else '--'
+        ax1.plot(ep, [float(r['train_loss']) for r in rs], style, label=f'{variant} (seed {seed})')
+        ax2.plot(ep, [float(r['val_acc1']) for r in rs], style, label=f'{variant} (seed {seed})')
+    ax1.set(xlabel='epoch', ylabel='train loss', title='train loss')
+    ax2.set(xlabel='epoch', ylabel='val acc@1 (%)', title='validation accuracy (chance 10%)')
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.join(args.png or os.path.join(args.out, 'convergence.png'))
+    fig.savefig(out, dpi=110)
+    print(out)
+    summarize(rows)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('action', choices=['run', 'plot'])
+    p.add_argument('--out', required=True)
+    p.add_argument('--epochs', type=int, default=20)
+    p.add_argument('--gpus', type=int, default=2)
+    p.add_argument('--png', default=None)
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    run(a) if a.action == 'run' else plot(a)
+
+
+if __name__ == '__main__':
+    main()
