@@ -135,7 +135,8 @@ def main(config, logger=None):
             model, device_ids=[config.LOCAL_RANK] if device.type == 'cuda' else None,
             broadcast_buffers=False)
     if config.COMPILE:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=config.EXTRA.COMPILE_MODE or None)
+        logger.info(f"torch.compile, mode {config.EXTRA.COMPILE_MODE or 'default'}")
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     steps_per_epoch = len(data_loader_train) // accum

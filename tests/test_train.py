@@ -137,3 +137,10 @@ def test_finetune_from_pretrained(demo_data, tmp_path):
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path / 'o'),
                     '--pretrained', str(tmp_path / 'pre.pth'), '--opts', 'TRAIN.EPOCHS', '1'] + FAST)
     assert 'head re-initialised' in out and 'loaded successfully' in out
+
+
+def test_compile_flag_trains(demo_data, tmp_path):
+    """--compile through main.py (inductor on the CPU; on CUDA it also compiles around our custom ops)."""
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--compile',
+                    '--opts', 'TRAIN.EPOCHS', '1'] + FAST)
+    assert 'torch.compile, mode default' in out and 'EPOCH 0 training takes' in out
