@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import time
 import warnings
@@ -214,6 +215,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     device = next(master.parameters()).device
     batch_time, loss_meter, norm_meter, scaler_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
     nonfinite = 0
+    grad_norms = []
     start = end = timed_start = time.time()
     timed_from = 0
     for idx, (samples, targets) in enumerate(data_loader):
@@ -231,10 +233,13 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             with precision.autocast():
                 outputs = model(samples)
             loss = criterion(outputs.float(), targets)        # the loss in fp32 at every level
-            finite = torch.isfinite(loss.detach()).float()
+            loss_value = loss.item()                           # the step's one host sync
+            finite = math.isfinite(loss_value)
             if is_dist():                                      # every rank skips, or none does
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
+                flag = torch.tensor([float(finite)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = flag.item() == 1.0
+            if not finite:
                 nonfinite += 1
                 logger.warning(f'non-finite loss at epoch {epoch} step {idx} ({nonfinite} in a row): step skipped')
                 precision.zero_grad(optimizer, model)
@@ -250,14 +255,17 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
             precision.zero_grad(optimizer, model)
             lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
-            norm_meter.update(float(grad_norm))
-            scaler_meter.update(precision.get_scale())
-        loss_meter.update(loss.item(), targets.size(0))
+            grad_norms.append(grad_norm.detach())              # read at print time: no sync here
+        loss_meter.update(loss_value, targets.size(0))
         batch_time.update(time.time() - end)
         end = time.time()
         if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps
             timed_from, timed_start = idx, end
         if idx % config.PRINT_FREQ == 0:
+            for n in grad_norms:
+                norm_meter.update(float(n))
+            grad_norms.clear()
+            scaler_meter.update(precision.get_scale())
             lr = optimizer.param_groups[0]['lr']
             wd = optimizer.param_groups[0]['weight_decay']
             mem = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0) if torch.cuda.is_available() else 0
