@@ -144,3 +144,46 @@ def test_compile_flag_trains(demo_data, tmp_path):
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--compile',
                     '--opts', 'TRAIN.EPOCHS', '1'] + FAST)
     assert 'torch.compile, mode default' in out and 'EPOCH 0 training takes' in out
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_losses(demo_data, tmp_path):
+    """SIGKILL a run once its first checkpoint exists; rerunning the same command auto-resumes and
+    every epoch after the checkpoint has the uninterrupted run's loss."""
+    import signal
+    import time
+    base = ['--cfg', DEMO_CFG, '--data-path', demo_data, '--opts', 'TRAIN.EPOCHS', '3'] + FAST
+    full = epoch_losses(run_main(['--output', str(tmp_path / 'full')] + base))
+    assert set(full) == {0, 1, 2}
+
+    cmd = [sys.executable, 'main.py', '--output', str(tmp_path / 'killed')] + base
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('TRITON_INTERPRET', None)
+    first = tmp_path / 'killed' / 'swin_micro_shapes10' / 'default' / 'ckpt_epoch_0.pth'
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not first.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert first.exists()
+    out = run_main(['--output', str(tmp_path / 'killed')] + base)
+    assert 'auto resuming from' in out
+    resumed = epoch_losses(out)
+    assert resumed and min(resumed) >= 1
+    for epoch, loss in resumed.items():
+        assert loss == full[epoch], (epoch, loss, full[epoch])
+
+
+def test_old_upstream_checkpoint_with_pickled_config_evaluates(demo_data, tmp_path):
+    """Upstream pickled its yacs CfgNode into checkpoints: such files still load for --eval."""
+    from config import get_config
+    from models.swin_transformer import SwinTransformer
+    import argparse
+    cfg = get_config(argparse.Namespace(cfg=DEMO_CFG, opts=None))
+    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2), num_heads=(3, 6),
+                            window_size=4, num_classes=10)
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith('attn_mask')}   # older files had none
+    torch.save({'model': sd, 'config': cfg, 'epoch': 5, 'max_accuracy': 12.5}, tmp_path / 'old.pth')
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--eval',
+                    '--resume', str(tmp_path / 'old.pth'), '--opts'] + FAST)
+    assert 'acc1' in result(out)
