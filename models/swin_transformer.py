@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath, trunc_normal_
 
@@ -178,7 +177,7 @@ class SwinTransformerBlock(nn.Module):
         else:
             attn_mask = None
         self.register_buffer('attn_mask', attn_mask)
-        self.fused_window_process = fused_window_process
+        # `fused_window_process` is accepted for upstream's signature; the model's `ops` bundle decides.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""

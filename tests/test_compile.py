@@ -1,6 +1,5 @@
 """The fused ops are registered custom ops: torch.library.opcheck passes (schema, fake tensors,
 autograd registration), and dynamo traces a model with every flag on without a graph break."""
-import pytest
 import torch
 
 from conftest import DEVICE
