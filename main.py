@@ -26,7 +26,7 @@ from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (auto_resume_helper, is_dist, load_checkpoint, load_pretrained, rank,
+from utils import (all_rng_states, auto_resume_helper, is_dist, load_checkpoint, load_pretrained, rank,
                    reduce_tensor, rng_state, save_checkpoint, set_rng_state, world_size)
 
 
@@ -194,12 +194,15 @@ def main(config, logger=None):
         improved = acc1 > max_accuracy
         max_accuracy = max(max_accuracy, acc1)
         logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-        if rank() == 0:
-            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                save_checkpoint(config, epoch, master, max_accuracy, optimizer, lr_scheduler, precision, logger)
-            if improved:
+        save_now = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        if save_now or improved:
+            rngs = all_rng_states()                 # every rank's streams, so a resume repeats them all
+            if rank() == 0 and save_now:
+                save_checkpoint(config, epoch, master, max_accuracy, optimizer, lr_scheduler, precision, logger,
+                                rng_states=rngs)
+            if rank() == 0 and improved:
                 save_checkpoint(config, epoch, master, max_accuracy, optimizer, lr_scheduler, precision,
-                                logger, name='ckpt_best.pth')
+                                logger, name='ckpt_best.pth', rng_states=rngs)
     total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     logger.info(f'Training time {total}')
     return {'max_accuracy': max_accuracy}

@@ -48,6 +48,26 @@ def rng_state() -> dict:
     return state
 
 
+def all_rng_states() -> list:
+    """Every rank's RNG state, in rank order (a collective: call it on every rank)."""
+    state = rng_state()
+    if not is_dist():
+        return [state]
+    states = [None] * world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rank_rng(states, logger=None) -> None:
+    """Restore this rank's state from a checkpoint's list of per-rank states (or one old-style dict)."""
+    if isinstance(states, dict):
+        states = [states]
+    if len(states) != world_size() and logger is not None:
+        logger.warning(f'the checkpoint holds RNG states of {len(states)} processes, this run has '
+                       f'{world_size()}: random streams will not repeat the original run exactly')
+    set_rng_state(states[rank() % len(states)])
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
     random.setstate((3, tuple(state['python']), None))
@@ -114,7 +134,7 @@ def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger)
         config.TRAIN.START_EPOCH = ckpt['epoch'] + 1
         config.freeze()
         if 'rng' in ckpt:
-            set_rng_state(ckpt['rng'])
+            restore_rank_rng(ckpt['rng'], logger)
         logger.info(f"=> loaded successfully '{config.MODEL.RESUME}' (epoch {ckpt['epoch']})")
     if 'max_accuracy' in ckpt:
         max_accuracy = float(ckpt['max_accuracy'])
@@ -122,9 +142,10 @@ def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger)
 
 
 def save_checkpoint(config, epoch: int, model, max_accuracy: float, optimizer, lr_scheduler,
-                    loss_scaler, logger, name: Optional[str] = None) -> str:
+                    loss_scaler, logger, name: Optional[str] = None, rng_states: Optional[list] = None) -> str:
     """Write ckpt_epoch_{epoch}.pth atomically (temp file, then rename). The config is stored as
-    YAML text so the file loads with torch.load(weights_only=True)."""
+    YAML text so the file loads with torch.load(weights_only=True). `rng_states`: every rank's RNG
+    state (from all_rng_states(), gathered on all ranks); by default this process's."""
     state = {'model': model_state_fp32(model),
              'optimizer': optimizer.state_dict(),
              'lr_scheduler': lr_scheduler.state_dict(),
@@ -132,7 +153,7 @@ def save_checkpoint(config, epoch: int, model, max_accuracy: float, optimizer, l
              'scaler': loss_scaler.state_dict(),
              'epoch': epoch,
              'config': config.dump(),
-             'rng': rng_state()}
+             'rng': rng_states if rng_states is not None else [rng_state()]}
     path = os.path.join(config.OUTPUT, name or f'ckpt_epoch_{epoch}.pth')
     tmp = path + '.tmp'
     torch.save(state, tmp)

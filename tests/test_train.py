@@ -187,3 +187,18 @@ def test_old_upstream_checkpoint_with_pickled_config_evaluates(demo_data, tmp_pa
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--eval',
                     '--resume', str(tmp_path / 'old.pth'), '--opts'] + FAST)
     assert 'acc1' in result(out)
+
+
+def test_ddp_resume_repeats_every_rank(demo_data, tmp_path):
+    """2-process DDP: resuming from epoch 0 repeats epoch 1's loss, so every rank's random streams
+    (drop path, augmentation) were restored, not only rank 0's."""
+    def launch(port):
+        return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port)]
+    opts = ['--opts', 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0', 'TRAIN.WARMUP_EPOCHS', '1']
+    base = ['--cfg', DEMO_CFG, '--data-path', demo_data]
+    full = epoch_losses(run_main(base + ['--output', str(tmp_path / 'a')] + opts, launcher=launch(29521)))
+    ckpt = tmp_path / 'a' / 'swin_micro_shapes10' / 'default' / 'ckpt_epoch_0.pth'
+    assert len(torch.load(ckpt, map_location='cpu', weights_only=True)['rng']) == 2
+    resumed = epoch_losses(run_main(base + ['--output', str(tmp_path / 'b'), '--resume', str(ckpt)] + opts,
+                                    launcher=launch(29522)))
+    assert set(resumed) == {1} and resumed[1] == full[1]
