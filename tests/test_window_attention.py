@@ -18,6 +18,8 @@ CASES = [  # batch, window, heads, head_dim, shifted
     (3, 7, 2, 16, False),      # odd batch, unshifted
     (2, 8, 2, 32, True),       # window 8 (N = 64)
     (1, 12, 2, 16, True),      # window 12 (N = 144): several query blocks
+    (1, 4, 2, 64, True),       # head_dim 64
+    (1, 4, 1, 128, False),     # head_dim 128, one head
 ]
 
 
