@@ -144,8 +144,13 @@ def build_loader(config):
                             f'{n_train} classes: remove MODEL.NUM_CLASSES from your config/--opts or fix it')
 
     world, rank = _world()
-    sampler_train = torch.utils.data.DistributedSampler(
-        dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part':
+        # as upstream: each rank trains on the shard it caches, reshuffled every epoch
+        sampler_train = ShardSampler(len(dataset_train), world, rank, shuffle=True, seed=config.SEED,
+                                     fixed_shard=True)
+    else:
+        sampler_train = torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
     # Validation: each sample exactly once across ranks (no padding duplicates).
     sampler_val = ShardSampler(len(dataset_val), world, rank, shuffle=config.TEST.SHUFFLE)
     if len(dataset_train) < config.DATA.BATCH_SIZE * world:

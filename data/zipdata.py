@@ -1,9 +1,9 @@
 """Upstream's zip layout: `<root>/<split>.zip` and `<root>/<split>_map.txt` ("path<TAB>label").
 
 cache_mode: 'no' reads every image from the zip when asked; 'full' keeps every image's bytes in
-memory; 'part' keeps only this rank's shard (the indices this rank's sampler can draw are not
-known in advance for training, so 'part' caches indices rank::world and reads the rest from the
-zip). Works for any dataset size (upstream's cache crashed under 10 samples).
+memory; 'part' keeps only this rank's shard, indices rank::world, and the training sampler then
+draws from that shard alone (as upstream). Works for any dataset size (upstream's cache crashed
+under 10 samples).
 """
 import io
 import os

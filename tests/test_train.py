@@ -202,3 +202,13 @@ def test_ddp_resume_repeats_every_rank(demo_data, tmp_path):
     resumed = epoch_losses(run_main(base + ['--output', str(tmp_path / 'b'), '--resume', str(ckpt)] + opts,
                                     launcher=launch(29522)))
     assert set(resumed) == {1} and resumed[1] == full[1]
+
+
+def test_zip_part_cache_trains(demo_data, tmp_path):
+    """--zip --cache-mode part through main.py, upstream's zip layout built from the demo data."""
+    from test_parity import _zip_split
+    for split in ('train', 'val'):
+        _zip_split(demo_data, str(tmp_path), split)
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', str(tmp_path), '--zip', '--cache-mode', 'part',
+                    '--output', str(tmp_path / 'o'), '--opts', 'TRAIN.EPOCHS', '1'] + FAST)
+    assert 'EPOCH 0 training takes' in out and '40 images)' in out
