@@ -153,6 +153,7 @@ _C.EXTRA.SYNTHETIC_VAL_SIZE = 256
 _C.EXTRA.MAX_NONFINITE_STEPS = 10     # consecutive non-finite losses before the run stops
 _C.EXTRA.TF32 = False                 # allow TF32 matmuls at O0 (off, as in PyTorch)
 _C.EXTRA.NUM_CLASSES_FROM_DATA = True  # NUM_CLASSES follows the dataset unless set explicitly
+_C.EXTRA.TENSORBOARD = False         # also write scalars to <output>/tensorboard (rank 0)
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 

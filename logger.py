@@ -35,3 +35,25 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> loggin
     for h in logger.handlers:
         kernels_logger.addHandler(h)
     return logger
+
+
+class Scalars:
+    """Optional TensorBoard scalars (EXTRA.TENSORBOARD, rank 0 only); a no-op when off."""
+
+    def __init__(self, output_dir: str, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError('EXTRA.TENSORBOARD True needs the tensorboard package: '
+                                   'pip install tensorboard, or set EXTRA.TENSORBOARD False') from None
+            self.writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

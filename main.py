@@ -22,7 +22,7 @@ from timm.utils import AverageMeter, accuracy
 from amp import Precision
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, amp_opt_level, get_config
 from data import build_loader
-from logger import create_logger
+from logger import Scalars, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
@@ -114,6 +114,7 @@ def main(config, logger=None):
         logger.info(f'Full config saved to {os.path.join(config.OUTPUT, "config.json")}')
     logger.info(config.dump())
 
+    scalars = Scalars(config.OUTPUT, config.EXTRA.TENSORBOARD and rank() == 0)   # fails at start if missing
     dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
 
     precision = Precision(amp_opt_level(config), config.AMP_DTYPE, device, tf32=config.EXTRA.TF32)
@@ -187,9 +188,12 @@ def main(config, logger=None):
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, config.TRAIN.EPOCHS):
         data_loader_train.sampler.set_epoch(epoch)
-        train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
-                        lr_scheduler, precision, master, logger)
+        train_loss = train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
+                                     lr_scheduler, precision, master, logger)
         acc1, acc5, loss = validate(config, data_loader_val, model, precision, logger)
+        for tag, value in (('train/loss', train_loss), ('train/lr', optimizer.param_groups[0]['lr']),
+                           ('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):
+            scalars.add(tag, value, epoch)
         logger.info(f'Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%')
         improved = acc1 > max_accuracy
         max_accuracy = max(max_accuracy, acc1)
@@ -203,6 +207,7 @@ def main(config, logger=None):
             if rank() == 0 and improved:
                 save_checkpoint(config, epoch, master, max_accuracy, optimizer, lr_scheduler, precision,
                                 logger, name='ckpt_best.pth', rng_states=rngs)
+    scalars.close()
     total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     logger.info(f'Training time {total}')
     return {'max_accuracy': max_accuracy}

@@ -212,3 +212,14 @@ def test_zip_part_cache_trains(demo_data, tmp_path):
     out = run_main(['--cfg', DEMO_CFG, '--data-path', str(tmp_path), '--zip', '--cache-mode', 'part',
                     '--output', str(tmp_path / 'o'), '--opts', 'TRAIN.EPOCHS', '1'] + FAST)
     assert 'EPOCH 0 training takes' in out and '40 images)' in out
+
+
+def test_tensorboard_scalars(demo_data, tmp_path):
+    """EXTRA.TENSORBOARD writes per-epoch scalars that read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path),
+              '--opts', 'TRAIN.EPOCHS', '2', 'EXTRA.TENSORBOARD', 'True'] + FAST)
+    acc = EventAccumulator(str(tmp_path / 'swin_micro_shapes10' / 'default' / 'tensorboard'))
+    acc.Reload()
+    assert {'train/loss', 'val/acc1', 'val/loss', 'train/lr'} <= set(acc.Tags()['scalars'])
+    assert [e.step for e in acc.Scalars('val/acc1')] == [0, 1]
