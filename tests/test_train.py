@@ -223,3 +223,11 @@ def test_tensorboard_scalars(demo_data, tmp_path):
     acc.Reload()
     assert {'train/loss', 'val/acc1', 'val/loss', 'train/lr'} <= set(acc.Tags()['scalars'])
     assert [e.step for e in acc.Scalars('val/acc1')] == [0, 1]
+
+
+def test_compile_with_ddp(demo_data, tmp_path):
+    """--compile under 2-process DDP (gloo on the CPU)."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531']
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--compile',
+                    '--opts', 'TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0'], launcher=cmd)
+    assert 'torch.compile, mode default' in out and 'EPOCH 0 training takes' in out and '40 images)' in out
