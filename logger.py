@@ -32,8 +32,7 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> loggin
     # The kernel registry logs which implementation each flag got through this logger too.
     kernels_logger = logging.getLogger('kernels')
     kernels_logger.setLevel(logging.INFO)
-    for h in logger.handlers:
-        kernels_logger.addHandler(h)
+    kernels_logger.handlers = list(logger.handlers)   # replace, so a second run's logger does not double lines
     return logger
 
 

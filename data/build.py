@@ -8,12 +8,13 @@ and benchmarks.
 import os
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
+
+from utils import rank as get_rank, world_size
 
 from .samplers import ShardSampler
 
@@ -118,12 +119,6 @@ def build_dataset(is_train: bool, config):
     return ds, len(ds.classes)
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def build_loader(config):
     """-> (dataset_train, dataset_val, loader_train, loader_val, mixup_fn), as upstream.
 
@@ -143,7 +138,7 @@ def build_loader(config):
             raise DataError(f'MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the dataset has '
                             f'{n_train} classes: remove MODEL.NUM_CLASSES from your config/--opts or fix it')
 
-    world, rank = _world()
+    world, rank = world_size(), get_rank()
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part':
         # as upstream: each rank trains on the shard it caches, reshuffled every epoch
         sampler_train = ShardSampler(len(dataset_train), world, rank, shuffle=True, seed=config.SEED,

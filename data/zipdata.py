@@ -10,8 +10,9 @@ import os
 import zipfile
 
 import torch
-import torch.distributed as dist
 from PIL import Image
+
+from utils import rank, world_size
 
 
 class ZipImageDataset(torch.utils.data.Dataset):
@@ -36,9 +37,8 @@ class ZipImageDataset(torch.utils.data.Dataset):
         self._zip = None
         self._cache = {}
         if cache_mode != 'no':
-            world, rank = ((dist.get_world_size(), dist.get_rank())
-                           if dist.is_available() and dist.is_initialized() else (1, 0))
-            keep = range(len(self.samples)) if cache_mode == 'full' else range(rank, len(self.samples), world)
+            keep = (range(len(self.samples)) if cache_mode == 'full'
+                    else range(rank(), len(self.samples), world_size()))
             for i in keep:
                 self._cache[i] = self._read(i)
             self._zip = None   # do not hand an open file to forked workers

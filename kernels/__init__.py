@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dense, layer_norm, mlp, window_attention, window_process
 from ._utils import apex_available, triton_available, triton_interpret
+from .dense import dense_ref
 from .layer_norm import layer_norm_ref
 from .window_process import window_merge_ref, window_partition_ref
 
@@ -88,7 +88,7 @@ class Ops:
     window_merge: Callable = window_merge_ref
     window_attention: Optional[Callable] = None   # None: the model's inline upstream math
     layer_norm: Callable = layer_norm_ref
-    linear: Callable = F.linear
+    linear: Callable = dense_ref
     mlp: Optional[Callable] = None                # None: fc1 -> GELU -> fc2 through `linear`
     chosen: tuple = ()                            # (op, backend) pairs, for the log
 

@@ -10,9 +10,9 @@ Shapes (B_ = batch * windows, N = w*w tokens, C = heads * d):
 Forward, per (window b, head h, block of query rows), keys all in one tile (N <= 256):
   S = (q k^T) * scale + B + M;   P = softmax(S) in fp32;   O = P v;   lse = logsumexp(S)
 Only O and lse (fp32, [B_, heads, N]) are written; the N x N scores never leave the chip.
-B + M is built once per call as one padded fp32 tile per (window type, head) ([nW, heads, 64, 64]
-at window 7, 3 MB for Swin-T stage 1, L2-resident), so the kernel reads one aligned tile instead of
-gathering index, table and mask per window.
+B + M is built once per forward as one padded fp32 tile per (window type, head) ([nW, heads, 64, 64]
+at window 7, 3 MB for Swin-T stage 1, L2-resident) and kept for the backward, so the kernels read one
+aligned tile instead of gathering index, table and mask per window.
 
 Backward (recompute S and P from lse):
   dV = P^T dO;   dP = dO V^T;   D_i = sum_j P_ij dP_ij = sum_d dO_id O_id
@@ -239,7 +239,8 @@ def _n_groups(B_: int, heads: int, device: torch.device) -> int:
 # ----------------------------------------------------------------------------- launchers
 def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                          mask: Optional[torch.Tensor], num_heads: int, scale: float):
-    """-> (out [B_, N, C], lse [B_, heads, N] fp32)."""
+    """-> (out [B_, N, C], lse [B_, heads, N] fp32, bm: the padded bias+mask tiles, kept for the
+    backward so it is built once a step)."""
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
     qkv = qkv.contiguous()
@@ -253,18 +254,18 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
             qkv, bm, out, lse, N, C, num_heads, bm.shape[0], float(scale),
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
             NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    return out, lse
+    return out, lse, bm
 
 
-def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-                         mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                         num_heads: int, scale: float):
-    """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable like table)."""
+def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
+                         table_rows: int):
+    """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable [table_rows, heads] fp32). `bm` is the forward's."""
     check_triton_device(qkv)
-    B_, N, C, d = _check(qkv, table, index, mask, num_heads)
+    B_, N, C3 = qkv.shape
+    d = C3 // 3 // num_heads
     qkv, dout = qkv.contiguous(), dout.contiguous()
     block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['bwd_warps'])
-    bm = _bias_mask(table, index, mask, num_m * block_m, block_n)
     n_groups = _n_groups(B_, num_heads, qkv.device)
     dqkv = torch.empty_like(qkv)
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes).
@@ -273,51 +274,55 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Ten
     if B_:
         _window_attention_bwd_kernel[(n_groups * num_heads,)](
             qkv, bm, out, lse, dout, dqkv, dbias_partial,
-            B_, N, C, num_heads, bm.shape[0], float(scale), n_groups,
+            B_, N, C3 // 3, num_heads, bm.shape[0], float(scale), n_groups,
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
             NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
     # Scatter to the table rows through the index: a one-hot matmul, deterministic.
-    onehot = F.one_hot(index.reshape(-1).long(), table.shape[0]).to(torch.float32)  # N*N, rows
+    onehot = F.one_hot(index.reshape(-1).long(), table_rows).to(torch.float32)      # N*N, rows
     dtable = onehot.T @ dbias.permute(1, 2, 0).reshape(N * N, num_heads)             # rows, heads
-    return dqkv, dtable.to(table.dtype)
+    return dqkv, dtable
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op('swin::window_attention_fwd', mutates_args=())
 def _fwd_op(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
-            num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return window_attention_fwd(qkv, table, index, mask, num_heads, scale)
 
 
 @_fwd_op.register_fake
 def _(qkv, table, index, mask, num_heads, scale):
     B_, N, C3 = qkv.shape
-    return qkv.new_empty((B_, N, C3 // 3)), qkv.new_empty((B_, num_heads, N), dtype=torch.float32)
+    block_m, block_n, _, num_m, _ = _blocks(N, C3 // 3 // num_heads)
+    n_bm = mask.shape[0] if mask is not None else 1
+    return (qkv.new_empty((B_, N, C3 // 3)), qkv.new_empty((B_, num_heads, N), dtype=torch.float32),
+            qkv.new_empty((n_bm, num_heads, num_m * block_m, block_n), dtype=torch.float32))
 
 
 @torch.library.custom_op('swin::window_attention_bwd', mutates_args=())
-def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-            mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, num_heads: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return window_attention_bwd(dout, qkv, table, index, mask, out, lse, num_heads, scale)
+def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
+            table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_attention_bwd(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows)
 
 
 @_bwd_op.register_fake
-def _(dout, qkv, table, index, mask, out, lse, num_heads, scale):
-    return qkv.new_empty(qkv.shape), torch.empty_like(table)
+def _(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows):
+    return qkv.new_empty(qkv.shape), qkv.new_empty((table_rows, num_heads), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
-    qkv, table, index, mask, ctx.num_heads, ctx.scale = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, table, index, mask, out, lse)
+    qkv, table, index, _, ctx.num_heads, ctx.scale = inputs
+    out, lse, bm = output
+    ctx.table_rows, ctx.table_dtype = table.shape[0], table.dtype
+    ctx.save_for_backward(qkv, bm, index, out, lse)
 
 
-def _backward(ctx, dout, _dlse):
-    qkv, table, index, mask, out, lse = ctx.saved_tensors
-    dqkv, dtable = _bwd_op(dout, qkv, table, index, mask, out, lse, ctx.num_heads, ctx.scale)
-    return dqkv, dtable, None, None, None, None
+def _backward(ctx, dout, _dlse, _dbm):
+    qkv, bm, index, out, lse = ctx.saved_tensors
+    dqkv, dtable = _bwd_op(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows)
+    return dqkv, dtable.to(ctx.table_dtype), None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -328,16 +333,17 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, table, index, mask, num_heads, scale):
-        out, lse = window_attention_fwd(qkv, table, index, mask, num_heads, scale)
-        ctx.save_for_backward(qkv, table, index, mask, out, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
+        out, lse, bm = window_attention_fwd(qkv, table, index, mask, num_heads, scale)
+        ctx.save_for_backward(qkv, bm, index, out, lse)
+        ctx.num_heads, ctx.scale, ctx.table_rows, ctx.table_dtype = num_heads, scale, table.shape[0], table.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, table, index, mask, out, lse = ctx.saved_tensors
-        dqkv, dtable = window_attention_bwd(dout, qkv, table, index, mask, out, lse, ctx.num_heads, ctx.scale)
-        return dqkv, dtable, None, None, None, None
+        qkv, bm, index, out, lse = ctx.saved_tensors
+        dqkv, dtable = window_attention_bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale,
+                                            ctx.table_rows)
+        return dqkv, dtable.to(ctx.table_dtype), None, None, None, None
 
 
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
