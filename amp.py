@@ -18,6 +18,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from kernels.optimizers import is_fused
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -35,6 +37,7 @@ class Precision:
         scale = self.dtype == torch.float16 and level in ('O1', 'O2')
         self._scaler = torch.amp.GradScaler(self.device.type, enabled=scale)
         self._pairs = []          # (master param, model param) for O2
+        self._half_of = {}        # id(master param) -> model param, for O2
         if level == 'O0' and self.device.type == 'cuda':
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
@@ -54,6 +57,7 @@ class Precision:
             master = model
             model = copy.deepcopy(master).to(self.dtype)
             self._pairs = [(pm, p) for pm, p in zip(master.parameters(), model.parameters())]
+            self._half_of = {id(pm): p for pm, p in self._pairs}
             return model, master
         if self.level == 'O3':
             model = model.to(self.dtype)
@@ -74,6 +78,8 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
              clip_grad: Optional[float]) -> torch.Tensor:
         """Unscale, clip (norm over master grads), step, update the scale; returns the grad norm."""
+        if is_fused(optimizer):
+            return self._fused_step(optimizer, clip_grad)
         if self._pairs:
             # half grads -> fp32 master grads (still scaled), one foreach copy; the master grads
             # persist across steps (only the half model's grads are cleared).
@@ -97,6 +103,19 @@ class Precision:
         if self._pairs:
             with torch.no_grad():
                 torch._foreach_copy_([p for _, p in self._pairs], [pm for pm, _ in self._pairs])
+        return norm
+
+    def _fused_step(self, optimizer, clip_grad: Optional[float]) -> torch.Tensor:
+        """Our fused optimizers fold unscaling, clipping, the inf/nan skip and (O2) the half-weight
+        write into their own launches, with no host sync. The scale update reads their found_inf
+        on the device, as GradScaler.update does."""
+        scaler = self._scaler
+        scale = scaler._scale if scaler.is_enabled() else None
+        halves = [self._half_of[id(p)] for p in optimizer._params] if self._pairs else None
+        norm, found_inf = optimizer.fused_step(clip_grad, scale, grads_from=halves, write_to=halves)
+        if scale is not None:
+            torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, found_inf, scaler._growth_factor,
+                                     scaler._backoff_factor, scaler._growth_interval)
         return norm
 
     def zero_grad(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:

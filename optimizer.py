@@ -3,6 +3,9 @@
 import torch
 from torch import optim
 
+from kernels import resolve_backend
+from kernels.optimizers import FusedAdamW, FusedLAMB, build_apex_optimizer
+
 
 def _is_no_decay(name: str, param: torch.Tensor, skip: set, skip_keywords: set) -> bool:
     return (param.ndim == 1 or name.endswith('.bias') or name in skip
@@ -33,7 +36,18 @@ def build_optimizer(config, model: torch.nn.Module) -> optim.Optimizer:
         return optim.AdamW(groups, eps=c.EPS, betas=tuple(c.BETAS), lr=config.TRAIN.BASE_LR,
                            weight_decay=config.TRAIN.WEIGHT_DECAY)
     if name in ('fused_adam', 'fused_lamb'):
-        raise NotImplementedError(
-            f"--optim {name} / --fused_adam: the fused optimizers are not implemented yet; "
-            f"use --optim adamw (torch's AdamW).")
+        return build_fused_optimizer(name, groups, config, model)
     raise ValueError(f'TRAIN.OPTIMIZER.NAME {name!r} is not one of adamw, sgd, fused_adam, fused_lamb')
+
+
+def build_fused_optimizer(name: str, groups, config, model: torch.nn.Module) -> optim.Optimizer:
+    """Our Triton AdamW/LAMB (the reference on CPU under 'auto'), or apex's with KERNEL_BACKEND apex."""
+    c = config.TRAIN.OPTIMIZER
+    kw = dict(lr=config.TRAIN.BASE_LR, betas=tuple(c.BETAS), eps=c.EPS, weight_decay=config.TRAIN.WEIGHT_DECAY)
+    backend = resolve_backend(config.KERNEL_BACKEND)
+    if backend == 'apex':
+        return build_apex_optimizer(name, groups, **kw)
+    if config.KERNEL_BACKEND == 'auto' and not next(model.parameters()).is_cuda:
+        backend = 'torch'     # a CPU model: the reference ('triton' on CPU needs TRITON_INTERPRET=1)
+    cls = FusedAdamW if name == 'fused_adam' else FusedLAMB
+    return cls(groups, backend=backend, **kw)

@@ -231,3 +231,25 @@ def test_compile_with_ddp(demo_data, tmp_path):
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--compile',
                     '--opts', 'TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0'], launcher=cmd)
     assert 'torch.compile, mode default' in out and 'EPOCH 0 training takes' in out and '40 images)' in out
+
+
+@pytest.mark.parametrize('optim', ['fused_adam', 'fused_lamb'])
+def test_fused_optimizers_train_and_resume_across_optimizers(demo_data, tmp_path, optim):
+    """The Triton optimizer kernels (interpreter on the CPU) through main.py at O2 bf16; the
+    checkpoint resumes under the other implementation (torch's AdamW / our reference LAMB)."""
+    base = ['--cfg', DEMO_CFG, '--data-path', demo_data, '--amp-opt-level', 'O2']
+    out = run_main(base + ['--output', str(tmp_path / 'a'), '--optim', optim, '--kernel-backend', 'triton',
+                           '--opts', 'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bfloat16'] + FAST,
+                   env={'TRITON_INTERPRET': '1'})
+    assert 'EPOCH 0 training takes' in out and 'nan' not in epoch_losses(out)[0]
+    ckpt = tmp_path / 'a' / 'swin_micro_shapes10' / 'default' / 'ckpt_epoch_0.pth'
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)['optimizer']
+    if optim == 'fused_adam':
+        assert {float(s['step']) for s in state['state'].values()} == {10.0}
+    else:
+        assert [float(g['step']) for g in state['param_groups']] == [10.0, 10.0]
+    other = 'adamw' if optim == 'fused_adam' else 'fused_lamb'
+    out = run_main(base + ['--output', str(tmp_path / 'b'), '--resume', str(ckpt), '--optim', other,
+                           '--kernel-backend', 'torch', '--opts', 'TRAIN.EPOCHS', '2', 'AMP_ENABLE', 'True',
+                           'AMP_DTYPE', 'bfloat16'] + FAST)
+    assert set(epoch_losses(out)) == {1}
