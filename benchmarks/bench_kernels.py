@@ -123,11 +123,40 @@ def bench_layer_norm(rows):
                          'fwd+bwd_GB/s': 5 * x.numel() * x.element_size() / fb / 1e6})
 
 
+def bench_add_layer_norm(rows):
+    """The block's `h = shortcut + drop_path(branch); y = norm2(h)`: unfused ops (as the reference
+    runs them, and under torch.compile) against the fused kernel. Traffic: read 2, write 2."""
+    for M, C in [(128 * 3136, 96), (128 * 196, 384), (128 * 49, 768)]:
+        dtype = torch.bfloat16
+        B = 128
+        sc = torch.randn(B, M // B, C, device='cuda', dtype=dtype, requires_grad=True)
+        br = torch.randn(B, M // B, C, device='cuda', dtype=dtype, requires_grad=True)
+        scale = (torch.rand(B, 1, 1, device='cuda') > 0.1).to(dtype) / 0.9
+        wgt = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
+        b = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
+        gh, gy = torch.randn_like(sc), torch.randn_like(sc)
+        nbytes = 4 * sc.numel() * 2
+        compiled = torch.compile(ln.add_layer_norm_ref)
+        for impl, fn in (('unfused (mul, add, F.layer_norm)', ln.add_layer_norm_ref),
+                         ('unfused + torch.compile', compiled), ('triton fused', ln.add_layer_norm)):
+            call = (lambda fn=fn: fn(sc, br, scale, wgt, b, 1e-5))
+
+            def fwd_bwd(call=call):
+                for t in (sc, br, wgt, b):
+                    t.grad = None
+                h, y = call()
+                torch.autograd.backward([h, y], [gh, gy])
+            f = bench_ms(call)
+            fb = bench_ms(fwd_bwd)
+            rows.append({'op': 'residual add + layer norm', 'shape': f'{M}x{C}', 'dtype': 'bfloat16', 'impl': impl,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6})
+
+
 def main():
     import sys
     env = environment()
     rows = []
-    parts = sys.argv[1:] or ['window_process', 'window_attention', 'layer_norm']
+    parts = sys.argv[1:] or ['window_process', 'window_attention', 'layer_norm', 'add_layer_norm']
     for part in parts:
         globals()[f'bench_{part}'](rows)
     print(write_results('kernels_' + '_'.join(parts), rows, ['op', 'shape', 'dtype', 'impl', 'fwd_us', 'fwd+bwd_us',

@@ -16,6 +16,7 @@ import torch
 from common import cuda_time_ms, environment, write_results
 
 from amp import Precision
+from kernels.optimizers import FusedAdamW
 from models.swin_transformer import SwinTransformer
 from optimizer import param_groups
 
@@ -27,6 +28,8 @@ ALL = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True
 TIMM = {'tiny': 'swin_tiny_patch4_window7_224', 'large': 'swin_large_patch4_window7_224'}
 
 ATTN = dict(fused_attention=True)
+ADAM = dict(optim='fused_adam')            # not a model flag: the optimizer (--fused_adam)
+ALL_ADAM = dict(ALL, **ADAM)
 CG = 'reduce-overhead'      # torch.compile with CUDA graphs
 
 # name, flags, level, dtype, compile (False, True, or a torch.compile mode)
@@ -38,6 +41,11 @@ TRAIN = [
     ('--fused_layernorm, O1 bf16', dict(fused_layernorm=True), 'O1', 'bfloat16', False),
     ('all flags eager, O1 bf16', ALL, 'O1', 'bfloat16', False),
     ('all flags eager, O2 bf16', ALL, 'O2', 'bfloat16', False),
+    ('--fused_adam, O1 fp16', ADAM, 'O1', 'float16', False),
+    ('all flags + --fused_adam eager, O1 fp16', ALL_ADAM, 'O1', 'float16', False),
+    ('all flags + --fused_adam eager, O1 bf16', ALL_ADAM, 'O1', 'bfloat16', False),
+    ('all flags + --fused_adam eager, O2 fp16', ALL_ADAM, 'O2', 'float16', False),
+    ('all flags + --fused_adam eager, O2 bf16', ALL_ADAM, 'O2', 'bfloat16', False),
     ('reference eager O3 bf16 (pure bf16)', {}, 'O3', 'bfloat16', False),
     ('reference + compile, O1 bf16', {}, 'O1', 'bfloat16', True),
     ('timm + compile, O1 bf16', 'timm', 'O1', 'bfloat16', True),
@@ -46,6 +54,8 @@ TRAIN = [
     ('reference + compile (CUDA graphs), O2 bf16', {}, 'O2', 'bfloat16', CG),
     ('all flags + compile (CUDA graphs), O2 bf16', ALL, 'O2', 'bfloat16', CG),
     ('--unfused_mha + compile (CUDA graphs), O2 bf16', ATTN, 'O2', 'bfloat16', CG),
+    ('--unfused_mha + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ATTN, **ADAM), 'O2', 'bfloat16', CG),
+    ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', CG),
 ]
 INFER = [
     ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),
@@ -59,6 +69,7 @@ INFER = [
 
 
 def build(size, flags):
+    flags = {k: v for k, v in flags.items() if k != 'optim'} if isinstance(flags, dict) else flags
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
@@ -76,7 +87,10 @@ def train_row(size, name, flags, level, dtype, compile_, batch):
     torch.manual_seed(0)
     precision = Precision(level, dtype if level != 'O0' else 'float16', torch.device('cuda'))
     model, master = precision.prepare(build(size, flags).cuda())
-    optimizer = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
+    if isinstance(flags, dict) and flags.get('optim') == 'fused_adam':
+        optimizer = FusedAdamW(param_groups(master, 0.05), lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
     step_model = _compiled(model, compile_)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))

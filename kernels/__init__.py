@@ -13,6 +13,7 @@ Backends (config ``KERNEL_BACKEND``):
 """
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from . import dense, layer_norm, mlp, window_attention, window_process
 from ._utils import apex_available, triton_available, triton_interpret
 from .dense import dense_ref
-from .layer_norm import layer_norm_ref
+from .layer_norm import add_layer_norm_ref, layer_norm_ref
 from .window_process import window_merge_ref, window_partition_ref
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ OPS = {
     'window_process': window_process,
     'window_attention': window_attention,
     'layer_norm': layer_norm,
+    'add_layer_norm': SimpleNamespace(IMPLS=layer_norm.ADD_IMPLS),   # residual add + norm, same flag
     'mlp': mlp,
     'dense': dense,
 }
@@ -37,6 +39,7 @@ FLAGS = {
     'window_process': '--fused_window_process',
     'window_attention': '--unfused_mha',
     'layer_norm': '--fused_layernorm',
+    'add_layer_norm': '--fused_layernorm',
     'mlp': '--fused_mlp',
     'dense': '--fused_dense',
 }
@@ -88,6 +91,7 @@ class Ops:
     window_merge: Callable = window_merge_ref
     window_attention: Optional[Callable] = None   # None: the model's inline upstream math
     layer_norm: Callable = layer_norm_ref
+    add_layer_norm: Callable = add_layer_norm_ref   # (shortcut, branch, drop-path scale, w, b, eps) -> (h, y)
     linear: Callable = dense_ref
     mlp: Optional[Callable] = None                # None: fc1 -> GELU -> fc2 through `linear`
     chosen: tuple = ()                            # (op, backend) pairs, for the log
@@ -107,6 +111,8 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
     if layer_norm:
         b, ops.layer_norm = get_impl('layer_norm', backend)
         chosen.append(('layer_norm', b))
+        b, ops.add_layer_norm = get_impl('add_layer_norm', backend)
+        chosen.append(('add_layer_norm', b))
     if dense:
         b, ops.linear = get_impl('dense', backend)
         chosen.append(('dense', b))

@@ -9,11 +9,20 @@ Backward (g = dy * w):
 dw and db are deterministic: each backward program sums a fixed chunk of rows into its own row of
 a [programs, C] fp32 buffer, then torch sums the buffer (no atomics).
 
+Residual fusion (`add_layer_norm`, the block's `h = shortcut + drop_path(branch); y = norm2(h)`):
+  h = shortcut + branch * scale[sample]   (scale: drop-path's per-sample keep/keep_prob, or none)
+  y = LayerNorm(h);  returns (h, y). The product is rounded to branch's dtype and the sum to h's,
+  as the unfused ops round, so h is bit-exact with the reference. Backward (dh from h's other
+  use, dy from the norm): dshortcut = dh + dLN(dy);  dbranch = dshortcut * scale[sample].
+  One pass each way instead of three (drop-path multiply, add, norm).
+
 Shapes: x [..., C] (any leading dims; made contiguous), w and b [C] (fp32 or half under O2).
 Saves mean and rstd (fp32, one per row) for the backward. Any width (one row per tile up to
 C = 16384). Parameter names are nn.LayerNorm's: the module keeps its `weight` and `bias`.
 apex: `apex.normalization.fused_layer_norm_affine` where apex is importable (KERNEL_BACKEND apex).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -27,14 +36,24 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def add_layer_norm_ref(shortcut: torch.Tensor, branch: torch.Tensor, scale, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float = 1e-5):
+    """-> (h, y): h = shortcut + branch * scale (scale [B, 1, ...] or None), y = LayerNorm(h)."""
+    h = shortcut + (branch * scale if scale is not None else branch)
+    return h, layer_norm_ref(h, weight, bias, eps)
+
+
 # ----------------------------------------------------------------------------- triton kernels
 if triton_available():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
+    def _layer_norm_fwd_kernel(x_ptr, res_ptr, scale_ptr, h_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+                               M, C, rows_per_sample, eps, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
                                BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """y = LayerNorm(x); with HAS_RESIDUAL, x is the branch and h = res + x * scale[row's sample]
+        is written to h_ptr and normalised."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < M
@@ -42,6 +61,13 @@ if triton_available():
         ok = row_ok[:, None] & col_ok[None, :]
         off = rows[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
+        if HAS_RESIDUAL:
+            if HAS_SCALE:      # round the product to the branch's dtype, as `branch * scale` does
+                s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
+                x = (x * s[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            h = (tl.load(res_ptr + off, mask=ok, other=0.).to(tl.float32) + x).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + off, h, mask=ok)
+            x = h.to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         xc = tl.where(ok, x - mean[:, None], 0.)
         rstd = 1. / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
@@ -54,8 +80,11 @@ if triton_available():
 
     @triton.jit
     def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                               M, C, rows_per_program,
+                               dres_ptr, scale_ptr, dbranch_ptr, M, C, rows_per_program, rows_per_sample,
+                               HAS_DRES: tl.constexpr, HAS_DBRANCH: tl.constexpr, HAS_SCALE: tl.constexpr,
                                BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dx = dLN(dy) (+ dres: the gradient of h from its other use); with HAS_DBRANCH also
+        dbranch = dx * scale[row's sample]."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -77,7 +106,14 @@ if triton_available():
             c1 = tl.sum(xhat * g, axis=1) / C
             c2 = tl.sum(g, axis=1) / C
             dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if HAS_DRES:
+                dx += tl.load(dres_ptr + off, mask=ok, other=0.).to(tl.float32)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            if HAS_DBRANCH:
+                if HAS_SCALE:
+                    s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
+                    dx = dx * s[:, None]
+                tl.store(dbranch_ptr + off, dx.to(dbranch_ptr.dtype.element_ty), mask=ok)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
         tl.store(dw_part_ptr + pid * C + cols, dw, mask=col_ok)
@@ -95,32 +131,54 @@ def _tile(C: int):
 
 # ----------------------------------------------------------------------------- launchers
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                   fp32_output: bool = False):
-    """-> (y like x (fp32 with fp32_output), mean [M] fp32, rstd [M] fp32)."""
+                   fp32_output: bool = False, residual: Optional[torch.Tensor] = None,
+                   scale: Optional[torch.Tensor] = None):
+    """-> (y like x (fp32 with fp32_output), mean [M] fp32, rstd [M] fp32), and with `residual`
+    (x is then the branch) also h = residual + x * scale, the tensor that was normalised."""
     check_triton_device(x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C).contiguous()
     M = x2.shape[0]
-    y = torch.empty(x2.shape, dtype=torch.float32 if fp32_output else x.dtype, device=x.device)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f'add_layer_norm: shortcut {tuple(residual.shape)} and branch {tuple(x.shape)} differ')
+        h_dtype = torch.promote_types(residual.dtype, x.dtype)
+        h = torch.empty(x2.shape, dtype=h_dtype, device=x.device)
+        res2 = residual.reshape(-1, C).contiguous()
+        out_shape = x.shape
+    else:
+        h, res2, out_shape, h_dtype = x2, x2, x.shape, x.dtype
+    y = torch.empty(x2.shape, dtype=torch.float32 if fp32_output else h_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_rows, block_c, num_warps = _tile(C)
+    scale_flat = scale.reshape(-1).contiguous() if scale is not None else x2
     if M:
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
-            x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C, float(eps),
+            x2, res2, scale_flat, h, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C,
+            max(1, M // scale_flat.numel()) if scale is not None else 1, float(eps),
+            HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    return y.view(x.shape), mean, rstd
+    if residual is not None:
+        return y.view(out_shape), mean, rstd, h.view(out_shape)
+    return y.view(out_shape), mean, rstd
 
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor):
-    """-> (dx like x, dweight like weight, dbias like weight)."""
+                   rstd: torch.Tensor, dres: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                   branch_dtype: Optional[torch.dtype] = None):
+    """-> (dx like x, dweight like weight, dbias like weight). For add_layer_norm (x is h): dres is
+    h's gradient from its other use, added in; with `branch_dtype` also -> dbranch = dx * scale
+    (the branch's gradient, a 4th result)."""
     check_triton_device(x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C).contiguous()
     dy2 = dy.reshape(-1, C).contiguous()
     M = x2.shape[0]
     dx = torch.empty_like(x2)
+    dres2 = dres.reshape(-1, C).contiguous() if dres is not None else dx
+    dbranch = torch.empty(x2.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else dx
+    scale_flat = scale.reshape(-1).contiguous() if scale is not None else dx
     block_rows, block_c, num_warps = _tile(C)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 2
     programs = max(1, min(4 * sms, triton.cdiv(M, block_rows)))
@@ -131,9 +189,12 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     db_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
     if M:
         _layer_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, M, C, rows_per_program,
+            dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, dres2, scale_flat, dbranch,
+            M, C, rows_per_program, max(1, M // scale_flat.numel()) if scale is not None else 1,
+            HAS_DRES=dres is not None, HAS_DBRANCH=branch_dtype is not None, HAS_SCALE=scale is not None,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    out = dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    return out + (dbranch.view(x.shape),) if branch_dtype is not None else out
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -207,6 +268,87 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return _LayerNorm.apply(x, weight, bias, float(eps), fp32_output)
 
 
+# ----------------------------------------------------------------------------- residual add + LayerNorm
+@torch.library.custom_op('swin::add_layer_norm_fwd', mutates_args=())
+def _add_fwd_op(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: torch.Tensor, eps: float, fp32_output: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale)
+    return h, y, mean, rstd
+
+
+@_add_fwd_op.register_fake
+def _(shortcut, branch, scale, weight, bias, eps, fp32_output):
+    M = branch.numel() // branch.shape[-1]
+    h_dtype = torch.promote_types(shortcut.dtype, branch.dtype)
+    return (branch.new_empty(branch.shape, dtype=h_dtype),
+            branch.new_empty(branch.shape, dtype=torch.float32 if fp32_output else h_dtype),
+            branch.new_empty((M,), dtype=torch.float32), branch.new_empty((M,), dtype=torch.float32))
+
+
+@torch.library.custom_op('swin::add_layer_norm_bwd', mutates_args=())
+def _add_bwd_op(dh: Optional[torch.Tensor], dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor], branch_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale, branch_dtype=branch_dtype)
+
+
+@_add_bwd_op.register_fake
+def _(dh, dy, h, weight, mean, rstd, scale, branch_dtype):
+    return (h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight),
+            h.new_empty(h.shape, dtype=branch_dtype))
+
+
+def _add_setup(ctx, inputs, output):
+    shortcut, branch, scale, weight, _, _, _ = inputs
+    h, _, mean, rstd = output
+    ctx.save_for_backward(h, weight, mean, rstd, scale)
+    ctx.dtypes = shortcut.dtype, branch.dtype
+
+
+def _add_backward(ctx, dh, dy, _dmean, _drstd):
+    h, weight, mean, rstd, scale = ctx.saved_tensors
+    dshortcut, dw, db, dbranch = _add_bwd_op(dh, dy, h, weight, mean, rstd, scale, ctx.dtypes[1])
+    return dshortcut.to(ctx.dtypes[0]), dbranch, None, dw, db, None, None
+
+
+_add_fwd_op.register_autograd(_add_backward, setup_context=_add_setup)
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """Eager path of add_layer_norm."""
+
+    @staticmethod
+    def forward(ctx, shortcut, branch, scale, weight, bias, eps, fp32_output):
+        y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale)
+        ctx.save_for_backward(h, weight, mean, rstd, scale)
+        ctx.dtypes = shortcut.dtype, branch.dtype
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        h, weight, mean, rstd, scale = ctx.saved_tensors
+        shortcut_dtype, branch_dtype = ctx.dtypes
+        separate = scale is not None or branch_dtype != h.dtype
+        out = layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale,
+                             branch_dtype=branch_dtype if separate else None)
+        # without a scale, the branch's gradient IS the shortcut's: one tensor, written once
+        dbranch = out[3] if separate else out[0]
+        return out[0].to(shortcut_dtype), dbranch, None, out[1], out[2], None, None
+
+
+def add_layer_norm(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor],
+                   weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
+    """Fused `h = shortcut + branch * scale; y = LayerNorm(h)` -> (h, y); scale is drop-path's
+    per-sample [B, 1, ...] tensor or None. Output dtypes as the unfused ops under autocast."""
+    fp32_output = (branch.device.type == 'cuda' and torch.is_autocast_enabled('cuda')
+                   and torch.promote_types(shortcut.dtype, branch.dtype) != torch.float32)
+    if torch.compiler.is_compiling():
+        h, y, _, _ = _add_fwd_op(shortcut, branch, scale, weight, bias, float(eps), fp32_output)
+        return h, y
+    return _AddLayerNorm.apply(shortcut, branch, scale, weight, bias, float(eps), fp32_output)
+
+
 def _apex_layer_norm(x, weight, bias, eps=1e-5):
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
     return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
@@ -216,4 +358,10 @@ IMPLS = {
     'torch': layer_norm_ref,
     'triton': layer_norm if triton_available() else None,
     'apex': _apex_layer_norm if apex_available(APEX_MODULE) else None,
+}
+
+ADD_IMPLS = {
+    'torch': add_layer_norm_ref,
+    'triton': add_layer_norm if triton_available() else None,
+    'apex': None,       # apex has no residual-add LayerNorm: ours stands in
 }

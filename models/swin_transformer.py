@@ -140,6 +140,20 @@ class WindowAttention(nn.Module):
         return flops
 
 
+def drop_path_scale(x: torch.Tensor, drop_path: nn.Module) -> Optional[torch.Tensor]:
+    """timm's drop_path as its per-sample factor [B, 1, ...] (None where it is the identity), drawn
+    exactly as timm draws it, so `x * scale` equals `drop_path(x)` and consumes the same random
+    numbers: fused and unfused blocks stay on one random stream."""
+    prob = getattr(drop_path, 'drop_prob', 0.)
+    if not prob or not drop_path.training:
+        return None
+    keep = 1 - prob
+    scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if keep > 0 and getattr(drop_path, 'scale_by_keep', True):
+        scale.div_(keep)
+    return scale
+
+
 class SwinTransformerBlock(nn.Module):
     """(Shifted-)window attention and MLP, each with a pre-norm and a drop-path residual."""
 
@@ -191,8 +205,10 @@ class SwinTransformerBlock(nn.Module):
         attn_windows = self.attn(windows, mask=self.attn_mask)              # B*nW, N, C
         attn_windows = attn_windows.view(-1, self.window_size, self.window_size, C)
         x = self.ops.window_merge(attn_windows, H, W, self.shift_size)      # B, H, W, C
-        x = shortcut + self.drop_path(x.view(B, H * W, C))
-        y = self.ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x = x.view(B, H * W, C)
+        # x = shortcut + drop_path(x); y = norm2(x): one kernel under --fused_layernorm
+        x, y = self.ops.add_layer_norm(shortcut, x, drop_path_scale(x, self.drop_path),
+                                       self.norm2.weight, self.norm2.bias, self.norm2.eps)
         return x + self.drop_path(self.mlp(y))
 
     def extra_repr(self) -> str:

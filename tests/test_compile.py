@@ -43,3 +43,13 @@ def test_no_graph_breaks_with_every_flag():
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=DEVICE))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_opcheck_add_layer_norm():
+    shortcut = torch.randn(3, 4, 40, device=DEVICE, requires_grad=True)
+    branch = torch.randn(3, 4, 40, device=DEVICE, requires_grad=True)
+    scale = torch.tensor([0., 2., 2.], device=DEVICE).view(3, 1, 1)
+    w = torch.randn(40, device=DEVICE, requires_grad=True)
+    b = torch.randn(40, device=DEVICE, requires_grad=True)
+    for s in (scale, None):
+        torch.library.opcheck(ln._add_fwd_op, (shortcut, branch, s, w, b, 1e-5, False), test_utils=CHECKS)

@@ -60,3 +60,79 @@ def test_weight_gradient_is_deterministic():
         ln.layer_norm(x, w, b).sum().backward()
         grads.append(w.grad.clone())
     assert torch.equal(*grads)
+
+
+# --------------------------------------------------------------------------- residual add + norm
+ADD_CASES = [  # (shape, shortcut dtype, branch dtype, drop-path scale?)
+    ((2, 49, 96), torch.float32, torch.float32, True),
+    ((3, 20, 100), torch.float16, torch.float16, True),
+    ((1, 33, 61), torch.bfloat16, torch.bfloat16, False),
+    ((2, 16, 192), torch.float32, torch.bfloat16, True),     # O1: fp32 residual stream, half branch
+    ((4, 7, 24), torch.float32, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize('shape,sdtype,bdtype,with_scale', ADD_CASES, ids=str)
+def test_add_layer_norm_matches_the_unfused_ops(shape, sdtype, bdtype, with_scale):
+    """h is bit-exact with `shortcut + branch * scale` (pure data plus the same two roundings); y and
+    every gradient within the LayerNorm tolerances of float64, including h's gradient from its
+    other use (the block's second residual) and drop-path's zeroed samples."""
+    g = torch.Generator().manual_seed(shape[1])
+    B, C = shape[0], shape[-1]
+    shortcut = torch.randn(*shape, generator=g).to(sdtype)
+    branch = torch.randn(*shape, generator=g).to(bdtype)
+    scale = None
+    if with_scale:    # drop-path's factor: 0 (dropped) or 1/keep, in the branch's dtype
+        scale = (torch.arange(B) % 2 == 0).to(bdtype).div_(0.9).view(B, 1, 1)
+    w = (torch.randn(C, generator=g) * 0.5 + 1)
+    b = torch.randn(C, generator=g)
+    dh = torch.randn(*shape, generator=g).to(torch.promote_types(sdtype, bdtype))
+    dy = torch.randn(*shape, generator=g).to(torch.promote_types(sdtype, bdtype))
+
+    h_ref, _ = ln.add_layer_norm_ref(shortcut, branch, scale, w, b)
+    dev = [t.detach().clone().to(DEVICE).requires_grad_() for t in (shortcut, branch, w, b)]
+    h, y = ln.add_layer_norm(dev[0], dev[1], scale.to(DEVICE) if scale is not None else None, dev[2], dev[3])
+    assert h.dtype == h_ref.dtype
+    if DEVICE == 'cpu' and torch.bfloat16 in (sdtype, bdtype):
+        # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): one bf16 ulp
+        torch.testing.assert_close(h.detach().float(), h_ref.float(), rtol=2 ** -7, atol=2 ** -7 * 4)
+    else:
+        assert torch.equal(h.detach().cpu(), h_ref)
+
+    s64, b64, w64, bias64 = (t.double().requires_grad_() for t in (shortcut, branch, w, b))
+    h64 = s64 + (b64 * scale.double() if scale is not None else b64)
+    h64 = h64 + (h.detach().cpu().double() - h64).detach()    # h's roundings, as constants
+    y64 = F.layer_norm(h64, (C,), w64, bias64, 1e-5)
+    torch.autograd.backward([h64, y64], [dh.double(), dy.double()])
+
+    torch.autograd.backward([h, y], [dh.to(DEVICE), dy.to(DEVICE)])
+    tol = TOLERANCE[torch.promote_types(sdtype, bdtype)]
+    assert _rel(y, y64.detach()) < tol
+    for got, want, dtype in ((dev[0].grad, s64.grad, sdtype), (dev[1].grad, b64.grad, bdtype),
+                             (dev[2].grad, w64.grad, torch.float32), (dev[3].grad, bias64.grad, torch.float32)):
+        assert got.dtype == dtype
+        # h is rounded to its dtype before the norm: no gradient is closer than that rounding
+        assert _rel(got, want) < max(TOLERANCE[dtype], tol) * 2
+    if with_scale:
+        assert torch.all(dev[1].grad[1::2] == 0), 'dropped samples get no branch gradient'
+
+
+def test_fused_block_equals_reference_block_with_drop_path():
+    """A Swin block with drop-path in training: same random draws, same output and gradients."""
+    from models.swin_transformer import SwinTransformerBlock
+    import kernels
+    torch.manual_seed(0)
+    ref = SwinTransformerBlock(32, (8, 8), 2, window_size=4, shift_size=2, drop_path=0.5).to(DEVICE)
+    fused = SwinTransformerBlock(32, (8, 8), 2, window_size=4, shift_size=2, drop_path=0.5,
+                                 ops=kernels.build_ops(layer_norm=True, backend='triton')).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 64, 32, device=DEVICE)
+    outs = []
+    for block in (ref, fused):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        out.backward(torch.ones_like(out))
+        outs.append((out, xi.grad, block.norm2.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
