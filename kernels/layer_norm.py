@@ -120,6 +120,10 @@ if triton_available():
         tl.store(db_part_ptr + pid * C + cols, db, mask=col_ok)
 
 
+# Backward launch knobs (benchmarks/tune_layer_norm.py sweeps them; None = from _tile).
+TUNING = {'bwd_rows': None, 'bwd_warps': None, 'bwd_programs_per_sm': 4}
+
+
 def _tile(C: int):
     block_c = next_power_of_2(C)
     if block_c > 16384:
@@ -180,8 +184,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     dbranch = torch.empty(x2.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else dx
     scale_flat = scale.reshape(-1).contiguous() if scale is not None else dx
     block_rows, block_c, num_warps = _tile(C)
+    block_rows = TUNING['bwd_rows'] or block_rows
+    num_warps = TUNING['bwd_warps'] or num_warps
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 2
-    programs = max(1, min(4 * sms, triton.cdiv(M, block_rows)))
+    programs = max(1, min(TUNING['bwd_programs_per_sm'] * sms, triton.cdiv(M, block_rows)))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program) if M else 1
     # every program writes its whole row of partial sums: no zero-fill needed

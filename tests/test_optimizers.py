@@ -44,17 +44,15 @@ def _assert_params_close(ref, got, rtol=1e-6):
 
 
 def _train(model, opt, precision, master, steps=STEPS, accum=2, clip=1.0, inf_at=None, g=None):
-    """`steps` updates of `accum` micro-batches each (data from generator `g`); the LR changes
-    every update."""
+    """`steps` updates of `accum` micro-batches each; the LR changes every update. The loss is
+    sum(p * G) with random G per micro-batch, so the gradients are given (accumulated by autograd,
+    scaled, clipped) and do not depend on the weights: through a real forward, float rounding
+    differences would feed back and grow, and the test would measure the model, not the optimizer."""
     g = g if g is not None else torch.Generator().manual_seed(0)
     norms = []
     for step in range(steps):
         for _ in range(accum):
-            x = torch.randn(8, 13, generator=g).to(DEVICE)
-            y = torch.randint(0, 5, (8,), generator=g).to(DEVICE)
-            with precision.autocast():
-                out = model(precision.cast_input(x))
-            loss = torch.nn.functional.cross_entropy(out.float(), y) * 4
+            loss = sum((p.float() * torch.randn(p.shape, generator=g).to(DEVICE)).sum() for p in model.parameters())
             precision.backward(loss / accum)
         if step == inf_at:
             model.fc1.weight.grad[0, 0] = float('inf')
@@ -85,7 +83,7 @@ def test_fused_adamw_matches_torch_adamw(backend):
     n_fused = _train(m_fused, fused, p_fused, w_fused)
     _assert_params_close(w_ref, w_fused)
     torch.testing.assert_close(n_fused, n_ref, rtol=1e-5, atol=0)
-    assert max(n_ref) > 1.0, 'the clip must have been active in some step'
+    assert min(n_ref) > 1.0, 'the clip must be active'
     for p in w_fused.parameters():       # the state is torch's, step counts included
         st, sr = fused.state_dict()['state'], ref.state_dict()['state']
         assert st.keys() == sr.keys()
@@ -105,21 +103,6 @@ def test_fused_lamb_matches_timm_lamb(backend):
     assert [float(g['step']) for g in fused.state_dict()['param_groups']] == [STEPS, STEPS]
 
 
-def _drive_o2(precision, model, master, opt, steps, inf_at):
-    """O2 steps whose half gradients are given (the loss is sum(p * G)), so both paths see the
-    same gradients: through a real forward, one-ulp differences of the half weights would grow."""
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        loss = sum((p.float() * torch.randn(p.shape, generator=g).to(DEVICE)).sum() for p in model.parameters())
-        precision.backward(loss)
-        if step == inf_at:
-            model.fc1.weight.grad[0, 0] = float('inf')
-        precision.step(opt, master.parameters(), 1.0)
-        precision.zero_grad(opt, model)
-        for group in opt.param_groups:
-            group['lr'] *= 0.93
-
-
 @pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 def test_o2_one_pass_matches_master_update_then_copy(backend, dtype):
@@ -130,8 +113,8 @@ def test_o2_one_pass_matches_master_update_then_copy(backend, dtype):
     ref = torch.optim.AdamW(param_groups(w_ref, 0.05), lr=1e-2)
     fused = FusedAdamW(param_groups(w_fused, 0.05), lr=1e-2, backend=backend)
     inf_at = 3 if dtype == 'float16' else None
-    _drive_o2(p_ref, m_ref, w_ref, ref, 8, inf_at)
-    _drive_o2(p_fused, m_fused, w_fused, fused, 8, inf_at)
+    _train(m_ref, ref, p_ref, w_ref, steps=8, inf_at=inf_at)
+    _train(m_fused, fused, p_fused, w_fused, steps=8, inf_at=inf_at)
     _assert_params_close(w_ref, w_fused, rtol=1e-6)
     for a, b in zip(m_ref.parameters(), m_fused.parameters()):   # the half weights: at most one ulp apart
         assert a.dtype == b.dtype == p_ref.dtype
@@ -216,3 +199,21 @@ def test_fused_step_never_syncs_the_host():
         finally:
             torch.cuda.set_sync_debug_mode('default')
         precision.zero_grad(opt, model)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_plain_step_without_clip_or_scale(backend):
+    """optimizer.step() as a drop-in torch optimizer: no scale, no clip (and no gradient pass)."""
+    torch.manual_seed(0)
+    a, b = Tiny().to(DEVICE), Tiny().to(DEVICE)
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.AdamW(param_groups(a, 0.05), lr=1e-2)
+    fused = FusedAdamW(param_groups(b, 0.05), lr=1e-2, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=g).to(DEVICE)
+            pb.grad = pa.grad.clone()
+        ref.step()
+        fused.step()
+    _assert_params_close(a, b)

@@ -1,0 +1,52 @@
+"""Sweep the LayerNorm backward's launch knobs (kernels/layer_norm.py TUNING) at Swin's shapes,
+plain and with the residual fusion; prints the best per shape. GPU only.
+
+    python benchmarks/tune_layer_norm.py
+"""
+import itertools
+
+import torch
+import triton
+
+from common import bench_ms, environment, write_results
+
+from kernels import layer_norm as ln
+
+SHAPES = [(128 * 3136, 96), (128 * 784, 192), (128 * 196, 384), (128 * 49, 768), (128 * 196, 768)]
+
+
+def main():
+    env = environment()
+    rows = []
+    for (M, C), fused_add in itertools.product(SHAPES, (False, True)):
+        x = torch.randn(M, C, device='cuda', dtype=torch.bfloat16)
+        dy, dres = torch.randn_like(x), torch.randn_like(x)
+        w = torch.randn(C, device='cuda', dtype=torch.bfloat16)
+        b = torch.randn_like(w)
+        scale = torch.ones(128, device='cuda', dtype=torch.bfloat16)
+        _, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5)
+        kw = dict(dres=dres, scale=scale, branch_dtype=torch.bfloat16) if fused_add else {}
+        # bytes: read x, dy (+ dres), write dx (+ dbranch)
+        nbytes = x.numel() * 2 * (5 if fused_add else 3)
+        best = None
+        for rows_, warps, per_sm in itertools.product((None, 2, 4, 8), (None, 4, 8), (4, 8, 16)):
+            ln.TUNING.update(bwd_rows=rows_, bwd_warps=warps, bwd_programs_per_sm=per_sm)
+            try:
+                us = triton.testing.do_bench(lambda: ln.layer_norm_bwd(dy, x, w, mean, rstd, **kw), warmup=5, rep=40) * 1e3
+            except Exception as e:   # e.g. out of resources
+                print('skip', rows_, warps, per_sm, str(e)[:80])
+                continue
+            if best is None or us < best[0]:
+                best = (us, rows_, warps, per_sm)
+        ln.TUNING.update(bwd_rows=None, bwd_warps=None, bwd_programs_per_sm=4)
+        default = bench_ms(lambda: ln.layer_norm_bwd(dy, x, w, mean, rstd, **kw)) * 1e3
+        rows.append({'shape': f'{M}x{C}', 'residual': fused_add, 'default_us': default,
+                     'best_us': best[0], 'rows': best[1], 'warps': best[2], 'programs/SM': best[3],
+                     'best_GB/s': nbytes / best[0] / 1e3})
+        print(rows[-1], flush=True)
+    print(write_results('tune_layer_norm', rows, ['shape', 'residual', 'default_us', 'best_us', 'rows', 'warps',
+                                                  'programs/SM', 'best_GB/s'], env))
+
+
+if __name__ == '__main__':
+    main()
