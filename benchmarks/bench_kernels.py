@@ -152,15 +152,70 @@ def bench_add_layer_norm(rows):
                          'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6})
 
 
+def bench_mlp(rows):
+    """--fused_mlp against the unfused ops (eager and compiled), bf16; TFLOP/s = 4 M C H per
+    forward (two GEMMs), 3x that forward+backward."""
+    from kernels import mlp
+    compiled = torch.compile(mlp.mlp_ref)
+    for name, M, C, H in [('Swin-T stage 1', 128 * 3136, 96, 384), ('Swin-T stage 3', 128 * 196, 384, 1536),
+                          ('Swin-L stage 3', 128 * 196, 768, 3072)]:
+        x = torch.randn(M, C, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        w1 = (torch.randn(H, C, device='cuda') * C ** -0.5).bfloat16().requires_grad_()
+        b1 = torch.zeros(H, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        w2 = (torch.randn(C, H, device='cuda') * H ** -0.5).bfloat16().requires_grad_()
+        b2 = torch.zeros(C, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, C, device='cuda', dtype=torch.bfloat16)
+        flops = 4 * M * C * H
+        for impl, fn in (('unfused (F.linear, F.gelu)', mlp.mlp_ref), ('unfused + torch.compile', compiled),
+                         ('triton fused', mlp.fused_mlp)):
+            call = (lambda fn=fn: fn(x, w1, b1, w2, b2))
+            f = bench_ms(call)
+            fb = bench_ms(_fwd_bwd(call, [x, w1, b1, w2, b2], g))
+            rows.append({'op': 'mlp', 'shape': f'{name}: {M}x{C}, hidden {H}', 'dtype': 'bfloat16', 'impl': impl,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_TFLOP/s': flops / f / 1e9,
+                         'fwd+bwd_TFLOP/s': 3 * flops / fb / 1e9})
+
+
+def bench_dense(rows):
+    """--fused_dense (bias gradient folded into the weight-gradient GEMM) against F.linear."""
+    from kernels import dense
+    for name, M, cin, cout in [('qkv, Swin-T stage 1', 128 * 3136, 96, 288), ('proj, Swin-T stage 1', 128 * 3136, 96, 96),
+                               ('qkv, Swin-L stage 3', 128 * 196, 768, 2304)]:
+        x = torch.randn(M, cin, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(cout, cin, device='cuda') * cin ** -0.5).bfloat16().requires_grad_()
+        b = torch.zeros(cout, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, cout, device='cuda', dtype=torch.bfloat16)
+        flops = 2 * M * cin * cout
+        for impl, fn in (('F.linear', dense.dense_ref), ('triton fused backward', dense.fused_dense)):
+            call = (lambda fn=fn: fn(x, w, b))
+            f = bench_ms(call)
+            fb = bench_ms(_fwd_bwd(call, [x, w, b], g))
+            rows.append({'op': 'dense', 'shape': f'{name}: {M}x{cin}->{cout}', 'dtype': 'bfloat16', 'impl': impl,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_TFLOP/s': flops / f / 1e9,
+                         'fwd+bwd_TFLOP/s': 3 * flops / fb / 1e9})
+
+
+def _warm_up_gpu(seconds=2.0):
+    """Clocks settle before the first timing (an idle H100 boosts, then throttles)."""
+    import time
+    a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
+    end = time.time() + seconds
+    while time.time() < end:
+        a @ a
+    torch.cuda.synchronize()
+
+
 def main():
     import sys
     env = environment()
     rows = []
-    parts = sys.argv[1:] or ['window_process', 'window_attention', 'layer_norm', 'add_layer_norm']
+    parts = sys.argv[1:] or ['window_process', 'window_attention', 'layer_norm', 'add_layer_norm', 'mlp', 'dense']
+    _warm_up_gpu()
     for part in parts:
         globals()[f'bench_{part}'](rows)
     print(write_results('kernels_' + '_'.join(parts), rows, ['op', 'shape', 'dtype', 'impl', 'fwd_us', 'fwd+bwd_us',
-                                                         'fwd_GB/s', 'fwd+bwd_GB/s', 'error'], env))
+                                                         'fwd_GB/s', 'fwd+bwd_GB/s', 'fwd_TFLOP/s', 'fwd+bwd_TFLOP/s',
+                                                         'error'], env))
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ MODELS = {
     'large': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
 }
 ALL = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True)
+ALL5 = dict(ALL, fused_mlp=True, fused_dense=True)      # ALL plus the two GEMM-epilogue flags
 TIMM = {'tiny': 'swin_tiny_patch4_window7_224', 'large': 'swin_large_patch4_window7_224'}
 
 ATTN = dict(fused_attention=True)
@@ -39,6 +40,8 @@ TRAIN = [
     ('--fused_window_process, O1 bf16', dict(fused_window_process=True), 'O1', 'bfloat16', False),
     ('--unfused_mha (fused attention), O1 bf16', ATTN, 'O1', 'bfloat16', False),
     ('--fused_layernorm, O1 bf16', dict(fused_layernorm=True), 'O1', 'bfloat16', False),
+    ('--fused_mlp, O1 bf16', dict(fused_mlp=True), 'O1', 'bfloat16', False),
+    ('--fused_dense, O1 bf16', dict(fused_dense=True), 'O1', 'bfloat16', False),
     ('all flags eager, O1 bf16', ALL, 'O1', 'bfloat16', False),
     ('all flags eager, O2 bf16', ALL, 'O2', 'bfloat16', False),
     ('--fused_adam, O1 fp16', ADAM, 'O1', 'float16', False),
@@ -46,6 +49,7 @@ TRAIN = [
     ('all flags + --fused_adam eager, O1 bf16', ALL_ADAM, 'O1', 'bfloat16', False),
     ('all flags + --fused_adam eager, O2 fp16', ALL_ADAM, 'O2', 'float16', False),
     ('all flags + --fused_adam eager, O2 bf16', ALL_ADAM, 'O2', 'bfloat16', False),
+    ('all five flags + --fused_adam eager, O2 bf16', dict(ALL5, **ADAM), 'O2', 'bfloat16', False),
     ('reference eager O3 bf16 (pure bf16)', {}, 'O3', 'bfloat16', False),
     ('reference + compile, O1 bf16', {}, 'O1', 'bfloat16', True),
     ('timm + compile, O1 bf16', 'timm', 'O1', 'bfloat16', True),

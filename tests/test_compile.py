@@ -3,7 +3,9 @@ autograd registration), and dynamo traces a model with every flag on without a g
 import torch
 
 from conftest import DEVICE
+from kernels import dense
 from kernels import layer_norm as ln
+from kernels import mlp
 from kernels import window_attention as wa
 from kernels import window_process as wp
 from models.swin_transformer import SwinTransformer, relative_position_index, shifted_window_mask
@@ -38,7 +40,8 @@ def test_opcheck_layer_norm():
 def test_no_graph_breaks_with_every_flag():
     model = SwinTransformer(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
                             window_size=4, num_classes=10, fused_window_process=True, fused_attention=True,
-                            fused_layernorm=True, kernel_backend='triton').to(DEVICE)
+                            fused_layernorm=True, fused_mlp=True, fused_dense=True,
+                            kernel_backend='triton').to(DEVICE)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=DEVICE))
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -53,3 +56,12 @@ def test_opcheck_add_layer_norm():
     b = torch.randn(40, device=DEVICE, requires_grad=True)
     for s in (scale, None):
         torch.library.opcheck(ln._add_fwd_op, (shortcut, branch, s, w, b, 1e-5, False), test_utils=CHECKS)
+
+
+def test_opcheck_mlp_and_dense():
+    x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
+    w1, b1 = torch.randn(32, 16, device=DEVICE, requires_grad=True), torch.randn(32, device=DEVICE, requires_grad=True)
+    w2, b2 = torch.randn(16, 32, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(mlp._fwd_op, (x, w1, b1, w2, b2), test_utils=CHECKS)
+    torch.library.opcheck(dense._fwd_op, (x, w1, b1), test_utils=CHECKS)
+    torch.library.opcheck(dense._fwd_op, (x, w1, None), test_utils=CHECKS)

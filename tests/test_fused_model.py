@@ -9,23 +9,11 @@ from models.swin_transformer import SwinTransformer
 # A small Swin whose blocks are all shifted/unshifted pairs; head_dim 16 (the kernels' minimum).
 SMALL = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
              num_classes=10, drop_path_rate=0.0)
-FLAGS = ['fused_window_process', 'fused_attention', 'fused_layernorm']
-
-
-def _implemented(flag):
-    from kernels import KernelUnavailable
-    try:
-        SwinTransformer(**SMALL, **{flag: True}, kernel_backend='triton')
-    except KernelUnavailable:
-        return False
-    return True
+FLAGS = ['fused_window_process', 'fused_attention', 'fused_layernorm', 'fused_mlp', 'fused_dense']
 
 
 @pytest.mark.parametrize('flags', [[f] for f in FLAGS] + [FLAGS], ids=lambda f: '+'.join(f))
 def test_fused_model_equals_reference(flags):
-    flags = [f for f in flags if _implemented(f)]
-    if not flags:
-        pytest.skip('no Triton implementation yet')
     torch.manual_seed(0)
     ref = SwinTransformer(**SMALL).to(DEVICE)
     with torch.no_grad():                       # non-trivial norms and bias tables
