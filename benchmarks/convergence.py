@@ -15,12 +15,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = 'configs/demo/swin_micro_shapes10.yaml'
-FLAGS = ['--fused_window_process', '--unfused_mha', '--fused_layernorm']
+FLAGS = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_mlp', '--fused_dense',
+         '--fused_adam']
 VARIANTS = {   # name: (extra main.py args, processes)
     'flags off, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'], 1),
-    'all flags, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'] + FLAGS, 1),
+    'all flags + fused_adam, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'] + FLAGS, 1),
     'flags off, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'], 1),
-    'all flags, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'] + FLAGS, 1),
+    'all flags + fused_adam, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'] + FLAGS, 1),
     'DDP 2 GPUs x 32, flags off, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16',
                                              '--batch-size', '32'], 2),
 }
@@ -36,6 +37,7 @@ def run(args):
     procs, port = [], 29600
     jobs = [(name, seed) for seed in (0, 1) for name in VARIANTS]
     jobs = [j for j in jobs if not (VARIANTS[j[0]][1] > 1 and j[1] == 1)]   # DDP once
+    jobs = [j for j in jobs if not args.only or j[0] in args.only]
     for i, (name, seed) in enumerate(jobs):
         extra, nproc = VARIANTS[name]
         tag = f'{_slug(name)}_seed{seed}'
@@ -48,7 +50,8 @@ def run(args):
             env['CUDA_VISIBLE_DEVICES'] = str(i % args.gpus)
             launcher = [sys.executable]
         cmd = launcher + ['main.py', '--cfg', CFG, '--data-path', data, '--output', args.out, '--tag', tag] + \
-            extra + ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3']
+            extra + ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3',
+                     'EXTRA.TENSORBOARD', str(_has_tensorboard())]
         log = open(os.path.join(args.out, f'{tag}.out'), 'w')
         procs.append((name, seed, tag, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
     t0 = time.time()
@@ -57,12 +60,46 @@ def run(args):
         print(f'{name} seed {seed}: exit {p.returncode} ({time.time() - t0:.0f} s)', flush=True)
     rows = []
     for name, seed, tag, _ in procs:
-        rows += parse_log(os.path.join(args.out, 'swin_micro_shapes10', tag, 'log_rank0.txt'), name, seed)
+        rows += read_curves(os.path.join(args.out, 'swin_micro_shapes10', tag), name, seed)
     with open(os.path.join(args.out, 'convergence.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=['variant', 'seed', 'epoch', 'train_loss', 'val_acc1'])
         w.writeheader()
         w.writerows(rows)
     summarize(rows)
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_curves(run_dir: str, name: str, seed: int) -> list:
+    """Per-epoch train loss and val acc@1 of one run: from its TensorBoard scalars (EXTRA.TENSORBOARD)
+    where they exist, else from its text log."""
+    tb = read_tensorboard(run_dir)
+    if tb:
+        return [{'variant': name, 'seed': seed, 'epoch': e, 'train_loss': loss, 'val_acc1': acc}
+                for e, (loss, acc) in sorted(tb.items())]
+    return parse_log(os.path.join(run_dir, 'log_rank0.txt'), name, seed)
+
+
+def read_tensorboard(run_dir: str) -> dict:
+    """{epoch: (train/loss, val/acc1)} from the event files main.py writes, or {} if there are none."""
+    dirs = [d for d, _, fs in os.walk(run_dir) if any(f.startswith('events.out') for f in fs)]
+    if not dirs or not _has_tensorboard():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(dirs[0])
+    acc.Reload()
+    tags = acc.Tags().get('scalars', [])
+    if 'train/loss' not in tags or 'val/acc1' not in tags:
+        return {}
+    loss = {e.step: e.value for e in acc.Scalars('train/loss')}
+    top1 = {e.step: e.value for e in acc.Scalars('val/acc1')}
+    return {e: (loss[e], top1[e]) for e in loss if e in top1}
 
 
 def parse_log(path: str, name: str, seed: int) -> list:
@@ -118,6 +155,7 @@ def main():
     p.add_argument('--epochs', type=int, default=20)
     p.add_argument('--gpus', type=int, default=2)
     p.add_argument('--png', default=None)
+    p.add_argument('--only', nargs='*', default=None, help='variant names to run (default: all)')
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     run(a) if a.action == 'run' else plot(a)

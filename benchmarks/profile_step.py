@@ -11,9 +11,10 @@ from torch.profiler import ProfilerActivity, profile
 from bench_train import ALL, MODELS, build
 
 from amp import Precision
+from kernels.optimizers import FusedAdamW
 from optimizer import param_groups
 
-FLAG_SETS = {'none': {}, 'all': ALL, 'attn': dict(fused_attention=True)}
+FLAG_SETS = {'none': {}, 'all': ALL, 'attn': dict(fused_attention=True), 'all5': dict(ALL, fused_mlp=True, fused_dense=True)}
 
 
 def main():
@@ -24,10 +25,11 @@ def main():
     p.add_argument('--dtype', default='bfloat16')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--top', type=int, default=15)
+    p.add_argument('--fused_adam', action='store_true')
     a = p.parse_args()
     precision = Precision(a.level, a.dtype, torch.device('cuda'))
     model, master = precision.prepare(build(a.model, FLAG_SETS[a.flags]).cuda())
-    opt = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
+    opt = (FusedAdamW if a.fused_adam else torch.optim.AdamW)(param_groups(master, 0.05), lr=1e-4)
     run = torch.compile(model) if a.compile else model
     x = precision.cast_input(torch.randn(128, 3, 224, 224, device='cuda'))
     y = torch.randint(0, 1000, (128,), device='cuda')

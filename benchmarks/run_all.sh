@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|train|train-eager|train-compiled|main ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|train|train-eager|train-compiled|main ...]
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-tiny}; shift || true
-PARTS=${*:-tests kernels optim train main}
+PARTS=${*:-tests kernels optim host train main}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv,noheader || true
@@ -16,6 +16,7 @@ for part in $PARTS; do
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py 2>&1 | tail -8 ;;
     kernels) python3 benchmarks/bench_kernels.py ;;
     optim)   python3 benchmarks/bench_optim.py ;;
+    host)    python3 benchmarks/launch_overhead.py ;;
     train|train-eager|train-compiled)
              c=all; [ $part = train-eager ] && c=no; [ $part = train-compiled ] && c=only
              for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do

@@ -120,8 +120,20 @@ if triton_available():
         tl.store(db_part_ptr + pid * C + cols, db, mask=col_ok)
 
 
-# Backward launch knobs (benchmarks/tune_layer_norm.py sweeps them; None = from _tile).
-TUNING = {'bwd_rows': None, 'bwd_warps': None, 'bwd_programs_per_sm': 4}
+# Backward launch knobs; None = the measured defaults of _bwd_launch (benchmarks/tune_layer_norm.py
+# sweeps them).
+TUNING = {'bwd_rows': None, 'bwd_warps': None, 'bwd_programs_per_sm': None}
+
+
+def _bwd_launch(C: int):
+    """(rows a tile, warps, programs per SM) for the backward. From the sweep on an H100 (bf16,
+    2026-11-26, benchmarks/results/tune_layer_norm.md): narrow rows want more programs (16/SM at
+    C <= 256), wide rows want fewer and smaller tiles (2 rows, 4 warps at C >= 768: 138 -> 66 us
+    at 6272x768); the residual variant follows the same trend (205 -> 101 us at 25088x384)."""
+    block_rows, _, num_warps = _tile(C)
+    if C >= 768:
+        return max(1, min(block_rows, 2)), 4, 4
+    return block_rows, num_warps, 16 if C <= 256 else 8
 
 
 def _tile(C: int):
@@ -183,11 +195,13 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     dres2 = dres.reshape(-1, C).contiguous() if dres is not None else dx
     dbranch = torch.empty(x2.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else dx
     scale_flat = scale.reshape(-1).contiguous() if scale is not None else dx
-    block_rows, block_c, num_warps = _tile(C)
+    _, block_c, _ = _tile(C)
+    block_rows, num_warps, per_sm = _bwd_launch(C)
     block_rows = TUNING['bwd_rows'] or block_rows
     num_warps = TUNING['bwd_warps'] or num_warps
+    per_sm = TUNING['bwd_programs_per_sm'] or per_sm
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 2
-    programs = max(1, min(TUNING['bwd_programs_per_sm'] * sms, triton.cdiv(M, block_rows)))
+    programs = max(1, min(per_sm * sms, triton.cdiv(M, block_rows)))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program) if M else 1
     # every program writes its whole row of partial sums: no zero-fill needed

@@ -223,6 +223,15 @@ def test_tensorboard_scalars(demo_data, tmp_path):
     acc.Reload()
     assert {'train/loss', 'val/acc1', 'val/loss', 'train/lr'} <= set(acc.Tags()['scalars'])
     assert [e.step for e in acc.Scalars('val/acc1')] == [0, 1]
+    # the convergence plot reads its curves from these scalars, and they agree with the text log
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import convergence
+    run_dir = str(tmp_path / 'swin_micro_shapes10' / 'default')
+    from_tb = convergence.read_curves(run_dir, 'demo', 0)
+    from_log = convergence.parse_log(os.path.join(run_dir, 'log_rank0.txt'), 'demo', 0)
+    assert [r['epoch'] for r in from_tb] == [0, 1]
+    for a, b in zip(from_tb, from_log):
+        assert abs(a['train_loss'] - b['train_loss']) < 1e-3 and abs(a['val_acc1'] - b['val_acc1']) < 1e-2
 
 
 def test_compile_with_ddp(demo_data, tmp_path):

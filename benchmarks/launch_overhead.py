@@ -1,0 +1,75 @@
+"""Host-side cost of one call of each fused op (tiny inputs, so the GPU never waits for work and
+the CPU time per call is what is measured), beside the torch op it replaces. Eager Swin-T steps
+launch ~1000 kernels: where our ops cost more host time than the GPU time they save, eager steps
+become CPU-bound (CUDA graphs via --compile remove this). GPU only.
+
+    python benchmarks/launch_overhead.py
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import environment, write_results
+
+from kernels import layer_norm as ln
+from kernels import window_attention as wa
+from kernels import window_process as wp
+from models.swin_transformer import relative_position_index
+
+
+def host_us(fn, n=300):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main():
+    env = environment()
+    rows = []
+    x = torch.randn(64, 96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    sc = torch.randn(64, 96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(64, 96, device='cuda', dtype=torch.bfloat16)
+    cases = [
+        ('layer norm fwd', 'F.layer_norm', lambda: F.layer_norm(x, (96,), w, b)),
+        ('layer norm fwd', 'ours', lambda: ln.layer_norm(x, w, b)),
+        ('layer norm fwd+bwd', 'F.layer_norm', lambda: F.layer_norm(x, (96,), w, b).backward(g)),
+        ('layer norm fwd+bwd', 'ours', lambda: ln.layer_norm(x, w, b).backward(g)),
+        ('layer norm launcher fwd', 'ours (no autograd)', lambda: ln.layer_norm_fwd(x.detach(), w, b, 1e-5)),
+        ('add + layer norm fwd+bwd', 'torch ops', lambda: torch.autograd.backward(list(ln.add_layer_norm_ref(sc, x, None, w, b)), [g, g])),
+        ('add + layer norm fwd+bwd', 'ours', lambda: torch.autograd.backward(list(ln.add_layer_norm(sc, x, None, w, b)), [g, g])),
+    ]
+    try:
+        from kernels import layer_norm_old as old
+        cases += [('layer norm fwd', 'session-1 kernel', lambda: old.layer_norm(x, w, b)),
+                  ('layer norm fwd+bwd', 'session-1 kernel', lambda: old.layer_norm(x, w, b).backward(g))]
+    except ImportError:
+        pass
+    xw = torch.randn(2, 14, 14, 96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    cases += [('window partition fwd', 'torch roll+view', lambda: wp.window_partition_ref(xw, 7, 3)),
+              ('window partition fwd', 'ours', lambda: wp.window_partition(xw, 7, 3))]
+    qkv = torch.randn(8, 49, 3 * 96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    table = torch.randn(169, 3, device='cuda', requires_grad=True)
+    index = relative_position_index(7).cuda()
+
+    def attention(fn):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            return fn(qkv, table, index, None, 3, 0.17)
+    cases += [('window attention fwd', 'eager math', lambda: attention(wa.window_attention_ref)),
+              ('window attention fwd', 'ours', lambda: attention(wa.window_attention))]
+    for op, impl, fn in cases:
+        rows.append({'op': op, 'impl': impl, 'host_us_per_call': host_us(fn)})
+        print(rows[-1], flush=True)
+    print(write_results('launch_overhead', rows, ['op', 'impl', 'host_us_per_call'], env))
+
+
+if __name__ == '__main__':
+    main()
