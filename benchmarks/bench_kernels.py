@@ -6,7 +6,7 @@ forward+backward, with achieved bandwidth. GPU only.
 import torch
 import torch.nn.functional as F
 
-from common import bench_ms, environment, write_results
+from common import bench_ms, environment, graph_us, write_results
 
 from kernels import layer_norm as ln
 from kernels import window_attention as wa
@@ -32,8 +32,9 @@ def bench_window_process(rows):
         for impl, fn in (('torch roll+partition', wp.window_partition_ref), ('triton', wp.window_partition)):
             f = bench_ms(lambda: fn(x, w, s))
             fb = bench_ms(_fwd_bwd(lambda: fn(x, w, s), [x], g))
+            fbg = graph_us(_fwd_bwd(lambda: fn(x, w, s), [x], g))
             rows.append({'op': 'window shift+partition', 'shape': f'B{B} {HW}x{HW} C{C}', 'dtype': str(dtype)[6:],
-                         'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3,
+                         'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg,
                          'fwd_GB/s': nbytes / f / 1e6, 'fwd+bwd_GB/s': 2 * nbytes / fb / 1e6})
 
 
@@ -98,11 +99,12 @@ def bench_window_attention(rows):
             try:
                 f = bench_ms(call)
                 fb = bench_ms(_fwd_bwd(call, [qkv, table], g))
+                fbg = graph_us(_fwd_bwd(call, [qkv, table], g))
             except Exception as e:        # e.g. FlexAttention missing in this torch
                 rows.append({'op': 'window attention', 'shape': name, 'impl': impl, 'error': str(e)[:120]})
                 continue
             rows.append({'op': 'window attention', 'shape': f'{name}: {windows}x{heads} N{N} d{d}', 'dtype': 'bfloat16',
-                         'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6})
+                         'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_GB/s': nbytes / f / 1e6})
     wa.TUNING.update(fwd_warps=None, bwd_warps=None, bwd_programs_per_sm=8)
 
 
@@ -118,8 +120,9 @@ def bench_layer_norm(rows):
             call = (lambda fn=fn: fn(x, wgt, b, 1e-5))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, wgt, b], g))
+            fbg = graph_us(_fwd_bwd(call, [x, wgt, b], g))
             rows.append({'op': 'layer norm', 'shape': f'{M}x{C}', 'dtype': str(dtype)[6:], 'impl': impl,
-                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_GB/s': nbytes / f / 1e6,
                          'fwd+bwd_GB/s': 5 * x.numel() * x.element_size() / fb / 1e6})
 
 
@@ -148,8 +151,9 @@ def bench_add_layer_norm(rows):
                 torch.autograd.backward([h, y], [gh, gy])
             f = bench_ms(call)
             fb = bench_ms(fwd_bwd)
+            fbg = graph_us(fwd_bwd)
             rows.append({'op': 'residual add + layer norm', 'shape': f'{M}x{C}', 'dtype': 'bfloat16', 'impl': impl,
-                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_GB/s': nbytes / f / 1e6})
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_GB/s': nbytes / f / 1e6})
 
 
 def bench_mlp(rows):
@@ -171,8 +175,9 @@ def bench_mlp(rows):
             call = (lambda fn=fn: fn(x, w1, b1, w2, b2))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, w1, b1, w2, b2], g))
+            fbg = graph_us(_fwd_bwd(call, [x, w1, b1, w2, b2], g))
             rows.append({'op': 'mlp', 'shape': f'{name}: {M}x{C}, hidden {H}', 'dtype': 'bfloat16', 'impl': impl,
-                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_TFLOP/s': flops / f / 1e9,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_TFLOP/s': flops / f / 1e9,
                          'fwd+bwd_TFLOP/s': 3 * flops / fb / 1e9})
 
 
@@ -190,8 +195,9 @@ def bench_dense(rows):
             call = (lambda fn=fn: fn(x, w, b))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, w, b], g))
+            fbg = graph_us(_fwd_bwd(call, [x, w, b], g))
             rows.append({'op': 'dense', 'shape': f'{name}: {M}x{cin}->{cout}', 'dtype': 'bfloat16', 'impl': impl,
-                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd_TFLOP/s': flops / f / 1e9,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_TFLOP/s': flops / f / 1e9,
                          'fwd+bwd_TFLOP/s': 3 * flops / fb / 1e9})
 
 
@@ -213,7 +219,7 @@ def main():
     _warm_up_gpu()
     for part in parts:
         globals()[f'bench_{part}'](rows)
-    print(write_results('kernels_' + '_'.join(parts), rows, ['op', 'shape', 'dtype', 'impl', 'fwd_us', 'fwd+bwd_us',
+    print(write_results('kernels_' + '_'.join(parts), rows, ['op', 'shape', 'dtype', 'impl', 'fwd_us', 'fwd+bwd_us', 'fwd+bwd_graph_us',
                                                          'fwd_GB/s', 'fwd+bwd_GB/s', 'fwd_TFLOP/s', 'fwd+bwd_TFLOP/s',
                                                          'error'], env))
 

@@ -42,6 +42,17 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode='median')
 
 
+def graph_us(fn):
+    """GPU time of `fn` replayed as a CUDA graph (host launch cost removed), in us; None where fn
+    cannot be captured. Beside bench_ms it separates host overhead from GPU time: on a slow host
+    an eager call of a few short kernels is bound by its launches, not by the GPU."""
+    import triton
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode='median') * 1e3
+    except Exception:
+        return None
+
+
 def markdown_table(rows: list, columns: list) -> str:
     out = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     for r in rows:
