@@ -74,7 +74,8 @@ ADD_CASES = [  # (shape, shortcut dtype, branch dtype, drop-path scale?)
 
 @pytest.mark.parametrize('shape,sdtype,bdtype,with_scale', ADD_CASES, ids=str)
 def test_add_layer_norm_matches_the_unfused_ops(shape, sdtype, bdtype, with_scale):
-    """h is bit-exact with `shortcut + branch * scale` (pure data plus the same two roundings); y and
+    """h equals `shortcut + branch * scale` (bit-exact on the CPU; within one rounding on the GPU, where
+    the multiply-add may become one FMA); y and
     every gradient within the LayerNorm tolerances of float64, including h's gradient from its
     other use (the block's second residual) and drop-path's zeroed samples."""
     g = torch.Generator().manual_seed(shape[1])
@@ -96,8 +97,13 @@ def test_add_layer_norm_matches_the_unfused_ops(shape, sdtype, bdtype, with_scal
     if DEVICE == 'cpu' and torch.bfloat16 in (sdtype, bdtype):
         # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): one bf16 ulp
         torch.testing.assert_close(h.detach().float(), h_ref.float(), rtol=2 ** -7, atol=2 ** -7 * 4)
-    else:
+    elif DEVICE == 'cpu':
         assert torch.equal(h.detach().cpu(), h_ref)
+    else:
+        # on the GPU the compiler may fuse `shortcut + branch * scale` into one FMA: one rounding
+        # fewer than the unfused ops, so h may differ from them in the last bit
+        ulp = torch.finfo(h.dtype).eps
+        torch.testing.assert_close(h.detach().cpu().float(), h_ref.float(), rtol=2 * ulp, atol=2 * ulp)
 
     s64, b64, w64, bias64 = (t.double().requires_grad_() for t in (shortcut, branch, w, b))
     h64 = s64 + (b64 * scale.double() if scale is not None else b64)
