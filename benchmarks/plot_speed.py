@@ -1,10 +1,9 @@
-"""Bar chart of training and inference img/s from the measured results (results/*.json and the
-per-row lines of results/log_*.txt), one panel per model and mode.
+"""Bar chart of training and inference img/s from the measured results (results/train_*.json, as
+bench_train.py writes them), one panel per model and mode.
 
     python benchmarks/plot_speed.py [--results benchmarks/results] [--png benchmarks/results/speed.png]
 """
 import argparse
-import ast
 import glob
 import json
 import os
@@ -20,15 +19,6 @@ def load_rows(results: str) -> dict:
         for r in json.load(open(path))['rows']:
             if 'img/s' in r:
                 rows[(model, r['mode'], r['config'])] = r['img/s']
-    for path in sorted(glob.glob(os.path.join(results, 'log_*.txt'))):
-        model = 'large' if 'large' in path else 'tiny' if 'tiny' in path else None
-        if model is None:
-            continue
-        for line in open(path):
-            if line.startswith("{'mode'"):
-                r = ast.literal_eval(line.strip())
-                if 'img/s' in r:
-                    rows[(model, 'inference' if r['mode'].startswith('infer') else r['mode'], r['config'])] = r['img/s']
     return rows
 
 
