@@ -64,6 +64,11 @@ INFER = [
 ]
 
 
+# Rows left out of the Swin-L matrix so that it stays within 10 minutes on one H100 (measured: 220 s
+# eager + 388 s compiled without these two).
+TINY_ONLY = {'reference eager O3 bf16 (pure bf16)', 'reference + compile (CUDA graphs), O3 bf16'}
+
+
 def build(size, flags):
     flags = {k: v for k, v in flags.items() if k != 'optim'} if isinstance(flags, dict) else flags
     if flags == 'timm':
@@ -141,6 +146,8 @@ def main():
     jobs = [(train_row, r) for r in TRAIN] + ([] if a.skip_infer else [(infer_row, r) for r in INFER])
     for fn, (name, flags, level, dtype, compile_) in jobs:
         if a.only and not any(s in name for s in a.only):
+            continue
+        if a.model == 'large' and name in TINY_ONLY and not a.only:
             continue
         if (a.compiled == 'no' and compile_) or (a.compiled == 'only' and not compile_):
             continue
