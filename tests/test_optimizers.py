@@ -218,3 +218,46 @@ def test_plain_step_without_clip_or_scale(backend):
         ref.step()
         fused.step()
     _assert_params_close(a, b)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_parameters_without_a_gradient_are_skipped_like_torch(backend):
+    """A parameter whose .grad is None in a step is not updated and its step count does not advance
+    (torch's rule); the launch tables are rebuilt for the live subset and back."""
+    torch.manual_seed(0)
+    a, b = Tiny().to(DEVICE), Tiny().to(DEVICE)
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.AdamW(param_groups(a, 0.05), lr=1e-2)
+    fused = FusedAdamW(param_groups(b, 0.05), lr=1e-2, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for step in range(8):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            if name.startswith('fc2') and step % 3 == 1:          # fc2 gets no gradient now and then
+                pa.grad = pb.grad = None
+                continue
+            pa.grad = torch.randn(pa.shape, generator=g).to(DEVICE)
+            pb.grad = pa.grad.clone()
+        ref.step()
+        fused.step()
+    _assert_params_close(a, b)
+    want = [float(ref.state[p]['step']) for p in ref.param_groups[0]['params'] + ref.param_groups[1]['params']]
+    assert fused.steps() == want and min(want) < max(want)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_lamb_o2_and_resume_from_timm_state(backend):
+    """FusedLAMB at O2 (one pass into the bf16 model) against timm's Lamb stepping the fp32 masters,
+    continued from a state dict that timm's Lamb wrote."""
+    (p_ref, m_ref, w_ref), (p_fused, m_fused, w_fused) = _pair('O2', 'bfloat16')
+    ref = Lamb(param_groups(w_ref, 0.05), lr=2e-2, eps=1e-8)
+    data = torch.Generator().manual_seed(0)
+    _train(m_ref, ref, p_ref, w_ref, steps=3, clip=5.0, g=data)
+    first = Lamb(param_groups(w_fused, 0.05), lr=2e-2, eps=1e-8)
+    data_b = torch.Generator().manual_seed(0)
+    _train(m_fused, first, p_fused, w_fused, steps=3, clip=5.0, g=data_b)
+    fused = FusedLAMB(param_groups(w_fused, 0.05), lr=1.0, eps=1e-8, backend=backend)
+    fused.load_state_dict(first.state_dict())
+    _train(m_ref, ref, p_ref, w_ref, steps=5, clip=5.0, g=data)
+    _train(m_fused, fused, p_fused, w_fused, steps=5, clip=5.0, g=data_b)
+    _assert_params_close(w_ref, w_fused, rtol=1e-6)
+    assert fused.steps() == [8.0] * len(fused.steps())
