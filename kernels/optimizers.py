@@ -332,15 +332,23 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._pows = None         # fp64 [P, 2]: b1^t, b2^t
         self._launch = None
 
+    def add_param_group(self, param_group) -> None:
+        if hasattr(self, '_params'):      # torch's __init__ adds the constructor's groups first
+            raise RuntimeError(f'{type(self).__name__} takes all its parameter groups at construction; '
+                               f'add_param_group afterwards is not supported')
+        super().add_param_group(param_group)
+
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
+        """Moments for every parameter and the device step counts; once, and again after a load."""
+        if self._steps is not None:
+            return
         for p in self._params:
             st = self.state[p]
             if 'exp_avg' not in st:
                 st['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self._steps is None:
-            self._load_steps()
+        self._load_steps()
 
     def _step_of(self, i: int) -> float:
         raise NotImplementedError
@@ -403,8 +411,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if not live:
             return torch.zeros((), device=self._device), torch.zeros(1, device=self._device)
         grads = [sources[i].grad for i in live]
-        for g in grads:
-            if g.is_sparse or not g.is_contiguous():
+        for g in grads:      # (a sparse gradient raises here too)
+            if not g.is_contiguous():
                 raise RuntimeError(f'{type(self).__name__} needs dense contiguous gradients')
         outs = [write_to[i] for i in live] if write_to is not None else None
         key = (tuple(live), tuple(self._params[i].data_ptr() for i in live),

@@ -261,3 +261,9 @@ def test_lamb_o2_and_resume_from_timm_state(backend):
     _train(m_fused, fused, p_fused, w_fused, steps=5, clip=5.0, g=data_b)
     _assert_params_close(w_ref, w_fused, rtol=1e-6)
     assert fused.steps() == [8.0] * len(fused.steps())
+
+
+def test_add_param_group_after_construction_is_refused():
+    opt = FusedAdamW(Tiny().parameters(), backend='torch')
+    with pytest.raises(RuntimeError, match='add_param_group afterwards is not supported'):
+        opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(3))]})
