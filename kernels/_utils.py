@@ -43,3 +43,26 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launchers ask every call); 2 on the CPU
+    (the interpreter), so grid sizing stays small there."""
+    if device.type != 'cuda':
+        return 2
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def autocast_inputs(*tensors):
+    """Cast to the autocast dtype where autocast is on for these tensors' device (what F.linear
+    does under autocast); the cast is differentiable, so fp32 weights get fp32 gradients."""
+    dev = tensors[0].device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return tensors

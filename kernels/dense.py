@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import apex_available, triton_available
-from .mlp import autocast_inputs
+from ._utils import apex_available, autocast_inputs, triton_available
 
 if triton_available():
     from .gemm import gemm

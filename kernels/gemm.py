@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._utils import check_triton_device, next_power_of_2, triton_available, triton_interpret
+from ._utils import check_triton_device, next_power_of_2, sm_count, triton_available, triton_interpret
 
 SQRT1_2 = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -122,8 +122,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     if split is None and (bias is not None or gelu_grad_of is not None):
         split = 1
     if split is None:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
-        split = max(1, min(triton.cdiv(2 * sms, tiles), K // (8 * bk)))
+        split = max(1, min(triton.cdiv(2 * sm_count(a.device), tiles), K // (8 * bk)))
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_per_split) if K else 1
     partial = split > 1

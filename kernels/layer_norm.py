@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import apex_available, check_triton_device, next_power_of_2, triton_available
+from ._utils import apex_available, check_triton_device, next_power_of_2, sm_count, triton_available
 
 APEX_MODULE = 'apex.normalization'
 
@@ -147,6 +147,17 @@ def _tile(C: int):
 
 
 # ----------------------------------------------------------------------------- launchers
+def _rows_per_sample(M: int, scale: Optional[torch.Tensor]) -> int:
+    """Rows that share one drop-path factor (scale holds one per sample)."""
+    return max(1, M // scale.numel()) if scale is not None else 1
+
+
+def _fp32_output(device: torch.device, dtype: torch.dtype) -> bool:
+    """Under CUDA autocast F.layer_norm returns fp32 for half inputs (it is on autocast's fp32
+    list; CPU autocast leaves it alone): ours does the same."""
+    return device.type == 'cuda' and dtype != torch.float32 and torch.is_autocast_enabled('cuda')
+
+
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                    fp32_output: bool = False, residual: Optional[torch.Tensor] = None,
                    scale: Optional[torch.Tensor] = None):
@@ -162,9 +173,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         h_dtype = torch.promote_types(residual.dtype, x.dtype)
         h = torch.empty(x2.shape, dtype=h_dtype, device=x.device)
         res2 = residual.reshape(-1, C).contiguous()
-        out_shape = x.shape
     else:
-        h, res2, out_shape, h_dtype = x2, x2, x.shape, x.dtype
+        h, res2, h_dtype = x2, x2, x.dtype
     y = torch.empty(x2.shape, dtype=torch.float32 if fp32_output else h_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -173,12 +183,12 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     if M:
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
             x2, res2, scale_flat, h, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C,
-            max(1, M // scale_flat.numel()) if scale is not None else 1, float(eps),
+            _rows_per_sample(M, scale), float(eps),
             HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     if residual is not None:
-        return y.view(out_shape), mean, rstd, h.view(out_shape)
-    return y.view(out_shape), mean, rstd
+        return y.view(x.shape), mean, rstd, h.view(x.shape)
+    return y.view(x.shape), mean, rstd
 
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
@@ -201,8 +211,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     block_rows = TUNING['bwd_rows'] or block_rows
     num_warps = TUNING['bwd_warps'] or num_warps
     per_sm = TUNING['bwd_programs_per_sm'] or per_sm
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 2
-    programs = max(1, min(per_sm * sms, triton.cdiv(M, block_rows)))
+    programs = max(1, min(per_sm * sm_count(x.device), triton.cdiv(M, block_rows)))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program) if M else 1
     # every program writes its whole row of partial sums: no zero-fill needed
@@ -211,7 +220,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     if M:
         _layer_norm_bwd_kernel[(programs,)](
             dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, dres2, scale_flat, dbranch,
-            M, C, rows_per_program, max(1, M // scale_flat.numel()) if scale is not None else 1,
+            M, C, rows_per_program, _rows_per_sample(M, scale),
             HAS_DRES=dres is not None, HAS_DBRANCH=branch_dtype is not None, HAS_SCALE=scale is not None,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     out = dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
@@ -282,8 +291,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     autocast's fp32 list; CPU autocast leaves it alone), so the residual stream keeps the
     reference path's precision; the input is read as is.
     """
-    fp32_output = (x.device.type == 'cuda' and x.dtype != torch.float32
-                   and torch.is_autocast_enabled('cuda'))
+    fp32_output = _fp32_output(x.device, x.dtype)
     if torch.compiler.is_compiling():
         return _fwd_op(x, weight, bias, float(eps), fp32_output)[0]
     return _LayerNorm.apply(x, weight, bias, float(eps), fp32_output)
@@ -362,8 +370,7 @@ def add_layer_norm(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional
                    weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
     """Fused `h = shortcut + branch * scale; y = LayerNorm(h)` -> (h, y); scale is drop-path's
     per-sample [B, 1, ...] tensor or None. Output dtypes as the unfused ops under autocast."""
-    fp32_output = (branch.device.type == 'cuda' and torch.is_autocast_enabled('cuda')
-                   and torch.promote_types(shortcut.dtype, branch.dtype) != torch.float32)
+    fp32_output = _fp32_output(branch.device, torch.promote_types(shortcut.dtype, branch.dtype))
     if torch.compiler.is_compiling():
         h, y, _, _ = _add_fwd_op(shortcut, branch, scale, weight, bias, float(eps), fp32_output)
         return h, y

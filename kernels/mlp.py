@@ -19,7 +19,7 @@ apex's FusedDenseGeluDense uses the tanh GELU, which changes the math, so it is 
 import torch
 import torch.nn.functional as F
 
-from ._utils import triton_available
+from ._utils import autocast_inputs, triton_available
 
 if triton_available():
     from .gemm import gemm
@@ -97,16 +97,6 @@ class _Mlp(torch.autograd.Function):
     def backward(ctx, dy2):
         x2, w1, w2, z = ctx.saved_tensors
         return mlp_bwd(dy2.contiguous(), x2, w1, w2, z)
-
-
-def autocast_inputs(*tensors):
-    """Cast to the autocast dtype where autocast is on for these tensors' device (what F.linear
-    does under autocast); the cast is differentiable, so fp32 weights get fp32 gradients."""
-    dev = tensors[0].device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        return tuple(t.to(dtype) if t is not None else None for t in tensors)
-    return tensors
 
 
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:

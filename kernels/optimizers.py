@@ -56,6 +56,15 @@ if triton_available():
         return t, start, n
 
     @triton.jit
+    def _state_ptrs(t, param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, scalar_ptr, PARAM_DTYPE: tl.constexpr):
+        """Tensor t's parameter, exp_avg and exp_avg_sq pointers, and its four prepared scalars."""
+        p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
+        m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
+        v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
+        row = scalar_ptr + t * 4
+        return p_ptr, m_ptr, v_ptr, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+    @triton.jit
     def _grad_sumsq_kernel(grad_ptrs, numel_ptr, chunk_tensor_ptr, chunk_index_ptr, partial_ptr,
                            GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """partial[pid] = sum of g^2 over this program's chunk (fp32)."""
@@ -130,17 +139,16 @@ if triton_available():
 
     @triton.jit
     def _moments(g_ptr, m_ptr, v_ptr, offs, mask, mult, one_minus_beta1, beta2, one_minus_beta2,
-                 PARAM_DTYPE: tl.constexpr, STORE: tl.constexpr):
-        """m, v after this step (fp32), written back when STORE. 1 - b1 and 1 - b2 come from the
+                 PARAM_DTYPE: tl.constexpr):
+        """m, v after this step (fp32), written back. 1 - b1 and 1 - b2 come from the
         host, computed in double as torch does: 1 - fp32(0.999) is 1.3e-5 away from fp32(0.001)."""
         g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32) * mult
         m = tl.load(m_ptr + offs, mask=mask, other=0.).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.).to(tl.float32)
         m = m + one_minus_beta1 * (g - m)       # lerp(m, g, 1 - b1), torch's form for weight < 0.5
         v = v * beta2 + one_minus_beta2 * g * g
-        if STORE:
-            tl.store(m_ptr + offs, m.to(PARAM_DTYPE), mask=mask)
-            tl.store(v_ptr + offs, v.to(PARAM_DTYPE), mask=mask)
+        tl.store(m_ptr + offs, m.to(PARAM_DTYPE), mask=mask)
+        tl.store(v_ptr + offs, v.to(PARAM_DTYPE), mask=mask)
         return m, v
 
     @triton.jit
@@ -153,19 +161,15 @@ if triton_available():
         mult = tl.load(mult_ptr)
         if (mult - mult) == 0:                  # finite: take the step
             t, start, n = _chunk(pid, chunk_tensor_ptr, chunk_index_ptr, numel_ptr, CHUNK)
-            p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
+            p_ptr, m_ptr, v_ptr, step_size, bc2_sqrt, decay, _ = _state_ptrs(
+                t, param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, scalar_ptr, PARAM_DTYPE)
             g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(GRAD_DTYPE))
-            m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            step_size = tl.load(scalar_ptr + t * 4)
-            bc2_sqrt = tl.load(scalar_ptr + t * 4 + 1)
-            decay = tl.load(scalar_ptr + t * 4 + 2)
             o_ptr = tl.load(out_ptrs + t).to(tl.pointer_type(OUT_DTYPE))
             for i in range(0, tl.minimum(CHUNK, n - start), BLOCK):
                 offs = start + i + tl.arange(0, BLOCK)
                 mask = offs < n
                 m, v = _moments(g_ptr, m_ptr, v_ptr, offs, mask, mult, one_minus_beta1, beta2, one_minus_beta2,
-                                PARAM_DTYPE, True)
+                                PARAM_DTYPE)
                 p = tl.load(p_ptr + offs, mask=mask, other=0.).to(tl.float32) * decay
                 p = p - step_size * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
                 tl.store(p_ptr + offs, p.to(PARAM_DTYPE), mask=mask)
@@ -187,20 +191,16 @@ if triton_available():
         mult = tl.load(mult_ptr)
         if (mult - mult) == 0:
             t, start, n = _chunk(pid, chunk_tensor_ptr, chunk_index_ptr, numel_ptr, CHUNK)
-            p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
+            p_ptr, m_ptr, v_ptr, bc1, bc2_sqrt, wd, _ = _state_ptrs(
+                t, param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, scalar_ptr, PARAM_DTYPE)
             g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(GRAD_DTYPE))
-            m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            bc1 = tl.load(scalar_ptr + t * 4)
-            bc2_sqrt = tl.load(scalar_ptr + t * 4 + 1)
-            wd = tl.load(scalar_ptr + t * 4 + 2)
             p_sq = tl.zeros([BLOCK], tl.float32)
             u_sq = tl.zeros([BLOCK], tl.float32)
             for i in range(0, tl.minimum(CHUNK, n - start), BLOCK):
                 offs = start + i + tl.arange(0, BLOCK)
                 mask = offs < n
                 m, v = _moments(g_ptr, m_ptr, v_ptr, offs, mask, mult, one_minus_beta1, beta2, one_minus_beta2,
-                                PARAM_DTYPE, True)
+                                PARAM_DTYPE)
                 p = tl.load(p_ptr + offs, mask=mask, other=0.).to(tl.float32)
                 u = tl.where(mask, _lamb_update(m, v, p, bc1, bc2_sqrt, wd, eps), 0.)
                 p_sq += p * p
@@ -221,13 +221,8 @@ if triton_available():
         mult = tl.load(mult_ptr)
         if (mult - mult) == 0:
             t, start, n = _chunk(pid, chunk_tensor_ptr, chunk_index_ptr, numel_ptr, CHUNK)
-            p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-            bc1 = tl.load(scalar_ptr + t * 4)
-            bc2_sqrt = tl.load(scalar_ptr + t * 4 + 1)
-            wd = tl.load(scalar_ptr + t * 4 + 2)
-            lr = tl.load(scalar_ptr + t * 4 + 3)
+            p_ptr, m_ptr, v_ptr, bc1, bc2_sqrt, wd, lr = _state_ptrs(
+                t, param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, scalar_ptr, PARAM_DTYPE)
             c = tl.arange(0, MAX_CHUNKS)
             part = norm_part_ptr + (t.to(tl.int64) * max_chunks + c) * 2
             w_norm = tl.sqrt_rn(tl.sum(tl.load(part, mask=c < max_chunks, other=0.), axis=0))
@@ -264,10 +259,10 @@ class _Launch:
     of one (parameter, gradient, output) dtype triple."""
 
     def __init__(self, opt: '_FusedOptimizer', live: List[int], grads: List[torch.Tensor],
-                 outs: Optional[List[torch.Tensor]]):
+                 outs: Optional[List[torch.Tensor]], key: tuple):
         params = opt._params
         dev = opt._device
-        self.live = live
+        self.key = key
         self.n = len(live)
         buckets: Dict[tuple, List[int]] = {}
         for pos, i in enumerate(live):
@@ -306,7 +301,6 @@ class _Launch:
         self.n_chunks = n_chunks_total
         self.partials = torch.empty(n_chunks_total, dtype=torch.float32, device=dev)
         self.scalars = torch.empty(self.n, 4, dtype=torch.float32, device=dev)
-        self.key = None
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -415,13 +409,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not g.is_contiguous():
                 raise RuntimeError(f'{type(self).__name__} needs dense contiguous gradients')
         outs = [write_to[i] for i in live] if write_to is not None else None
-        key = (tuple(live), tuple(self._params[i].data_ptr() for i in live),
-               tuple(o.data_ptr() for o in outs) if outs else None)
-        if self._launch is None or self._launch.key != key:
-            self._launch = _Launch(self, live, grads, outs)
-            self._launch.key = key
-        L = self._launch
-        L.out = torch.empty(3, dtype=torch.float32, device=self._device)   # fresh: callers keep the norm
         groups = self.param_groups
         hparams = torch.tensor([[g['lr'], g['weight_decay'], g['betas'][0], g['betas'][1]] for g in groups],
                                dtype=torch.float64, pin_memory=self._device.type == 'cuda')
@@ -432,13 +419,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f'{type(self).__name__}: every parameter group must share betas and eps')
         max_grad_norm = (self.defaults.get('max_grad_norm') or 0.) if self.LAMB else 0.
         need_norm = bool(want_norm or clip_grad or loss_scale is not None or max_grad_norm)
-        step = self._step_torch if self.backend == 'torch' else self._step_triton
-        return step(L, live, grads, outs, hparams, clip_grad or 0., loss_scale, max_grad_norm,
-                    beta1, beta2, eps, need_norm)
+        if self.backend == 'torch':
+            return self._step_torch(live, grads, outs, hparams, clip_grad or 0., loss_scale, max_grad_norm,
+                                    beta1, beta2, eps, need_norm)
+        key = (tuple(live), tuple(self._params[i].data_ptr() for i in live),
+               tuple(o.data_ptr() for o in outs) if outs else None)
+        if self._launch is None or self._launch.key != key:
+            self._launch = _Launch(self, live, grads, outs, key)
+        return self._step_triton(self._launch, grads, hparams, clip_grad or 0., loss_scale, max_grad_norm,
+                                 beta1, beta2, eps, need_norm)
 
-    def _step_triton(self, L, live, grads, outs, hparams, clip, loss_scale, max_grad_norm, beta1, beta2, eps,
-                     need_norm):
+    def _step_triton(self, L, grads, hparams, clip, loss_scale, max_grad_norm, beta1, beta2, eps, need_norm):
         check_triton_device(*grads)
+        # [grad multiplier (NaN: skip), grad norm, found_inf]; fresh each step: callers keep the norm
+        out = torch.empty(3, dtype=torch.float32, device=self._device)
         grad_tables = []
         for b in L.buckets:
             gp = _addresses([grads[pos] for pos in b['positions']], self._device)
@@ -447,10 +441,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 _grad_sumsq_kernel[(b['n_chunks'],)](
                     gp, b['numel'], b['chunk_tensor'], b['chunk_index'], L.partials[b['partial_offset']:],
                     GRAD_DTYPE=_TL_DTYPES[b['g_dtype']], CHUNK=CHUNK, BLOCK=BLOCK)
-        scale = loss_scale if loss_scale is not None else L.out
+        scale = loss_scale if loss_scale is not None else out
         _prepare_kernel[(1,)](
             L.partials, L.n_chunks if need_norm else 0, scale, hparams, L.group, L.global_index, self._steps, self._pows,
-            L.scalars, L.out, L.n, float(clip), float(max_grad_norm),
+            L.scalars, out, L.n, float(clip), float(max_grad_norm),
             HAS_SCALE=loss_scale is not None, LAMB=self.LAMB, BLOCK=256)
         for b, gp in zip(L.buckets, grad_tables):
             s = L.scalars[b['scalar_offset']:]
@@ -461,24 +455,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
             common = dict(PARAM_DTYPE=_TL_DTYPES[b['p_dtype']], CHUNK=CHUNK, BLOCK=BLOCK)
             if not self.LAMB:
                 _adamw_kernel[grid](b['params'], gp, b['exp_avg'], b['exp_avg_sq'], outs_t, b['numel'],
-                                    b['chunk_tensor'], b['chunk_index'], s, L.out, 1 - beta1, beta2, 1 - beta2, eps,
+                                    b['chunk_tensor'], b['chunk_index'], s, out, 1 - beta1, beta2, 1 - beta2, eps,
                                     GRAD_DTYPE=_TL_DTYPES[b['g_dtype']], OUT_DTYPE=o_dtype,
                                     HAS_OUT=has_out, **common)
             else:
                 parts = torch.zeros(len(b['positions']) * b['max_chunks'] * 2, dtype=torch.float32,
                                     device=self._device)
                 _lamb_norms_kernel[grid](b['params'], gp, b['exp_avg'], b['exp_avg_sq'], b['numel'],
-                                         b['chunk_tensor'], b['chunk_index'], s, L.out, parts,
+                                         b['chunk_tensor'], b['chunk_index'], s, out, parts,
                                          1 - beta1, beta2, 1 - beta2, eps, b['max_chunks'],
                                          GRAD_DTYPE=_TL_DTYPES[b['g_dtype']], **common)
                 _lamb_apply_kernel[grid](b['params'], b['exp_avg'], b['exp_avg_sq'], outs_t, b['numel'],
-                                         b['chunk_tensor'], b['chunk_index'], s, L.out, parts,
+                                         b['chunk_tensor'], b['chunk_index'], s, out, parts,
                                          eps, b['max_chunks'], OUT_DTYPE=o_dtype, HAS_OUT=has_out,
                                          MAX_CHUNKS=triton.next_power_of_2(b['max_chunks']), **common)
-        return L.out[1], L.out[2:3]
+        return out[1], out[2:3]
 
     # ------------------------------------------------------------------ reference
-    def _step_torch(self, L, live, grads, outs, hparams, clip, loss_scale, max_grad_norm, beta1, beta2, eps,
+    def _step_torch(self, live, grads, outs, hparams, clip, loss_scale, max_grad_norm, beta1, beta2, eps,
                     need_norm):
         """The same pipeline in torch ops (the reference; the CPU path of --fused_adam)."""
         sumsq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if need_norm else \

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_triton_device, next_power_of_2, triton_available
+from ._utils import check_triton_device, next_power_of_2, sm_count, triton_available
 
 
 # ----------------------------------------------------------------------------- reference
@@ -232,8 +232,7 @@ def _blocks(N: int, d: int, warps=None):
 
 def _n_groups(B_: int, heads: int, device: torch.device) -> int:
     """Windows per backward program: enough programs to fill the GPU several times over."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 2
-    return max(1, min(B_, (TUNING['bwd_programs_per_sm'] * sms + heads - 1) // heads))
+    return max(1, min(B_, (TUNING['bwd_programs_per_sm'] * sm_count(device) + heads - 1) // heads))
 
 
 # ----------------------------------------------------------------------------- launchers

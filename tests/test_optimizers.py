@@ -202,21 +202,31 @@ def test_fused_step_never_syncs_the_host():
         precision.zero_grad(opt, model)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
-def test_plain_step_without_clip_or_scale(backend):
-    """optimizer.step() as a drop-in torch optimizer: no scale, no clip (and no gradient pass)."""
+def _plain_steps(backend, steps, no_grad=lambda name, step: False):
+    """Plain optimizer.step() on two copies of Tiny: torch's AdamW and ours, the same random
+    gradients (none where no_grad(name, step)). -> (ref model, fused model, ref opt, fused opt)."""
     torch.manual_seed(0)
     a, b = Tiny().to(DEVICE), Tiny().to(DEVICE)
     b.load_state_dict(a.state_dict())
     ref = torch.optim.AdamW(param_groups(a, 0.05), lr=1e-2)
     fused = FusedAdamW(param_groups(b, 0.05), lr=1e-2, backend=backend)
     g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        for pa, pb in zip(a.parameters(), b.parameters()):
+    for step in range(steps):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            if no_grad(name, step):
+                pa.grad = pb.grad = None
+                continue
             pa.grad = torch.randn(pa.shape, generator=g).to(DEVICE)
             pb.grad = pa.grad.clone()
         ref.step()
         fused.step()
+    return a, b, ref, fused
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_plain_step_without_clip_or_scale(backend):
+    """optimizer.step() as a drop-in torch optimizer: no scale, no clip (and no gradient pass)."""
+    a, b, _, _ = _plain_steps(backend, STEPS)
     _assert_params_close(a, b)
 
 
@@ -224,21 +234,8 @@ def test_plain_step_without_clip_or_scale(backend):
 def test_parameters_without_a_gradient_are_skipped_like_torch(backend):
     """A parameter whose .grad is None in a step is not updated and its step count does not advance
     (torch's rule); the launch tables are rebuilt for the live subset and back."""
-    torch.manual_seed(0)
-    a, b = Tiny().to(DEVICE), Tiny().to(DEVICE)
-    b.load_state_dict(a.state_dict())
-    ref = torch.optim.AdamW(param_groups(a, 0.05), lr=1e-2)
-    fused = FusedAdamW(param_groups(b, 0.05), lr=1e-2, backend=backend)
-    g = torch.Generator().manual_seed(0)
-    for step in range(8):
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-            if name.startswith('fc2') and step % 3 == 1:          # fc2 gets no gradient now and then
-                pa.grad = pb.grad = None
-                continue
-            pa.grad = torch.randn(pa.shape, generator=g).to(DEVICE)
-            pb.grad = pa.grad.clone()
-        ref.step()
-        fused.step()
+    # fc2 gets no gradient now and then
+    a, b, ref, fused = _plain_steps(backend, 8, lambda name, step: name.startswith('fc2') and step % 3 == 1)
     _assert_params_close(a, b)
     want = [float(ref.state[p]['step']) for p in ref.param_groups[0]['params'] + ref.param_groups[1]['params']]
     assert fused.steps() == want and min(want) < max(want)
