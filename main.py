@@ -131,6 +131,8 @@ def main(config, logger=None):
         logger.warning('O3 trains in pure half precision without fp32 master weights: '
                        'accuracy may differ from O1/O2. Prefer O2 for training.')
     optimizer = build_optimizer(config, master)
+    logger.info(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__}"
+                + (f" (backend {optimizer.backend})" if hasattr(optimizer, 'backend') else ''))
     model = model_without_ddp
     if is_dist():
         model = torch.nn.parallel.DistributedDataParallel(
