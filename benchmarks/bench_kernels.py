@@ -139,7 +139,8 @@ def bench_add_layer_norm(rows):
         b = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
         gh, gy = torch.randn_like(sc), torch.randn_like(sc)
         nbytes = 4 * sc.numel() * 2
-        compiled = torch.compile(ln.add_layer_norm_ref)
+        torch._dynamo.reset()       # compile for this shape alone (no dynamic-shape recompile)
+        compiled = torch.compile(ln.add_layer_norm_ref, dynamic=False)
         for impl, fn in (('unfused (mul, add, F.layer_norm)', ln.add_layer_norm_ref),
                          ('unfused + torch.compile', compiled), ('triton fused', ln.add_layer_norm)):
             call = (lambda fn=fn: fn(sc, br, scale, wgt, b, 1e-5))
@@ -154,6 +155,53 @@ def bench_add_layer_norm(rows):
             fbg = graph_us(fwd_bwd)
             rows.append({'op': 'residual add + layer norm', 'shape': f'{M}x{C}', 'dtype': 'bfloat16', 'impl': impl,
                          'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_GB/s': nbytes / f / 1e6})
+
+
+def bench_window_norm(rows):
+    """The folds of --fused_layernorm with --fused_window_process: norm1 + roll + partition, and
+    merge + roll + residual + norm2, each as upstream's ops (eager and compiled), as our kernels
+    one after the other, and as one kernel. bf16 (O2's activations); traffic read + write."""
+    import functools
+    unfolded_np = functools.partial(ln.layer_norm_partition_ref, layer_norm=ln.layer_norm,
+                                    window_partition=wp.window_partition)
+    unfolded_ma = functools.partial(ln.merge_add_layer_norm_ref, add_layer_norm=ln.add_layer_norm,
+                                    window_merge=wp.window_merge)
+    for B, HW, C in [(128, 56, 96), (128, 14, 384), (128, 56, 192)]:
+        torch._dynamo.reset()       # compile for this shape alone (no dynamic-shape recompile)
+        compiled_np = torch.compile(ln.layer_norm_partition_ref, dynamic=False)
+        compiled_ma = torch.compile(ln.merge_add_layer_norm_ref, dynamic=False)
+        w, s, dtype = 7, 3, torch.bfloat16
+        x = torch.randn(B, HW * HW, C, device='cuda', dtype=dtype, requires_grad=True)
+        wgt = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
+        b = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
+        win = torch.randn(B * HW * HW // w ** 2, w, w, C, device='cuda', dtype=dtype, requires_grad=True)
+        scale = (torch.rand(B, 1, 1, device='cuda') > 0.1).to(dtype) / 0.9
+        gh, gy = torch.randn_like(x), torch.randn_like(x)
+        nbytes = x.numel() * 2
+        shape = f'B{B} {HW}x{HW} C{C}'
+        for impl, np_fn, ma_fn in (('upstream ops', ln.layer_norm_partition_ref, ln.merge_add_layer_norm_ref),
+                                   ('upstream ops + torch.compile', compiled_np, compiled_ma),
+                                   ('our kernels, unfolded', unfolded_np, unfolded_ma),
+                                   ('our kernels, folded', ln.layer_norm_partition, ln.merge_add_layer_norm)):
+            call = (lambda fn=np_fn: fn(x, wgt, b, 1e-5, HW, HW, w, s))
+            f = bench_ms(call)
+            fb = bench_ms(_fwd_bwd(call, [x, wgt, b], win))
+            fbg = graph_us(_fwd_bwd(call, [x, wgt, b], win))
+            rows.append({'op': 'norm1 + shift + partition', 'shape': shape, 'dtype': 'bfloat16', 'impl': impl,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg,
+                         'fwd_GB/s': 2 * nbytes / f / 1e6})
+            call = (lambda fn=ma_fn: fn(x, win, scale, wgt, b, 1e-5, HW, HW, s))
+
+            def fwd_bwd(call=call):
+                for t in (x, win, wgt, b):
+                    t.grad = None
+                torch.autograd.backward(list(call()), [gh, gy])
+            f = bench_ms(call)
+            fb = bench_ms(fwd_bwd)
+            fbg = graph_us(fwd_bwd)
+            rows.append({'op': 'merge + shift + residual + norm2', 'shape': shape, 'dtype': 'bfloat16', 'impl': impl,
+                         'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg,
+                         'fwd_GB/s': 4 * nbytes / f / 1e6})
 
 
 def bench_mlp(rows):
@@ -215,7 +263,8 @@ def main():
     import sys
     env = environment()
     rows = []
-    parts = sys.argv[1:] or ['window_process', 'window_attention', 'layer_norm', 'add_layer_norm', 'mlp', 'dense']
+    parts = sys.argv[1:] or ['window_process', 'window_norm', 'window_attention', 'layer_norm', 'add_layer_norm',
+                             'mlp', 'dense']
     _warm_up_gpu()
     for part in parts:
         globals()[f'bench_{part}'](rows)

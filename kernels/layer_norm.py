@@ -22,12 +22,13 @@ Saves mean and rstd (fp32, one per row) for the backward. Any width (one row per
 C = 16384). Parameter names are nn.LayerNorm's: the module keeps its `weight` and `bias`.
 apex: `apex.normalization.fused_layer_norm_affine` where apex is importable (KERNEL_BACKEND apex).
 """
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._utils import apex_available, check_triton_device, next_power_of_2, sm_count, triton_available
+from .window_process import check_window, window_merge_ref, window_partition_ref
 
 APEX_MODULE = 'apex.normalization'
 
@@ -49,19 +50,32 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from .window_process import window_row_of
+
     @triton.jit
     def _layer_norm_fwd_kernel(x_ptr, res_ptr, scale_ptr, h_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                                M, C, rows_per_sample, eps, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
-                               BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                               WINDOWED: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr,
+                               SHIFT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         """y = LayerNorm(x); with HAS_RESIDUAL, x is the branch and h = res + x * scale[row's sample]
-        is written to h_ptr and normalised."""
+        is written to h_ptr and normalised. Rows are tokens of a [B, H, W] map; with WINDOWED the
+        attention side is in window layout (shift SHIFT): y is written there (norm1 + partition),
+        or, with HAS_RESIDUAL, the branch is read from there (merge + residual + norm2)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < M
         col_ok = cols < C
         ok = row_ok[:, None] & col_ok[None, :]
         off = rows[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
+        if WINDOWED:   # token indices fit int32 (the launcher checks M)
+            win_rows = window_row_of(rows.to(tl.int32), H, W, WS, SHIFT).to(tl.int64)
+            win_off = win_rows[:, None] * C + cols[None, :]
+        else:
+            win_off = off
+        if HAS_RESIDUAL:
+            x = tl.load(x_ptr + win_off, mask=ok, other=0.).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
         if HAS_RESIDUAL:
             if HAS_SCALE:      # round the product to the branch's dtype, as `branch * scale` does
                 s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
@@ -75,7 +89,10 @@ if triton_available():
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.).to(tl.float32)
         y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
+        if HAS_RESIDUAL:
+            tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(y_ptr + win_off, y.to(y_ptr.dtype.element_ty), mask=ok)
         tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
@@ -83,23 +100,35 @@ if triton_available():
     def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
                                dres_ptr, scale_ptr, dbranch_ptr, M, C, rows_per_program, rows_per_sample,
                                HAS_DRES: tl.constexpr, HAS_DBRANCH: tl.constexpr, HAS_SCALE: tl.constexpr,
-                               BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                               WINDOWED: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr,
+                               SHIFT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         """dx = dLN(dy) (+ dres: the gradient of h from its other use); with HAS_DBRANCH also
-        dbranch = dx * scale[row's sample]."""
+        dbranch = dx * scale[row's sample]. WINDOWED as in the forward: dbranch is written in window
+        layout (HAS_DBRANCH), else dy is read from it (norm1 + partition)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.).to(tl.float32)
-        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        # dw, db accumulate in a whole tile and are reduced over rows once, after the loop: a
+        # reduction across rows inside the loop (shared memory, every step) was the slow part
+        dw = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+        db = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         start = pid.to(tl.int64) * rows_per_program
         for r0 in range(0, rows_per_program, BLOCK_ROWS):
             rows = start + r0 + tl.arange(0, BLOCK_ROWS)
             row_ok = (rows < M) & (r0 + tl.arange(0, BLOCK_ROWS) < rows_per_program)
             ok = row_ok[:, None] & col_ok[None, :]
             off = rows[:, None] * C + cols[None, :]
+            if WINDOWED:
+                win_rows = window_row_of(rows.to(tl.int32), H, W, WS, SHIFT).to(tl.int64)
+                win_off = win_rows[:, None] * C + cols[None, :]
+            else:
+                win_off = off
             x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
-            dy = tl.load(dy_ptr + off, mask=ok, other=0.).to(tl.float32)
+            if HAS_DBRANCH:
+                dy = tl.load(dy_ptr + off, mask=ok, other=0.).to(tl.float32)
+            else:
+                dy = tl.load(dy_ptr + win_off, mask=ok, other=0.).to(tl.float32)
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.)
             xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.)
@@ -114,11 +143,11 @@ if triton_available():
                 if HAS_SCALE:
                     s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
                     dx = dx * s[:, None]
-                tl.store(dbranch_ptr + off, dx.to(dbranch_ptr.dtype.element_ty), mask=ok)
-            dw += tl.sum(dy * xhat, axis=0)
-            db += tl.sum(dy, axis=0)
-        tl.store(dw_part_ptr + pid * C + cols, dw, mask=col_ok)
-        tl.store(db_part_ptr + pid * C + cols, db, mask=col_ok)
+                tl.store(dbranch_ptr + win_off, dx.to(dbranch_ptr.dtype.element_ty), mask=ok)
+            dw += dy * xhat
+            db += dy
+        tl.store(dw_part_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=col_ok)
+        tl.store(db_part_ptr + pid * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 # Backward launch knobs; None = the measured defaults of _bwd_launch (benchmarks/tune_layer_norm.py
@@ -158,17 +187,33 @@ def _fp32_output(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == 'cuda' and dtype != torch.float32 and torch.is_autocast_enabled('cuda')
 
 
+def _geometry(window: Optional[Sequence[int]], M: int) -> dict:
+    """The kernels' window arguments: window = (H, W, window_size, shift) or None."""
+    if not window:
+        return dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)
+    H, W, ws, shift = (int(v) for v in window)
+    check_window(H, W, ws, shift)
+    if M >= 2 ** 31 or M % (H * W):
+        raise ValueError(f'LayerNorm with window layout: {M} tokens is not a whole number of '
+                         f'{H}x{W} maps below 2**31 tokens')
+    return dict(WINDOWED=True, H=H, W=W, WS=ws, SHIFT=shift)
+
+
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                    fp32_output: bool = False, residual: Optional[torch.Tensor] = None,
-                   scale: Optional[torch.Tensor] = None):
+                   scale: Optional[torch.Tensor] = None, window: Optional[Sequence[int]] = None):
     """-> (y like x (fp32 with fp32_output), mean [M] fp32, rstd [M] fp32), and with `residual`
-    (x is then the branch) also h = residual + x * scale, the tensor that was normalised."""
+    (x is then the branch) also h = residual + x * scale, the tensor that was normalised.
+    With window = (H, W, window_size, shift), the attention side is in window layout
+    [B*nW, ws, ws, C]: y is returned in it (x is the map), or the branch x is read from it (with
+    `residual`, which is the map); mean and rstd follow the map's rows."""
     check_triton_device(x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C).contiguous()
     M = x2.shape[0]
+    geometry = _geometry(window, M)
     if residual is not None:
-        if residual.shape != x.shape:
+        if residual.numel() != x.numel() or (not window and residual.shape != x.shape):
             raise ValueError(f'add_layer_norm: shortcut {tuple(residual.shape)} and branch {tuple(x.shape)} differ')
         h_dtype = torch.promote_types(residual.dtype, x.dtype)
         h = torch.empty(x2.shape, dtype=h_dtype, device=x.device)
@@ -184,24 +229,29 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
             x2, res2, scale_flat, h, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C,
             _rows_per_sample(M, scale), float(eps),
-            HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
+            HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None, **geometry,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     if residual is not None:
-        return y.view(x.shape), mean, rstd, h.view(x.shape)
+        return y.view(residual.shape), mean, rstd, h.view(residual.shape)
+    if window:
+        ws = geometry['WS']
+        return y.view(-1, ws, ws, C), mean, rstd
     return y.view(x.shape), mean, rstd
 
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, dres: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                   branch_dtype: Optional[torch.dtype] = None):
+                   branch_dtype: Optional[torch.dtype] = None, window: Optional[Sequence[int]] = None):
     """-> (dx like x, dweight like weight, dbias like weight). For add_layer_norm (x is h): dres is
     h's gradient from its other use, added in; with `branch_dtype` also -> dbranch = dx * scale
-    (the branch's gradient, a 4th result)."""
+    (the branch's gradient, a 4th result). `window` as in the forward: dy is read from window
+    layout, or (with branch_dtype) dbranch is returned in it."""
     check_triton_device(x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C).contiguous()
     dy2 = dy.reshape(-1, C).contiguous()
     M = x2.shape[0]
+    geometry = _geometry(window, M)
     dx = torch.empty_like(x2)
     dres2 = dres.reshape(-1, C).contiguous() if dres is not None else dx
     dbranch = torch.empty(x2.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else dx
@@ -222,47 +272,57 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
             dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, dres2, scale_flat, dbranch,
             M, C, rows_per_program, _rows_per_sample(M, scale),
             HAS_DRES=dres is not None, HAS_DBRANCH=branch_dtype is not None, HAS_SCALE=scale is not None,
-            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+            **geometry, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     out = dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
-    return out + (dbranch.view(x.shape),) if branch_dtype is not None else out
+    if branch_dtype is None:
+        return out
+    ws = geometry['WS']
+    return out + (dbranch.view(-1, ws, ws, C) if window else dbranch.view(x.shape),)
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
+# `window` is [] for a plain LayerNorm, or [H, W, window_size, shift] for the window-layout forms.
+def _windows_shape(window, C: int):
+    ws = window[2]
+    return lambda M: (M // (ws * ws), ws, ws, C)
+
+
 @torch.library.custom_op('swin::layer_norm_fwd', mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            fp32_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_fwd(x, weight, bias, eps, fp32_output)
+            fp32_output: bool, window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_fwd(x, weight, bias, eps, fp32_output, window=window)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, eps, fp32_output):
+def _(x, weight, bias, eps, fp32_output, window):
     M = x.numel() // x.shape[-1]
+    shape = _windows_shape(window, x.shape[-1])(M) if window else x.shape
     # contiguous, like the real output (x itself may be strided)
-    return (x.new_empty(x.shape, dtype=torch.float32 if fp32_output else x.dtype), x.new_empty((M,), dtype=torch.float32),
-            x.new_empty((M,), dtype=torch.float32))
+    return (x.new_empty(shape, dtype=torch.float32 if fp32_output else x.dtype),
+            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
 
 
 @torch.library.custom_op('swin::layer_norm_bwd', mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(dy, x, weight, mean, rstd)
+            rstd: torch.Tensor, window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_bwd(dy, x, weight, mean, rstd, window=window)
 
 
 @_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd):
+def _(dy, x, weight, mean, rstd, window):
     return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup(ctx, inputs, output):
-    x, weight, _, _, _ = inputs
+    x, weight, _, _, _, ctx.window = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _bwd_op(dy, x, weight, mean, rstd)
-    return dx, dw, db, None, None
+    dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, ctx.window)
+    return dx, dw, db, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -272,16 +332,24 @@ class _LayerNorm(torch.autograd.Function):
     """Eager path (see window_process.py: custom-op dispatch is too slow for eager steps)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, fp32_output):
-        y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, fp32_output)
+    def forward(ctx, x, weight, bias, eps, fp32_output, window):
+        y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, fp32_output, window=window)
         ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.window = window
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
-        return dx, dw, db, None, None
+        dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, window=ctx.window)
+        return dx, dw, db, None, None, None
+
+
+def _layer_norm(x, weight, bias, eps, window):
+    fp32_output = _fp32_output(x.device, x.dtype)
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, weight, bias, float(eps), fp32_output, window)[0]
+    return _LayerNorm.apply(x, weight, bias, float(eps), fp32_output, window)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -291,45 +359,54 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     autocast's fp32 list; CPU autocast leaves it alone), so the residual stream keeps the
     reference path's precision; the input is read as is.
     """
-    fp32_output = _fp32_output(x.device, x.dtype)
-    if torch.compiler.is_compiling():
-        return _fwd_op(x, weight, bias, float(eps), fp32_output)[0]
-    return _LayerNorm.apply(x, weight, bias, float(eps), fp32_output)
+    return _layer_norm(x, weight, bias, eps, [])
+
+
+def layer_norm_partition(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                         H: int, W: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """Fused `window_partition(LayerNorm(x), window_size, shift_size)`: x [B, H*W, C] (or
+    [B, H, W, C]) -> normalised windows [B*nW, ws, ws, C]; the block's norm1 written straight
+    into window layout, one pass instead of two, each way."""
+    return _layer_norm(x, weight, bias, eps, [H, W, window_size, shift_size])
 
 
 # ----------------------------------------------------------------------------- residual add + LayerNorm
 @torch.library.custom_op('swin::add_layer_norm_fwd', mutates_args=())
 def _add_fwd_op(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor], weight: torch.Tensor,
-                bias: torch.Tensor, eps: float, fp32_output: bool
+                bias: torch.Tensor, eps: float, fp32_output: bool, window: list[int]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale)
+    y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale,
+                                      window=window)
     return h, y, mean, rstd
 
 
 @_add_fwd_op.register_fake
-def _(shortcut, branch, scale, weight, bias, eps, fp32_output):
+def _(shortcut, branch, scale, weight, bias, eps, fp32_output, window):
     M = branch.numel() // branch.shape[-1]
     h_dtype = torch.promote_types(shortcut.dtype, branch.dtype)
-    return (branch.new_empty(branch.shape, dtype=h_dtype),
-            branch.new_empty(branch.shape, dtype=torch.float32 if fp32_output else h_dtype),
+    return (shortcut.new_empty(shortcut.shape, dtype=h_dtype),
+            shortcut.new_empty(shortcut.shape, dtype=torch.float32 if fp32_output else h_dtype),
             branch.new_empty((M,), dtype=torch.float32), branch.new_empty((M,), dtype=torch.float32))
 
 
 @torch.library.custom_op('swin::add_layer_norm_bwd', mutates_args=())
 def _add_bwd_op(dh: Optional[torch.Tensor], dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor], branch_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale, branch_dtype=branch_dtype)
+                mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor], branch_dtype: torch.dtype,
+                window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale, branch_dtype=branch_dtype,
+                          window=window)
 
 
 @_add_bwd_op.register_fake
-def _(dh, dy, h, weight, mean, rstd, scale, branch_dtype):
+def _(dh, dy, h, weight, mean, rstd, scale, branch_dtype, window):
+    M = h.numel() // h.shape[-1]
+    branch_shape = _windows_shape(window, h.shape[-1])(M) if window else h.shape
     return (h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight),
-            h.new_empty(h.shape, dtype=branch_dtype))
+            h.new_empty(branch_shape, dtype=branch_dtype))
 
 
 def _add_setup(ctx, inputs, output):
-    shortcut, branch, scale, weight, _, _, _ = inputs
+    shortcut, branch, scale, weight, _, _, _, ctx.window = inputs
     h, _, mean, rstd = output
     ctx.save_for_backward(h, weight, mean, rstd, scale)
     ctx.dtypes = shortcut.dtype, branch.dtype
@@ -337,8 +414,8 @@ def _add_setup(ctx, inputs, output):
 
 def _add_backward(ctx, dh, dy, _dmean, _drstd):
     h, weight, mean, rstd, scale = ctx.saved_tensors
-    dshortcut, dw, db, dbranch = _add_bwd_op(dh, dy, h, weight, mean, rstd, scale, ctx.dtypes[1])
-    return dshortcut.to(ctx.dtypes[0]), dbranch, None, dw, db, None, None
+    dshortcut, dw, db, dbranch = _add_bwd_op(dh, dy, h, weight, mean, rstd, scale, ctx.dtypes[1], ctx.window)
+    return dshortcut.to(ctx.dtypes[0]), dbranch, None, dw, db, None, None, None
 
 
 _add_fwd_op.register_autograd(_add_backward, setup_context=_add_setup)
@@ -348,33 +425,65 @@ class _AddLayerNorm(torch.autograd.Function):
     """Eager path of add_layer_norm."""
 
     @staticmethod
-    def forward(ctx, shortcut, branch, scale, weight, bias, eps, fp32_output):
-        y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale)
+    def forward(ctx, shortcut, branch, scale, weight, bias, eps, fp32_output, window):
+        y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale,
+                                          window=window)
         ctx.save_for_backward(h, weight, mean, rstd, scale)
         ctx.dtypes = shortcut.dtype, branch.dtype
+        ctx.window = window
         return h, y
 
     @staticmethod
     def backward(ctx, dh, dy):
         h, weight, mean, rstd, scale = ctx.saved_tensors
         shortcut_dtype, branch_dtype = ctx.dtypes
-        separate = scale is not None or branch_dtype != h.dtype
+        separate = scale is not None or branch_dtype != h.dtype or bool(ctx.window)
         out = layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale,
-                             branch_dtype=branch_dtype if separate else None)
-        # without a scale, the branch's gradient IS the shortcut's: one tensor, written once
+                             branch_dtype=branch_dtype if separate else None, window=ctx.window)
+        # without a scale or a layout change, the branch's gradient IS the shortcut's: one tensor,
+        # written once
         dbranch = out[3] if separate else out[0]
-        return out[0].to(shortcut_dtype), dbranch, None, out[1], out[2], None, None
+        return out[0].to(shortcut_dtype), dbranch, None, out[1], out[2], None, None, None
+
+
+def _add_layer_norm(shortcut, branch, scale, weight, bias, eps, window):
+    fp32_output = _fp32_output(branch.device, torch.promote_types(shortcut.dtype, branch.dtype))
+    if torch.compiler.is_compiling():
+        h, y, _, _ = _add_fwd_op(shortcut, branch, scale, weight, bias, float(eps), fp32_output, window)
+        return h, y
+    return _AddLayerNorm.apply(shortcut, branch, scale, weight, bias, float(eps), fp32_output, window)
 
 
 def add_layer_norm(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor],
                    weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
     """Fused `h = shortcut + branch * scale; y = LayerNorm(h)` -> (h, y); scale is drop-path's
     per-sample [B, 1, ...] tensor or None. Output dtypes as the unfused ops under autocast."""
-    fp32_output = _fp32_output(branch.device, torch.promote_types(shortcut.dtype, branch.dtype))
-    if torch.compiler.is_compiling():
-        h, y, _, _ = _add_fwd_op(shortcut, branch, scale, weight, bias, float(eps), fp32_output)
-        return h, y
-    return _AddLayerNorm.apply(shortcut, branch, scale, weight, bias, float(eps), fp32_output)
+    return _add_layer_norm(shortcut, branch, scale, weight, bias, eps, [])
+
+
+def merge_add_layer_norm(shortcut: torch.Tensor, windows: torch.Tensor, scale: Optional[torch.Tensor],
+                         weight: torch.Tensor, bias: torch.Tensor, eps: float, H: int, W: int,
+                         shift_size: int):
+    """Fused `add_layer_norm(shortcut, window_merge(windows, H, W, shift_size), scale, ...)`:
+    the attention output is read straight from window layout [B*nW, ws, ws, C]; shortcut, h and
+    y are [B, H*W, C]. Its backward writes the branch's gradient straight into window layout."""
+    return _add_layer_norm(shortcut, windows, scale, weight, bias, eps, [H, W, windows.shape[1], shift_size])
+
+
+# ----------------------------------------------------------------------------- references of the window forms
+def layer_norm_partition_ref(x, weight, bias, eps, H, W, window_size, shift_size, layer_norm=layer_norm_ref,
+                             window_partition=window_partition_ref):
+    """norm1 then roll + partition, through whichever implementations are given (upstream's ops
+    by default)."""
+    y = layer_norm(x, weight, bias, eps)
+    return window_partition(y.view(y.shape[0], H, W, y.shape[-1]), window_size, shift_size)
+
+
+def merge_add_layer_norm_ref(shortcut, windows, scale, weight, bias, eps, H, W, shift_size,
+                             add_layer_norm=add_layer_norm_ref, window_merge=window_merge_ref):
+    """merge + reverse roll, then residual add + norm2, through the given implementations."""
+    x = window_merge(windows, H, W, shift_size).view(shortcut.shape)
+    return add_layer_norm(shortcut, x, scale, weight, bias, eps)
 
 
 def _apex_layer_norm(x, weight, bias, eps=1e-5):

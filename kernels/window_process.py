@@ -7,8 +7,10 @@ Math (w = window, s = shift, map [B, H, W, C], windows [B*nW, w, w, C] with nW =
 values, so the backward of partition is merge of the gradient and vice versa: bit-exact, no math.
 
 Limits: H and W multiples of w (rejected otherwise, upstream does not pad); any B, C, dtype; the
-map side may have any strides, the windows side is made contiguous. Offsets are int64, the grid is
-1-D over row blocks (no 65535 limit), launches go to the current stream (Triton's default).
+map side may have any strides, the windows side is made contiguous. Element offsets are int64
+(token indices int32: up to 2**31 - 1 tokens), the grid is 1-D over row blocks (no 65535 limit),
+launches go to the current stream (Triton's default). The geometry (H, W, C, window, shift) is
+compile-time: one specialisation per stage and shift, eight in a Swin model.
 """
 import torch
 
@@ -35,7 +37,7 @@ def window_merge_ref(windows: torch.Tensor, H: int, W: int, shift_size: int = 0)
     return x
 
 
-def _check_shape(H: int, W: int, window_size: int, shift_size: int) -> None:
+def check_window(H: int, W: int, window_size: int, shift_size: int) -> None:
     if H % window_size or W % window_size:
         raise ValueError(f'feature map {H}x{W} is not a multiple of the window {window_size}: '
                          f'choose DATA.IMG_SIZE / window sizes that divide (upstream does not pad)')
@@ -49,32 +51,61 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def window_source(rows, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr):
+        """Window-layout rows (tokens) -> (b, y, x) of the map token each holds (partition's
+        gather). The geometry is constexpr, so divisions by it compile to multiply-shifts."""
+        j = rows % WS                                  # column inside the window
+        i = (rows // WS) % WS                          # row inside the window
+        win = rows // (WS * WS)
+        n_wx: tl.constexpr = W // WS
+        n_win: tl.constexpr = (H // WS) * n_wx
+        wi = win % n_win
+        b = win // n_win
+        y = ((wi // n_wx) * WS + i + SHIFT) % H         # source row on the map (rolled by -SHIFT)
+        x = ((wi % n_wx) * WS + j + SHIFT) % W
+        return b, y, x
+
+    @triton.jit
+    def window_row_of(rows, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr):
+        """Rows of a contiguous [B, H, W] map -> the window-layout row holding that token (merge's
+        gather: the inverse of window_source)."""
+        x = rows % W
+        y = (rows // W) % H
+        b = rows // (H * W)
+        yu = (y + (H - SHIFT)) % H                     # undo the roll
+        xu = (x + (W - SHIFT)) % W
+        n_wx: tl.constexpr = W // WS
+        n_win: tl.constexpr = (H // WS) * n_wx
+        win = b * n_win + (yu // WS) * n_wx + xu // WS
+        return (win * WS + yu % WS) * WS + xu % WS
+
+    @triton.jit
     def _window_shuffle_kernel(
         map_ptr, win_ptr,                      # the [B, H, W, C] map (strided) and contiguous windows
-        n_rows, C, H, W,
-        stride_mb, stride_mh, stride_mw, stride_mc,
-        window_size, shift_size,
+        n_rows, stride_mb, stride_mh, stride_mw, stride_mc,
+        H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
         TO_WINDOWS: tl.constexpr,              # True: map -> windows (partition); False: merge
+        C_CONTIGUOUS: tl.constexpr,            # the map's channel stride is 1
         BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        # Each program moves BLOCK_ROWS window-layout rows of C values; rows are tokens.
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        # Each program moves BLOCK_ROWS window-layout rows (tokens) of C values. Token indices
+        # are int32 (the launcher checks n_rows < 2**31); element offsets are int64.
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < n_rows
-        area = window_size * window_size
-        n_wx = W // window_size
-        n_win = (H // window_size) * n_wx
-        j = rows % window_size                          # column inside the window
-        i = (rows // window_size) % window_size         # row inside the window
-        win = (rows // area) % n_win
-        b = rows // (area * n_win)
-        y = ((win // n_wx) * window_size + i + shift_size) % H   # source row on the map (rolled)
-        x = ((win % n_wx) * window_size + j + shift_size) % W
-        map_row = b * stride_mb + y * stride_mh + x * stride_mw   # int64 element offsets
-        win_row = rows * C
-        for c0 in range(0, C, BLOCK_C):
+        b, y, x = window_source(rows, H, W, WS, SHIFT)
+        map_row = b.to(tl.int64) * stride_mb + y.to(tl.int64) * stride_mh + x.to(tl.int64) * stride_mw
+        win_row = rows.to(tl.int64) * C
+        # C is constexpr: the column loop unrolls and the mask below is dropped where BLOCK_C divides C
+        for c0 in tl.static_range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            map_off = map_row[:, None] + cols[None, :].to(tl.int64) * stride_mc
+            if C % BLOCK_C == 0:
+                mask = row_ok[:, None]
+            else:
+                mask = row_ok[:, None] & (cols < C)[None, :]
+            if C_CONTIGUOUS:
+                map_off = map_row[:, None] + cols[None, :]
+            else:
+                map_off = map_row[:, None] + cols[None, :].to(tl.int64) * stride_mc
             win_off = win_row[:, None] + cols[None, :]
             if TO_WINDOWS:
                 tl.store(win_ptr + win_off, tl.load(map_ptr + map_off, mask=mask), mask=mask)
@@ -82,17 +113,33 @@ if triton_available():
                 tl.store(map_ptr + map_off, tl.load(win_ptr + win_off, mask=mask), mask=mask)
 
 
+# Launch knobs; None = the defaults of _tile (benchmarks/tune_window_process.py sweeps them).
+TUNING = {'block_rows': None, 'block_c': None, 'warps': None}
+
+
+def _tile(C: int, element_size: int):
+    """(rows a program, channels a tile, warps), from the sweep on an H100 (2026-11-26,
+    benchmarks/results/tune_window_process.md): small programs of 16 tokens win at every Swin width
+    (C = 96 bf16: 53.6 us, 2.88 TB/s, against 62.1 us for 64-token programs and 52.4 us for a
+    plain copy of the same bytes); C <= 128 in one power-of-two tile (the masked lanes cost less
+    than the extra loop steps of a narrower tile), wider rows in 128-channel steps; 8 warps where a
+    row holds more than 256 bytes."""
+    block_c = min(next_power_of_2(C), 128)
+    warps = 8 if C * element_size > 256 else 4
+    return (TUNING['block_rows'] or 16, TUNING['block_c'] or block_c, TUNING['warps'] or warps)
+
+
 def _launch(map_t: torch.Tensor, win_t: torch.Tensor, window_size: int, shift_size: int,
             to_windows: bool) -> None:
     B, H, W, C = map_t.shape
     n_rows = B * H * W
-    block_c = min(next_power_of_2(C), 256)
-    # ~4K elements per program: enough bytes in flight per SM without spilling registers.
-    block_rows = max(1, min(64, 4096 // block_c))
-    grid = (triton.cdiv(n_rows, block_rows),)
-    _window_shuffle_kernel[grid](
-        map_t, win_t, n_rows, C, H, W, *map_t.stride(), window_size, shift_size,
-        TO_WINDOWS=to_windows, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=4)
+    if n_rows >= 2 ** 31:
+        raise ValueError(f'window process: {n_rows} tokens; at most 2**31 - 1 are supported (split the batch)')
+    block_rows, block_c, num_warps = _tile(C, map_t.element_size())
+    _window_shuffle_kernel[(triton.cdiv(n_rows, block_rows),)](
+        map_t, win_t, n_rows, *map_t.stride(), H=H, W=W, C=C, WS=window_size, SHIFT=shift_size,
+        TO_WINDOWS=to_windows, C_CONTIGUOUS=map_t.stride(3) == 1,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -100,7 +147,7 @@ def window_partition_fwd(x: torch.Tensor, window_size: int, shift_size: int) -> 
     """Triton partition: [B, H, W, C] (any strides) -> new contiguous [B*nW, w, w, C]."""
     check_triton_device(x)
     B, H, W, C = x.shape
-    _check_shape(H, W, window_size, shift_size)
+    check_window(H, W, window_size, shift_size)
     out = torch.empty((B * H * W // window_size ** 2, window_size, window_size, C),
                       dtype=x.dtype, device=x.device)
     if out.numel():
@@ -112,7 +159,7 @@ def window_merge_fwd(windows: torch.Tensor, H: int, W: int, shift_size: int) -> 
     """Triton merge: [B*nW, w, w, C] -> new contiguous [B, H, W, C]."""
     check_triton_device(windows)
     w, C = windows.shape[1], windows.shape[-1]
-    _check_shape(H, W, w, shift_size)
+    check_window(H, W, w, shift_size)
     windows = windows.contiguous()
     B = windows.shape[0] // ((H // w) * (W // w))
     out = torch.empty((B, H, W, C), dtype=windows.dtype, device=windows.device)

@@ -199,16 +199,16 @@ class SwinTransformerBlock(nn.Module):
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
         shortcut = x
-        x = self.ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        windows = self.ops.window_partition(x.view(B, H, W, C), self.window_size, self.shift_size)
+        # norm1, roll by -shift, partition: [B, H*W, C] -> [B*nW, w, w, C]
+        windows = self.ops.norm_partition(x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                          H, W, self.window_size, self.shift_size)
         windows = windows.view(-1, self.window_size * self.window_size, C)   # B*nW, N, C
         attn_windows = self.attn(windows, mask=self.attn_mask)              # B*nW, N, C
         attn_windows = attn_windows.view(-1, self.window_size, self.window_size, C)
-        x = self.ops.window_merge(attn_windows, H, W, self.shift_size)      # B, H, W, C
-        x = x.view(B, H * W, C)
-        # x = shortcut + drop_path(x); y = norm2(x): one kernel under --fused_layernorm
-        x, y = self.ops.add_layer_norm(shortcut, x, drop_path_scale(x, self.drop_path),
-                                       self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        # merge, roll by +shift, x = shortcut + drop_path(merged), y = norm2(x): [B, H*W, C] each.
+        # One kernel each way under --fused_layernorm with --fused_window_process.
+        x, y = self.ops.merge_add_norm(shortcut, attn_windows, drop_path_scale(shortcut, self.drop_path),
+                                       self.norm2.weight, self.norm2.bias, self.norm2.eps, H, W, self.shift_size)
         return x + self.drop_path(self.mlp(y))
 
     def extra_repr(self) -> str:

@@ -32,9 +32,11 @@ def test_opcheck_layer_norm():
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     w = torch.randn(40, device=DEVICE, requires_grad=True)
     b = torch.randn(40, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ln._fwd_op, (x, w, b, 1e-5, False), test_utils=CHECKS)
+    torch.library.opcheck(ln._fwd_op, (x, w, b, 1e-5, False, []), test_utils=CHECKS)
     strided = torch.randn(2, 40, 6, device=DEVICE).transpose(1, 2).requires_grad_()   # as patch_embed gives
-    torch.library.opcheck(ln._fwd_op, (strided, w, b, 1e-5, False), test_utils=CHECKS)
+    torch.library.opcheck(ln._fwd_op, (strided, w, b, 1e-5, False, []), test_utils=CHECKS)
+    tokens = torch.randn(2, 6 * 4, 40, device=DEVICE, requires_grad=True)     # norm1 into window layout
+    torch.library.opcheck(ln._fwd_op, (tokens, w, b, 1e-5, False, [6, 4, 2, 1]), test_utils=CHECKS)
 
 
 def test_no_graph_breaks_with_every_flag():
@@ -55,7 +57,10 @@ def test_opcheck_add_layer_norm():
     w = torch.randn(40, device=DEVICE, requires_grad=True)
     b = torch.randn(40, device=DEVICE, requires_grad=True)
     for s in (scale, None):
-        torch.library.opcheck(ln._add_fwd_op, (shortcut, branch, s, w, b, 1e-5, False), test_utils=CHECKS)
+        torch.library.opcheck(ln._add_fwd_op, (shortcut, branch, s, w, b, 1e-5, False, []), test_utils=CHECKS)
+    windows = torch.randn(3, 2, 2, 40, device=DEVICE, requires_grad=True)   # merge from window layout
+    torch.library.opcheck(ln._add_fwd_op, (shortcut, windows, scale, w, b, 1e-5, False, [2, 2, 2, 1]),
+                          test_utils=CHECKS)
 
 
 def test_opcheck_mlp_and_dense():

@@ -131,14 +131,102 @@ def test_fused_block_equals_reference_block_with_drop_path():
     ref = SwinTransformerBlock(32, (8, 8), 2, window_size=4, shift_size=2, drop_path=0.5).to(DEVICE)
     fused = SwinTransformerBlock(32, (8, 8), 2, window_size=4, shift_size=2, drop_path=0.5,
                                  ops=kernels.build_ops(layer_norm=True, backend='triton')).to(DEVICE)
+    # with --fused_window_process too, norm1 and norm2 take the window-layout kernels
+    folded = SwinTransformerBlock(32, (8, 8), 2, window_size=4, shift_size=2, drop_path=0.5,
+                                  ops=kernels.build_ops(layer_norm=True, window_process=True,
+                                                        backend='triton')).to(DEVICE)
+    assert folded.ops.norm_partition is ln.layer_norm_partition
     fused.load_state_dict(ref.state_dict())
+    folded.load_state_dict(ref.state_dict())
     x = torch.randn(6, 64, 32, device=DEVICE)
     outs = []
-    for block in (ref, fused):
+    for block in (ref, fused, folded):
         torch.manual_seed(1)
         xi = x.clone().requires_grad_()
         out = block(xi)
         out.backward(torch.ones_like(out))
         outs.append((out, xi.grad, block.norm2.weight.grad))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for got in outs[1:]:
+        for a, b in zip(outs[0], got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- window layout (norm1 +
+# partition, merge + residual + norm2): the same per-row arithmetic as the plain kernels with
+# different addressing, checked against them composed with the reference shuffles. Bit-exact on
+# the CPU; on the GPU each specialisation is compiled on its own and may contract a multiply-add
+# differently, so values may differ in their last bit (2 ulp of the dtype; the weight and bias
+# gradients, sums over rows of such values, to 1e-5 relative).
+WINDOW_CASES = [  # B, H, W, C, window, shift, dtype
+    (1, 8, 8, 24, 4, 2, torch.float32),
+    (3, 14, 7, 61, 7, 3, torch.float16),     # H != W, C odd, shift = window // 2
+    (2, 12, 8, 40, 4, 0, torch.bfloat16),    # unshifted
+    (2, 7, 7, 96, 7, 0, torch.float32),      # one window covers the map
+]
+
+
+def _window_inputs(B, H, W, C, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, H * W, C, generator=g) * 2 + 1).to(dtype).to(DEVICE)
+    w = (torch.randn(C, generator=g) * 0.5 + 1).to(DEVICE)
+    b = torch.randn(C, generator=g).to(DEVICE)
+    return x, w, b, g
+
+
+def _same(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if DEVICE == 'cpu':
+        assert torch.equal(got, want)
+    else:
+        ulp = torch.finfo(got.dtype).eps
+        torch.testing.assert_close(got, want, rtol=2 * ulp if got.dtype != torch.float32 else 1e-5,
+                                   atol=2 * ulp if got.dtype != torch.float32 else 1e-5)
+
+
+def _grads(outputs, grads, inputs):
+    torch.autograd.backward(outputs, grads)
+    out = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    return out
+
+
+@pytest.mark.parametrize('case', WINDOW_CASES, ids=str)
+def test_layer_norm_partition_matches_the_unfolded_kernels(case):
+    from kernels import window_process as wp
+    B, H, W, C, ws, s, dtype = case
+    x, w, b, g = _window_inputs(B, H, W, C, dtype, C)
+    dy = torch.randn(B * H * W // ws ** 2, ws, ws, C, generator=g).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+    want = wp.window_partition_ref(ln.layer_norm(*inputs).view(B, H, W, C), ws, s)
+    want_grads = _grads([want], [dy], inputs)
+    got = ln.layer_norm_partition(*inputs, 1e-5, H, W, ws, s)
+    _same(got, want)
+    for a, e in zip(_grads([got], [dy], inputs), want_grads):
+        _same(a, e)
+
+
+@pytest.mark.parametrize('with_scale', [False, True], ids=['no_drop_path', 'drop_path'])
+@pytest.mark.parametrize('case', WINDOW_CASES, ids=str)
+def test_merge_add_layer_norm_matches_the_unfolded_kernels(case, with_scale):
+    from kernels import window_process as wp
+    B, H, W, C, ws, s, dtype = case
+    shortcut, w, b, g = _window_inputs(B, H, W, C, dtype, C + 1)
+    windows = torch.randn(B * H * W // ws ** 2, ws, ws, C, generator=g).to(dtype).to(DEVICE)
+    scale = (torch.arange(B) % 2 == 1).to(dtype).div_(0.8).view(B, 1, 1).to(DEVICE) if with_scale else None
+    dh, dy = (torch.randn(B, H * W, C, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    inputs = [t.clone().requires_grad_() for t in (shortcut, windows, w, b)]
+    merged = wp.window_merge_ref(inputs[1], H, W, s).view(B, H * W, C)
+    want = ln.add_layer_norm(inputs[0], merged, scale, inputs[2], inputs[3])
+    want_grads = _grads(list(want), [dh, dy], inputs)
+    got = ln.merge_add_layer_norm(inputs[0], inputs[1], scale, inputs[2], inputs[3], 1e-5, H, W, s)
+    for a, e in zip(got, want):
+        _same(a, e)
+    for a, e in zip(_grads(list(got), [dh, dy], inputs), want_grads):
+        _same(a, e)
+
+
+def test_window_layout_rejects_a_map_that_is_not_a_multiple_of_the_window():
+    x, w, b, _ = _window_inputs(1, 9, 8, 16, torch.float32, 0)
+    with pytest.raises(ValueError, match='not a multiple of the window'):
+        ln.layer_norm_partition(x, w, b, 1e-5, 9, 8, 4, 2)
