@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import apex_available, check_triton_device, next_power_of_2, sm_count, triton_available
-from .window_process import check_window, window_merge_ref, window_partition_ref
+from .window_process import check_tokens, check_window, window_merge_ref, window_partition_ref
 
 APEX_MODULE = 'apex.normalization'
 
@@ -193,9 +193,9 @@ def _geometry(window: Optional[Sequence[int]], M: int) -> dict:
         return dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)
     H, W, ws, shift = (int(v) for v in window)
     check_window(H, W, ws, shift)
-    if M >= 2 ** 31 or M % (H * W):
-        raise ValueError(f'LayerNorm with window layout: {M} tokens is not a whole number of '
-                         f'{H}x{W} maps below 2**31 tokens')
+    check_tokens(M)
+    if M % (H * W):
+        raise ValueError(f'LayerNorm with window layout: {M} tokens are not a whole number of {H}x{W} maps')
     return dict(WINDOWED=True, H=H, W=W, WS=ws, SHIFT=shift)
 
 

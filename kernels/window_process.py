@@ -37,6 +37,13 @@ def window_merge_ref(windows: torch.Tensor, H: int, W: int, shift_size: int = 0)
     return x
 
 
+def check_tokens(n_tokens: int) -> None:
+    """The kernels index tokens in int32 (element offsets are int64)."""
+    if n_tokens >= 2 ** 31:
+        raise ValueError(f'{n_tokens} tokens (batch x H x W) in one call; the fused window kernels take '
+                         f'at most 2**31 - 1: use a smaller batch per GPU')
+
+
 def check_window(H: int, W: int, window_size: int, shift_size: int) -> None:
     if H % window_size or W % window_size:
         raise ValueError(f'feature map {H}x{W} is not a multiple of the window {window_size}: '
@@ -133,8 +140,6 @@ def _launch(map_t: torch.Tensor, win_t: torch.Tensor, window_size: int, shift_si
             to_windows: bool) -> None:
     B, H, W, C = map_t.shape
     n_rows = B * H * W
-    if n_rows >= 2 ** 31:
-        raise ValueError(f'window process: {n_rows} tokens; at most 2**31 - 1 are supported (split the batch)')
     block_rows, block_c, num_warps = _tile(C, map_t.element_size())
     _window_shuffle_kernel[(triton.cdiv(n_rows, block_rows),)](
         map_t, win_t, n_rows, *map_t.stride(), H=H, W=W, C=C, WS=window_size, SHIFT=shift_size,
@@ -148,6 +153,7 @@ def window_partition_fwd(x: torch.Tensor, window_size: int, shift_size: int) -> 
     check_triton_device(x)
     B, H, W, C = x.shape
     check_window(H, W, window_size, shift_size)
+    check_tokens(B * H * W)
     out = torch.empty((B * H * W // window_size ** 2, window_size, window_size, C),
                       dtype=x.dtype, device=x.device)
     if out.numel():
@@ -162,6 +168,7 @@ def window_merge_fwd(windows: torch.Tensor, H: int, W: int, shift_size: int) -> 
     check_window(H, W, w, shift_size)
     windows = windows.contiguous()
     B = windows.shape[0] // ((H // w) * (W // w))
+    check_tokens(B * H * W)
     out = torch.empty((B, H, W, C), dtype=windows.dtype, device=windows.device)
     if out.numel():
         _launch(out, windows, w, shift_size, to_windows=False)

@@ -51,3 +51,10 @@ def test_non_contiguous_input():
 def test_size_not_a_multiple_of_the_window_is_rejected():
     with pytest.raises(ValueError, match='not a multiple of the window'):
         wp.window_partition(torch.randn(1, 9, 8, 4, device=DEVICE), 4, 2)
+
+
+def test_more_tokens_than_int32_indexing_is_rejected_before_allocating():
+    # 2**26 samples of a 7x7 map: 3.3e9 tokens, a zero-stride view (no memory behind it)
+    x = torch.zeros(1, 7, 7, 1, device=DEVICE).expand(2 ** 26, 7, 7, 1)
+    with pytest.raises(ValueError, match='at most 2\\*\\*31 - 1'):
+        wp.window_partition(x, 7, 0)
