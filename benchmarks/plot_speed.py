@@ -41,7 +41,9 @@ def main():
             ax.text(v, i, f' {v:.0f}', va='center', fontsize=7)
         ax.set_title(f"Swin-{'T' if model == 'tiny' else 'L'} {mode}, batch 128, H100 (img/s; orange: our flags)", fontsize=9)
         ax.tick_params(axis='y', labelsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.text(0.01, 0.005, 'Latest measurement of each configuration; eager rows of different runs ran on hosts '
+             'of different speed (compare within one run: benchmarks/results/train_*.md).', fontsize=7)
     fig.savefig(a.png, dpi=110)
     print(a.png)
 

@@ -17,6 +17,13 @@ Residual fusion (`add_layer_norm`, the block's `h = shortcut + drop_path(branch)
   use, dy from the norm): dshortcut = dh + dLN(dy);  dbranch = dshortcut * scale[sample].
   One pass each way instead of three (drop-path multiply, add, norm).
 
+Window layout (`layer_norm_partition`, `merge_add_layer_norm`; used where --fused_layernorm and
+--fused_window_process both run on Triton): the attention side of the block is [B*nW, w, w, C] with
+the cyclic shift applied (window_process.py's permutation). The kernels walk the map's rows and
+address that side through the permutation: norm1 writes its output straight into window layout, and
+the residual + norm2 reads the attention output from it; the backwards gather dy and scatter
+dbranch the same way. Per row the arithmetic is the plain kernels', so results match them.
+
 Shapes: x [..., C] (any leading dims; made contiguous), w and b [C] (fp32 or half under O2).
 Saves mean and rstd (fp32, one per row) for the backward. Any width (one row per tile up to
 C = 16384). Parameter names are nn.LayerNorm's: the module keeps its `weight` and `bias`.

@@ -11,6 +11,10 @@ map side may have any strides, the windows side is made contiguous. Element offs
 (token indices int32: up to 2**31 - 1 tokens), the grid is 1-D over row blocks (no 65535 limit),
 launches go to the current stream (Triton's default). The geometry (H, W, C, window, shift) is
 compile-time: one specialisation per stage and shift, eight in a Swin model.
+
+With --fused_layernorm as well, the model does not call these kernels: the same permutation
+(`window_source` / `window_row_of` below) addresses the window side inside the LayerNorm kernels
+(layer_norm.py), which saves a read and a write of the activation each way.
 """
 import torch
 
