@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|train|train-eager|train-compiled|main ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main ...]
+# (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ for part in $PARTS; do
     kernels) python3 benchmarks/bench_kernels.py ;;
     optim)   python3 benchmarks/bench_optim.py ;;
     host)    python3 benchmarks/launch_overhead.py ;;
+    tune)    python3 benchmarks/tune_window_process.py; python3 benchmarks/tune_layer_norm.py ;;
     train|train-eager|train-compiled)
              c=all; [ $part = train-eager ] && c=no; [ $part = train-compiled ] && c=only
              for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
