@@ -216,9 +216,9 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     `residual`, which is the map); mean and rstd follow the map's rows."""
     check_triton_device(x)
     C = x.shape[-1]
+    M = x.numel() // C
+    geometry = _geometry(window, M)        # before anything is allocated
     x2 = x.reshape(-1, C).contiguous()
-    M = x2.shape[0]
-    geometry = _geometry(window, M)
     if residual is not None:
         if residual.numel() != x.numel() or (not window and residual.shape != x.shape):
             raise ValueError(f'add_layer_norm: shortcut {tuple(residual.shape)} and branch {tuple(x.shape)} differ')
@@ -255,10 +255,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     layout, or (with branch_dtype) dbranch is returned in it."""
     check_triton_device(x)
     C = x.shape[-1]
+    M = x.numel() // C
+    geometry = _geometry(window, M)
     x2 = x.reshape(-1, C).contiguous()
     dy2 = dy.reshape(-1, C).contiguous()
-    M = x2.shape[0]
-    geometry = _geometry(window, M)
     dx = torch.empty_like(x2)
     dres2 = dres.reshape(-1, C).contiguous() if dres is not None else dx
     dbranch = torch.empty(x2.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else dx
@@ -289,9 +289,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 # `window` is [] for a plain LayerNorm, or [H, W, window_size, shift] for the window-layout forms.
-def _windows_shape(window, C: int):
+def _windows_shape(window, M: int, C: int) -> tuple:
+    """[B*nW, ws, ws, C] for M tokens."""
     ws = window[2]
-    return lambda M: (M // (ws * ws), ws, ws, C)
+    return (M // (ws * ws), ws, ws, C)
 
 
 @torch.library.custom_op('swin::layer_norm_fwd', mutates_args=())
@@ -303,7 +304,7 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
 @_fwd_op.register_fake
 def _(x, weight, bias, eps, fp32_output, window):
     M = x.numel() // x.shape[-1]
-    shape = _windows_shape(window, x.shape[-1])(M) if window else x.shape
+    shape = _windows_shape(window, M, x.shape[-1]) if window else x.shape
     # contiguous, like the real output (x itself may be strided)
     return (x.new_empty(shape, dtype=torch.float32 if fp32_output else x.dtype),
             x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
@@ -407,7 +408,7 @@ def _add_bwd_op(dh: Optional[torch.Tensor], dy: torch.Tensor, h: torch.Tensor, w
 @_add_bwd_op.register_fake
 def _(dh, dy, h, weight, mean, rstd, scale, branch_dtype, window):
     M = h.numel() // h.shape[-1]
-    branch_shape = _windows_shape(window, h.shape[-1])(M) if window else h.shape
+    branch_shape = _windows_shape(window, M, h.shape[-1]) if window else h.shape
     return (h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight),
             h.new_empty(branch_shape, dtype=branch_dtype))
 

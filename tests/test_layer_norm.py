@@ -226,7 +226,11 @@ def test_merge_add_layer_norm_matches_the_unfolded_kernels(case, with_scale):
         _same(a, e)
 
 
-def test_window_layout_rejects_a_map_that_is_not_a_multiple_of_the_window():
+def test_window_layout_rejects_bad_geometry_before_allocating():
     x, w, b, _ = _window_inputs(1, 9, 8, 16, torch.float32, 0)
     with pytest.raises(ValueError, match='not a multiple of the window'):
         ln.layer_norm_partition(x, w, b, 1e-5, 9, 8, 4, 2)
+    # 2**26 samples of a 7x7 map (3.3e9 tokens) as a zero-stride view: refused, nothing allocated
+    huge = torch.zeros(1, 49, 16, device=DEVICE).expand(2 ** 26, 49, 16)
+    with pytest.raises(ValueError, match='at most 2\\*\\*31 - 1'):
+        ln.layer_norm_partition(huge, w, b, 1e-5, 7, 7, 7, 0)
