@@ -47,12 +47,6 @@ def main():
         ('add + layer norm fwd+bwd', 'torch ops', lambda: torch.autograd.backward(list(ln.add_layer_norm_ref(sc, x, None, w, b)), [g, g])),
         ('add + layer norm fwd+bwd', 'ours', lambda: torch.autograd.backward(list(ln.add_layer_norm(sc, x, None, w, b)), [g, g])),
     ]
-    try:
-        from kernels import layer_norm_old as old
-        cases += [('layer norm fwd', 'session-1 kernel', lambda: old.layer_norm(x, w, b)),
-                  ('layer norm fwd+bwd', 'session-1 kernel', lambda: old.layer_norm(x, w, b).backward(g))]
-    except ImportError:
-        pass
     xw = torch.randn(2, 14, 14, 96, device='cuda', dtype=torch.bfloat16, requires_grad=True)
     cases += [('window partition fwd', 'torch roll+view', lambda: wp.window_partition_ref(xw, 7, 3)),
               ('window partition fwd', 'ours', lambda: wp.window_partition(xw, 7, 3))]

@@ -19,9 +19,6 @@ import torch
 
 from ._utils import check_triton_device, next_power_of_2, sm_count, triton_available, triton_interpret
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-
 
 if triton_available():
     import triton

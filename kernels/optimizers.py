@@ -266,10 +266,11 @@ class _Launch:
         self.n = len(live)
         buckets: Dict[tuple, List[int]] = {}
         for pos, i in enumerate(live):
-            key = (params[i].dtype, grads[pos].dtype, outs[pos].dtype if outs else None)
-            buckets.setdefault(key, []).append(pos)
+            dtypes = (params[i].dtype, grads[pos].dtype, outs[pos].dtype if outs else None)
+            buckets.setdefault(dtypes, []).append(pos)
         self.buckets = []
         n_chunks_total = 0
+        n_rows = 0          # rows of the [live, 4] scalar table, in bucket order
         for (p_dtype, g_dtype, o_dtype), positions in buckets.items():
             ps = [params[live[pos]] for pos in positions]
             numels = [p.numel() for p in ps]
@@ -286,16 +287,17 @@ class _Launch:
                 chunk_index=torch.tensor([c for _, c in chunks], dtype=torch.int32, device=dev),
                 n_chunks=len(chunks), partial_offset=n_chunks_total,
                 max_chunks=max(c for _, c in chunks) + 1,
-                # the first of this bucket's rows in the [live, 4] scalar table
-                scalar_offset=0)
+                scalar_offset=n_rows)   # the first of this bucket's rows in the scalar table
+            if opt.LAMB:
+                # per (tensor, chunk) sums of p^2 and u^2; slots past a tensor's last chunk are never
+                # written and must read as 0, so zeroed once here, not every step
+                b['lamb_parts'] = torch.zeros(len(positions) * b['max_chunks'] * 2, dtype=torch.float32,
+                                              device=dev)
             n_chunks_total += len(chunks)
+            n_rows += len(positions)
             self.buckets.append(b)
         # scalar rows follow bucket order: remap the prepare kernel's inputs accordingly
         order = [pos for b in self.buckets for pos in b['positions']]
-        start = 0
-        for b in self.buckets:
-            b['scalar_offset'] = start
-            start += len(b['positions'])
         self.global_index = torch.tensor([live[pos] for pos in order], dtype=torch.int32, device=dev)
         self.group = torch.tensor([opt._group_of[live[pos]] for pos in order], dtype=torch.int32, device=dev)
         self.n_chunks = n_chunks_total
@@ -459,8 +461,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                     GRAD_DTYPE=_TL_DTYPES[b['g_dtype']], OUT_DTYPE=o_dtype,
                                     HAS_OUT=has_out, **common)
             else:
-                parts = torch.zeros(len(b['positions']) * b['max_chunks'] * 2, dtype=torch.float32,
-                                    device=self._device)
+                parts = b['lamb_parts']
                 _lamb_norms_kernel[grid](b['params'], gp, b['exp_avg'], b['exp_avg_sq'], b['numel'],
                                          b['chunk_tensor'], b['chunk_index'], s, out, parts,
                                          1 - beta1, beta2, 1 - beta2, eps, b['max_chunks'],

@@ -84,12 +84,11 @@ def test_fused_adamw_matches_torch_adamw(backend):
     _assert_params_close(w_ref, w_fused)
     torch.testing.assert_close(n_fused, n_ref, rtol=1e-5, atol=0)
     assert min(n_ref) > 1.0, 'the clip must be active'
-    for p in w_fused.parameters():       # the state is torch's, step counts included
-        st, sr = fused.state_dict()['state'], ref.state_dict()['state']
-        assert st.keys() == sr.keys()
-        for k in st:
-            assert float(st[k]['step']) == float(sr[k]['step']) == STEPS
-            torch.testing.assert_close(st[k]['exp_avg'], sr[k]['exp_avg'], rtol=1e-5, atol=1e-7)
+    st, sr = fused.state_dict()['state'], ref.state_dict()['state']   # torch's state, step counts included
+    assert st.keys() == sr.keys()
+    for k in st:
+        assert float(st[k]['step']) == float(sr[k]['step']) == STEPS
+        torch.testing.assert_close(st[k]['exp_avg'], sr[k]['exp_avg'], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
