@@ -23,6 +23,10 @@ _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'           # no, full, part
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# 'pil': upstream's pipeline (PIL decode + per-image transforms in the workers). 'gpu': workers read
+# bytes and draw the same random parameters; decode (nvJPEG) and augmentation run batched on the
+# training device (data/gpu_pipeline.py). CLI --data-pipeline.
+_C.DATA.PIPELINE = 'pil'
 _C.DATA.MASK_PATCH_SIZE = 32          # upstream SimMIM keys, kept so upstream files merge
 _C.DATA.MASK_RATIO = 0.6
 
@@ -216,6 +220,8 @@ def update_config(config: CN, args: Any) -> None:
         config.DATA.BATCH_SIZE = args.batch_size
     if _arg(args, 'data_path'):
         config.DATA.DATA_PATH = args.data_path
+    if _arg(args, 'data_pipeline'):
+        config.DATA.PIPELINE = args.data_pipeline
     if _arg(args, 'zip'):
         config.DATA.ZIP_MODE = True
     if _arg(args, 'cache_mode'):
@@ -231,6 +237,9 @@ def update_config(config: CN, args: Any) -> None:
     if _arg(args, 'disable_amp'):
         config.AMP_ENABLE = False
     if _arg(args, 'amp_opt_level'):
+        if _arg(args, 'disable_amp') and args.amp_opt_level != 'O0':
+            raise ConfigError(f"--disable_amp contradicts --amp-opt-level {args.amp_opt_level}: "
+                              f"give one of them (--amp-opt-level O0 is the same as --disable_amp)")
         config.AMP_OPT_LEVEL = args.amp_opt_level
     if _arg(args, 'amp_dtype'):
         config.AMP_DTYPE = args.amp_dtype
@@ -302,6 +311,7 @@ def _validate(config: CN) -> None:
         ('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES),
         ('KERNEL_BACKEND', config.KERNEL_BACKEND, KERNEL_BACKENDS),
         ('DATA.CACHE_MODE', config.DATA.CACHE_MODE, ('no', 'full', 'part')),
+        ('DATA.PIPELINE', config.DATA.PIPELINE, ('pil', 'gpu')),
         ('TRAIN.OPTIMIZER.NAME', config.TRAIN.OPTIMIZER.NAME.lower(),
          ('adamw', 'sgd', 'fused_adam', 'fused_lamb')),
         ('TRAIN.LR_SCHEDULER.NAME', config.TRAIN.LR_SCHEDULER.NAME, ('cosine', 'linear', 'step', 'multistep')),
@@ -309,8 +319,28 @@ def _validate(config: CN) -> None:
     for key, value, choices in checks:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
-    if config.TRAIN.ACCUMULATION_STEPS < 1:
-        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS must be >= 1, got {config.TRAIN.ACCUMULATION_STEPS}")
+    positive = [('TRAIN.ACCUMULATION_STEPS', config.TRAIN.ACCUMULATION_STEPS), ('SAVE_FREQ', config.SAVE_FREQ),
+                ('PRINT_FREQ', config.PRINT_FREQ), ('DATA.BATCH_SIZE', config.DATA.BATCH_SIZE),
+                ('DATA.IMG_SIZE', config.DATA.IMG_SIZE), ('TRAIN.EPOCHS', config.TRAIN.EPOCHS),
+                ('MODEL.NUM_CLASSES', config.MODEL.NUM_CLASSES)]
+    non_negative = [('DATA.NUM_WORKERS', config.DATA.NUM_WORKERS), ('TRAIN.WARMUP_EPOCHS', config.TRAIN.WARMUP_EPOCHS),
+                    ('TRAIN.START_EPOCH', config.TRAIN.START_EPOCH), ('TRAIN.BASE_LR', config.TRAIN.BASE_LR),
+                    ('TRAIN.WARMUP_LR', config.TRAIN.WARMUP_LR), ('TRAIN.MIN_LR', config.TRAIN.MIN_LR),
+                    ('TRAIN.WEIGHT_DECAY', config.TRAIN.WEIGHT_DECAY), ('TRAIN.CLIP_GRAD', config.TRAIN.CLIP_GRAD or 0),
+                    ('AUG.REPROB', config.AUG.REPROB), ('AUG.RECOUNT', config.AUG.RECOUNT),
+                    ('MODEL.DROP_PATH_RATE', config.MODEL.DROP_PATH_RATE), ('MODEL.DROP_RATE', config.MODEL.DROP_RATE)]
+    for key, value in positive:
+        if not value >= 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in non_negative:
+        if not value >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in (('AUG.REPROB', config.AUG.REPROB), ('AUG.MIXUP_PROB', config.AUG.MIXUP_PROB),
+                       ('AUG.MIXUP_SWITCH_PROB', config.AUG.MIXUP_SWITCH_PROB),
+                       ('MODEL.LABEL_SMOOTHING', config.MODEL.LABEL_SMOOTHING),
+                       ('MODEL.DROP_PATH_RATE', config.MODEL.DROP_PATH_RATE)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key} is a probability in [0, 1], got {value}")
 
 
 def amp_opt_level(config: CN) -> str:

@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -20,18 +21,23 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import AverageMeter, accuracy
 
 from amp import Precision
-from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, amp_opt_level, get_config
-from data import build_loader
+from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
+from data import DataError, build_loader
+from kernels import KernelUnavailable
 from logger import Scalars, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (all_rng_states, auto_resume_helper, is_dist, load_checkpoint, load_pretrained, rank,
-                   reduce_tensor, rng_state, save_checkpoint, set_rng_state, world_size)
+from utils import (CheckpointError, all_rng_states, auto_resume_helper, is_dist, load_checkpoint,
+                   load_pretrained, rank, read_checkpoint, reduce_tensor, rng_state, save_checkpoint,
+                   set_rng_state, world_size)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, KernelUnavailable, NonFiniteLossError)
 
 
 def parse_option(argv=None):
@@ -41,6 +47,8 @@ def parse_option(argv=None):
     p.add_argument('--opts', default=None, nargs='+', help="modify config options by adding 'KEY VALUE' pairs")
     p.add_argument('--batch-size', type=int, help='batch size for a single GPU')
     p.add_argument('--data-path', type=str, help='path to dataset')
+    p.add_argument('--data-pipeline', type=str, choices=['pil', 'gpu'],
+                   help="pil: upstream's CPU pipeline; gpu: decode and augment batched on the GPU (DATA.PIPELINE)")
     p.add_argument('--zip', action='store_true', help='use zipped dataset instead of folder dataset')
     p.add_argument('--cache-mode', type=str, default='part', choices=['no', 'full', 'part'],
                    help='no: no cache, full: cache all data, part: each rank caches its shard')
@@ -100,12 +108,37 @@ def scale_lr(config) -> None:
     config.freeze()
 
 
+def resolve_resume(config) -> str:
+    """The checkpoint this run resumes from: --resume, else (training only) the newest
+    ckpt_epoch_*.pth in the output folder when TRAIN.AUTO_RESUME is on, else ''. AUTO_RESUME never
+    overrides an explicit --resume, nor an --eval of a given checkpoint."""
+    if config.MODEL.RESUME:
+        return config.MODEL.RESUME
+    if config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:
+        return auto_resume_helper(config.OUTPUT) or ''
+    return ''
+
+
+def best_accuracy_in(output_dir: str) -> float:
+    """max_accuracy recorded in <output_dir>/ckpt_best.pth, 0 when there is none."""
+    path = os.path.join(output_dir, 'ckpt_best.pth')
+    if not os.path.isfile(path):
+        return 0.0
+    return float(read_checkpoint(path, mmap=True).get('max_accuracy', 0.0))
+
+
 def main(config, logger=None):
     device = init_distributed(config)
     seed = config.SEED + rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
     scale_lr(config)
+    # Checkpoints are read (safely) before anything is written: a refused or damaged file stops the
+    # run with one line and leaves the output folder as it was.
+    resume_from = resolve_resume(config)
+    resume_ckpt = read_checkpoint(resume_from) if resume_from else None
+    pretrained_ckpt = (read_checkpoint(config.MODEL.PRETRAINED)
+                       if config.MODEL.PRETRAINED and not resume_from else None)
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = logger or create_logger(config.OUTPUT, rank(), name=f'{config.MODEL.NAME}')
     if rank() == 0:
@@ -124,8 +157,9 @@ def main(config, logger=None):
     if hasattr(model, 'flops'):
         logger.info(f'number of GFLOPs: {model.flops() / 1e9}')
     model.to(device)
-    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config, model, logger)
+    if pretrained_ckpt is not None:
+        load_pretrained(config, model, logger, checkpoint=pretrained_ckpt)
+        del pretrained_ckpt
     model_without_ddp, master = precision.prepare(model)
     if precision.level == 'O3' and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
         logger.warning('O3 trains in pure half precision without fp32 master weights: '
@@ -143,10 +177,11 @@ def main(config, logger=None):
         logger.info(f"torch.compile, mode {config.EXTRA.COMPILE_MODE or 'default'}")
 
     accum = config.TRAIN.ACCUMULATION_STEPS
-    steps_per_epoch = len(data_loader_train) // accum
+    # --eval / --throughput read no training split; the schedule is then built only to be resumed into.
+    steps_per_epoch = len(data_loader_train) // accum if data_loader_train is not None else 1
     if steps_per_epoch == 0:
-        raise ValueError(f'{len(data_loader_train)} batches per epoch is fewer than '
-                         f'TRAIN.ACCUMULATION_STEPS={accum}: lower the accumulation or the batch size')
+        raise DataError(f'{len(data_loader_train)} batches per epoch is fewer than '
+                        f'TRAIN.ACCUMULATION_STEPS={accum}: lower the accumulation or the batch size')
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
 
     if mixup_fn is not None:
@@ -157,20 +192,23 @@ def main(config, logger=None):
         criterion = torch.nn.CrossEntropyLoss()
 
     max_accuracy = 0.0
-    # AUTO_RESUME never overrides an explicit --resume, nor an --eval of a given checkpoint.
-    if config.TRAIN.AUTO_RESUME and not config.MODEL.RESUME and not config.EVAL_MODE:
-        resume_file = auto_resume_helper(config.OUTPUT)
-        if resume_file:
-            config.defrost()
-            config.MODEL.RESUME = resume_file
-            config.freeze()
-            logger.info(f'auto resuming from {resume_file}')
-        else:
-            logger.info(f'no checkpoint found in {config.OUTPUT}, ignoring auto resume')
+    if resume_from and resume_from != config.MODEL.RESUME:
+        logger.info(f'auto resuming from {resume_from}')
+        config.defrost()
+        config.MODEL.RESUME = resume_from
+        config.freeze()
+    elif config.TRAIN.AUTO_RESUME and not resume_from and not config.EVAL_MODE:
+        logger.info(f'no checkpoint found in {config.OUTPUT}, ignoring auto resume')
 
     resumed_rng = None
     if config.MODEL.RESUME:
-        max_accuracy = load_checkpoint(config, master, optimizer, lr_scheduler, precision, logger)
+        max_accuracy = load_checkpoint(config, master, optimizer, lr_scheduler, precision, logger,
+                                       checkpoint=resume_ckpt)
+        del resume_ckpt
+        if not config.EVAL_MODE:
+            # The best model so far may be newer than the epoch resumed from (SAVE_FREQ > 1, a crash,
+            # an earlier epoch resumed into the same folder): never let a worse one replace it.
+            max_accuracy = max(max_accuracy, best_accuracy_in(config.OUTPUT))
         precision.sync_from_master()
         resumed_rng = rng_state()   # validation below draws loader seeds: training resumes from here
     if config.EVAL_MODE or (config.MODEL.RESUME and not config.THROUGHPUT_MODE):
@@ -349,13 +387,25 @@ def throughput(data_loader, model, precision, logger) -> float:
     return value
 
 
+def cli(argv=None) -> int:
+    """The command line: a user's error (config, data, checkpoint, kernel availability) prints as
+    one line and exits 2; a traceback means a bug."""
+    try:
+        _args, config = parse_option(argv)
+        if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True
+        warnings.filterwarnings('ignore', message='.*TypedStorage.*')
+        result = main(config)
+        if rank() == 0:
+            print('RESULT ' + json.dumps(result))
+        return 0
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+
+
 if __name__ == '__main__':
-    _args, _config = parse_option()
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-    warnings.filterwarnings('ignore', message='.*TypedStorage.*')
-    _result = main(_config)
-    if rank() == 0:
-        print('RESULT ' + json.dumps(_result))
-    if is_dist():
-        dist.destroy_process_group()
+    sys.exit(cli())

@@ -2,6 +2,8 @@
 import os
 import pickle
 import random
+import re
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -78,17 +80,56 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- reading checkpoints
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint file on the CPU. Ours load with weights_only=True; old upstream files
-    (which pickle a yacs CfgNode) need a full unpickle, done only after the safe load fails."""
+def _checkpoint_globals() -> list:
+    """The only class a checkpoint may name besides tensors and plain containers: yacs' CfgNode,
+    which upstream's training checkpoints pickle as their 'config' entry. Released Swin files hold
+    {'model': state_dict}; upstream's own checkpoints add optimizer / lr_scheduler / scaler (or
+    apex 'amp') state dicts, max_accuracy and epoch, all plain values torch's safe loader reads.
+
+    torch's safe loader fills only plain dicts, and a CfgNode is a dict subclass, so the name
+    'yacs.config.CfgNode' is rebuilt as an OrderedDict (its items and attributes, no code of
+    yacs runs) and turned back into a CfgNode by read_checkpoint."""
+    return [(OrderedDict, 'yacs.config.CfgNode')]
+
+
+_GLOBAL_RE = re.compile(r'GLOBAL ([\w.]+)|global[^`\n]*`([\w.]+)`|Unsupported class ([\w.]+)')
+
+
+def _refused_global(message: str) -> Optional[str]:
+    m = _GLOBAL_RE.search(message)
+    return next((g for g in m.groups() if g), None) if m else None
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Load a checkpoint file on the CPU without ever running code from it.
+
+    torch.load(weights_only=True) rebuilds only tensors, plain containers and scalars, plus the
+    classes `_checkpoint_globals` allows. Anything else (a pickled function, an object whose
+    reduction calls os.system, ...) is refused before it is built, with the global it asked for.
+    There is no fallback to a full unpickle. mmap: map the tensors' storage instead of reading it
+    (zip-format files; for reading one small entry of a large file).
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path!r}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f'cannot read checkpoint {path!r}: {e}') from None
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap or None)
+    except pickle.UnpicklingError as e:
+        name = _refused_global(str(e))
+        if name:
+            raise CheckpointError(
+                f'refused to load {path}: it asks for {name!r}, which no checkpoint needs '
+                f'(loading it could run code from the file). Only tensors, plain containers and '
+                f'yacs CfgNode configs are accepted.') from None
+        raise CheckpointError(f'cannot read {path}: not a checkpoint, or truncated '
+                              f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
+    except Exception as e:      # zip/storage errors, EOF, wrong magic: a damaged or foreign file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f'cannot read {path}: not a checkpoint, or truncated ({first})') from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), OrderedDict):
+        from yacs.config import CfgNode
+        ckpt['config'] = CfgNode(ckpt['config'])
+    return ckpt
 
 
 _BUFFER_KEYS = ('relative_position_index', 'attn_mask')
@@ -119,10 +160,12 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, what: str) -> Non
     model.load_state_dict(state_dict, strict=False)
 
 
-def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger) -> float:
-    """Resume (or, for --eval, just load) MODEL.RESUME; returns the max accuracy it recorded."""
+def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger,
+                    checkpoint: Optional[dict] = None) -> float:
+    """Resume (or, for --eval, just load) MODEL.RESUME; returns the max accuracy it recorded.
+    `checkpoint`: the file's contents when the caller has already read it (read_checkpoint)."""
     logger.info(f'==============> Resuming from {config.MODEL.RESUME}....................')
-    ckpt = read_checkpoint(config.MODEL.RESUME)
+    ckpt = checkpoint if checkpoint is not None else read_checkpoint(config.MODEL.RESUME)
     load_model_state(model, _model_state(ckpt), f'checkpoint {config.MODEL.RESUME}')
     max_accuracy = 0.0
     if not config.EVAL_MODE and 'optimizer' in ckpt and 'lr_scheduler' in ckpt and 'epoch' in ckpt:
@@ -251,10 +294,11 @@ def adapt_pretrained_state(state_dict: dict, model: torch.nn.Module) -> tuple:
     return out, notes
 
 
-def load_pretrained(config, model, logger) -> None:
-    """Fine-tune start: load MODEL.PRETRAINED into `model`, adapting what upstream adapts."""
+def load_pretrained(config, model, logger, checkpoint: Optional[dict] = None) -> None:
+    """Fine-tune start: load MODEL.PRETRAINED into `model`, adapting what upstream adapts.
+    `checkpoint`: the file's contents when the caller has already read it (read_checkpoint)."""
     logger.info(f'==============> Loading weight {config.MODEL.PRETRAINED} for fine-tuning......')
-    state_dict = _model_state(read_checkpoint(config.MODEL.PRETRAINED))
+    state_dict = _model_state(checkpoint if checkpoint is not None else read_checkpoint(config.MODEL.PRETRAINED))
     adapted, notes = adapt_pretrained_state(state_dict, model)
     load_model_state(model, adapted, f'pretrained weights {config.MODEL.PRETRAINED}')
     for n in notes:

@@ -8,7 +8,7 @@ and benchmarks.
 import os
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
@@ -40,6 +40,7 @@ def build_transform(is_train: bool, config):
         if img_size <= 32:
             # As upstream: small images get a padded random crop instead of a random-resized crop.
             t.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+        _keep_zero_bit_posterize(t)
         return t
     t = []
     if config.TEST.CROP:
@@ -50,6 +51,29 @@ def build_transform(is_train: bool, config):
         t += [transforms.Resize((img_size, img_size), interpolation=_interp(config.DATA.INTERPOLATION))]
     t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(t)
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize with its old meaning at every Pillow version: keep the top `bits_to_keep`
+    bits of each channel; 0 bits is a black image (Pillow < 13 returned one, Pillow 13 raises).
+    RandAugment's increasing posterize asks for 0 bits whenever magnitude noise reaches 10."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _keep_zero_bit_posterize(transform) -> None:
+    """Point every timm posterize op inside `transform` (RandAugment, AutoAugment) at `posterize`."""
+    from timm.data import auto_augment
+    for t in getattr(transform, 'transforms', [transform]):
+        ops = list(getattr(t, 'ops', []))
+        for sub_policy in getattr(t, 'policy', []):        # AutoAugment: a list of sub-policies
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+                op.aug_fn = posterize
 
 
 def pil_loader(path: str) -> Image.Image:
@@ -123,10 +147,13 @@ def build_loader(config):
     """-> (dataset_train, dataset_val, loader_train, loader_val, mixup_fn), as upstream.
 
     MODEL.NUM_CLASSES follows the dataset's class count unless the user set it, in which case
-    a mismatch is an error (upstream silently overwrote it).
+    a mismatch is an error (upstream silently overwrote it). With --eval or --throughput only the
+    val split is read (dataset_train and loader_train are None): evaluating a downloaded
+    checkpoint needs no training images.
     """
-    dataset_train, n_train = build_dataset(True, config)
+    eval_only = config.EVAL_MODE or config.THROUGHPUT_MODE
     dataset_val, n_val = build_dataset(False, config)
+    dataset_train, n_train = (None, n_val) if eval_only else build_dataset(True, config)
     if n_train != n_val:
         raise DataError(f'train has {n_train} classes but val has {n_val}: both need the same class folders')
     if config.MODEL.NUM_CLASSES != n_train:
@@ -139,23 +166,28 @@ def build_loader(config):
                             f'{n_train} classes: remove MODEL.NUM_CLASSES from your config/--opts or fix it')
 
     world, rank = world_size(), get_rank()
-    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part':
+    # Validation: each sample exactly once across ranks (no padding duplicates).
+    sampler_val = ShardSampler(len(dataset_val), world, rank, shuffle=config.TEST.SHUFFLE)
+    if dataset_train is None:
+        sampler_train = None
+    elif config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part':
         # as upstream: each rank trains on the shard it caches, reshuffled every epoch
         sampler_train = ShardSampler(len(dataset_train), world, rank, shuffle=True, seed=config.SEED,
                                      fixed_shard=True)
     else:
         sampler_train = torch.utils.data.DistributedSampler(
             dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
-    # Validation: each sample exactly once across ranks (no padding duplicates).
-    sampler_val = ShardSampler(len(dataset_val), world, rank, shuffle=config.TEST.SHUFFLE)
-    if len(dataset_train) < config.DATA.BATCH_SIZE * world:
+    if dataset_train is not None and len(dataset_train) < config.DATA.BATCH_SIZE * world:
         raise DataError(f'{len(dataset_train)} training images is fewer than one global batch '
                         f'({config.DATA.BATCH_SIZE} x {world} processes): lower --batch-size')
+
+    if config.DATA.PIPELINE == 'gpu':
+        return _build_gpu_loaders(config, dataset_train, dataset_val, sampler_train, sampler_val)
 
     workers = config.DATA.NUM_WORKERS
     # No persistent workers: each epoch's worker seeds come from the main RNG, so a resumed run
     # repeats the uninterrupted run's augmentations exactly.
-    loader_train = torch.utils.data.DataLoader(
+    loader_train = None if dataset_train is None else torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=True)
     loader_val = torch.utils.data.DataLoader(
@@ -163,10 +195,32 @@ def build_loader(config):
         num_workers=workers, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
         drop_last=False)
 
+    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+
+
+def build_mixup(config):
+    """timm's Mixup/CutMix on the batch, or None when both are off (as upstream)."""
     mixup_fn = None
     if config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0. or config.AUG.CUTMIX_MINMAX is not None:
         mixup_fn = Mixup(
             mixup_alpha=config.AUG.MIXUP, cutmix_alpha=config.AUG.CUTMIX, cutmix_minmax=config.AUG.CUTMIX_MINMAX,
             prob=config.AUG.MIXUP_PROB, switch_prob=config.AUG.MIXUP_SWITCH_PROB, mode=config.AUG.MIXUP_MODE,
             label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
-    return dataset_train, dataset_val, loader_train, loader_val, mixup_fn
+    return mixup_fn
+
+
+def _build_gpu_loaders(config, dataset_train, dataset_val, sampler_train, sampler_val):
+    """--data-pipeline gpu: workers read bytes and draw parameters; decode and augmentation run as
+    batched ops on this process's device (data/gpu_pipeline.py)."""
+    from .gpu_pipeline import SyntheticOnDevice, build_gpu_loader
+    device = torch.device('cuda', config.LOCAL_RANK) if torch.cuda.is_available() else torch.device('cpu')
+    loader_train = None
+    if isinstance(dataset_val, SyntheticDataset):
+        if dataset_train is not None:
+            loader_train = SyntheticOnDevice(dataset_train, config.DATA.BATCH_SIZE, sampler_train, device, True)
+        loader_val = SyntheticOnDevice(dataset_val, config.DATA.BATCH_SIZE, sampler_val, device, False)
+        return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+    if dataset_train is not None:
+        dataset_train, loader_train = build_gpu_loader(dataset_train, config, device, True, sampler_train)
+    dataset_val, loader_val = build_gpu_loader(dataset_val, config, device, False, sampler_val)
+    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

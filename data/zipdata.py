@@ -52,8 +52,12 @@ class ZipImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read_bytes(self, index: int) -> bytes:
+        """The stored file of sample `index` (from the cache when it holds it)."""
+        return self._cache.get(index) or self._read(index)
+
     def __getitem__(self, index: int):
-        data = self._cache.get(index) or self._read(index)
+        data = self.read_bytes(index)
         try:
             img = Image.open(io.BytesIO(data)).convert('RGB')
         except Exception as e:

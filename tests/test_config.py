@@ -107,3 +107,19 @@ def test_num_classes_follows_data_unless_set():
     assert not c.EXTRA.NUM_CLASSES_FROM_DATA and c.MODEL.NUM_CLASSES == 10
     k22 = get_config(argparse.Namespace(cfg=os.path.join(ROOT, 'configs/swin/swin_base_patch4_window7_224_22k.yaml'), opts=None))
     assert not k22.EXTRA.NUM_CLASSES_FROM_DATA and k22.MODEL.NUM_CLASSES == 21841
+
+
+@pytest.mark.parametrize('key,value,says', [('SAVE_FREQ', '0', 'SAVE_FREQ must be >= 1'),
+                                            ('PRINT_FREQ', '0', 'PRINT_FREQ must be >= 1'),
+                                            ('DATA.BATCH_SIZE', '0', 'DATA.BATCH_SIZE must be >= 1'),
+                                            ('TRAIN.BASE_LR', '-1.0', 'TRAIN.BASE_LR must be >= 0'),
+                                            ('AUG.REPROB', '1.5', 'AUG.REPROB is a probability')])
+def test_numeric_keys_are_validated_at_start(key, value, says):
+    with pytest.raises(ConfigError, match=says):
+        get_config(argparse.Namespace(cfg=TINY, opts=[key, value]))
+
+
+def test_disable_amp_with_an_amp_level_is_an_error():
+    with pytest.raises(ConfigError, match='contradicts'):
+        get_config(argparse.Namespace(cfg=TINY, opts=None, disable_amp=True, amp_opt_level='O2'))
+    assert get_config(argparse.Namespace(cfg=TINY, opts=None, disable_amp=True, amp_opt_level='O0')).AMP_OPT_LEVEL == 'O0'

@@ -1,0 +1,429 @@
+"""The fast input pipeline (DATA.PIPELINE 'gpu', CLI --data-pipeline gpu).
+
+Upstream decodes and augments every image in CPU workers with PIL (about 150 images/s per core) and
+ships float32 images to the GPU. Here the work is split where each part is cheapest:
+
+- CPU workers read the file's bytes, parse only its header (size, format, colour mode) and draw
+  every random choice of upstream's recipe from timm's and torchvision's own samplers: the
+  RandomResizedCrop box, the flip, the RandAugment program (timm's ops, probabilities, magnitude
+  noise, increasing variants) and the RandomErasing rectangles. They return the compressed bytes
+  and a row of parameters: ~100 KB instead of 600 KB of float32 per image, no pixel work.
+- On the training device, a background thread decodes the batch (nvJPEG, on the GPU's hardware
+  JPEG engines, for baseline JPEGs in YCbCr or grey), crops and resizes each image (antialiased
+  bicubic), and applies flip, RandAugment, normalisation and erasing as batched tensor ops
+  (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
+- Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
+  decoded in the worker with PIL's convert('RGB'), as upstream decodes them; a file PIL cannot
+  read is an error naming it. Nothing is dropped.
+
+On a machine without CUDA the same code runs on the CPU (workers decode with PIL, the batch ops run
+in the main process): slower, for tests and the demo.
+
+What is not implemented (a clear error at start names it; use --data-pipeline pil): colour jitter
+(timm applies it only without an auto-augment policy, or with '3a'), AutoAugment / AugMix policies,
+DATA.INTERPOLATION other than bicubic.
+"""
+import io
+import math
+import queue
+import random
+import threading
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from . import tensor_ops as T
+from .build import DataError
+
+# RandAugment ops by timm's function name -> (our op name). The id of an op is its index here.
+_TIMM_FUNCTIONS = {
+    'auto_contrast': 'autocontrast', 'equalize': 'equalize', 'invert': 'invert', 'rotate': 'rotate',
+    'posterize': 'posterize', 'solarize': 'solarize', 'solarize_add': 'solarize_add', 'color': 'color',
+    'contrast': 'contrast', 'brightness': 'brightness', 'sharpness': 'sharpness', 'shear_x': 'shear_x',
+    'shear_y': 'shear_y', 'translate_x_rel': 'translate_x_rel', 'translate_y_rel': 'translate_y_rel',
+    'translate_x_abs': 'translate_x_abs', 'translate_y_abs': 'translate_y_abs'}
+OPS = list(_TIMM_FUNCTIONS.values())
+SKIPPED = -1        # an op whose probability draw said no
+
+# Parameter row of one training image: crop box, flip, then (op id, argument) per RandAugment
+# layer, then (top, left, h, w) per erasing rectangle (-1 where none).
+BOX, FLIP, PROGRAM = slice(0, 4), 4, 5
+
+
+class _Record:
+    """Stands in for a timm op's image function: returns (op id, level argument) instead of an
+    image, so timm's own AugmentOp draws the probability, magnitude noise and level."""
+
+    def __init__(self, op_id: int):
+        self.op_id = op_id
+
+    def __call__(self, _img, *level_args, **_kwargs):
+        return self.op_id, float(level_args[0]) if level_args else 0.0
+
+
+def aa_fill() -> tuple:
+    """timm's fill colour for geometric ops: the ImageNet mean in 0..255."""
+    return tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)
+
+
+class TrainRecipe:
+    """Upstream's train recipe as parameters drawn per image (runs in the DataLoader workers)."""
+
+    def __init__(self, config):
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
+        self.size = config.DATA.IMG_SIZE
+        self.small = self.size <= 32          # upstream: RandomCrop(size, padding=4) instead of RRC
+        aa = config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None
+        if config.DATA.INTERPOLATION != 'bicubic':
+            raise DataError(f"--data-pipeline gpu implements DATA.INTERPOLATION 'bicubic' (upstream's), not "
+                            f"{config.DATA.INTERPOLATION!r}: use --data-pipeline pil")
+        if aa and not aa.startswith('rand'):
+            raise DataError(f"--data-pipeline gpu implements RandAugment ('rand-...'), not AUG.AUTO_AUGMENT "
+                            f"{aa!r}: use --data-pipeline pil")
+        if config.AUG.COLOR_JITTER > 0 and (not aa or '3a' in aa):
+            raise DataError('--data-pipeline gpu does not implement colour jitter, which this recipe applies '
+                            '(AUG.COLOR_JITTER > 0 without an auto-augment policy): use --data-pipeline pil, '
+                            'or set AUG.COLOR_JITTER 0')
+        self.randaugment = None
+        self.layers = 0
+        if aa:
+            hparams = dict(translate_const=int(self.size * 0.45), img_mean=aa_fill(),
+                           interpolation=str_to_pil_interp('bicubic'))
+            ra = rand_augment_transform(aa, hparams)
+            for op in ra.ops:
+                name = getattr(op.aug_fn, '__name__', str(op.aug_fn))
+                if name not in _TIMM_FUNCTIONS:
+                    raise DataError(f'--data-pipeline gpu does not implement the RandAugment op {op.name} '
+                                    f'(AUG.AUTO_AUGMENT {aa!r}): use --data-pipeline pil')
+                op.aug_fn = _Record(OPS.index(_TIMM_FUNCTIONS[name]))
+            self.randaugment, self.layers = ra, ra.num_layers
+        self.erase_prob = config.AUG.REPROB
+        self.erase_max_count = config.AUG.RECOUNT if config.AUG.REPROB > 0 else 0
+        self.erase_mode = config.AUG.REMODE.lower()
+        if self.erase_mode not in ('pixel', 'rand', 'const', ''):
+            raise DataError(f"AUG.REMODE {config.AUG.REMODE!r} is not one of 'pixel', 'rand', 'const'")
+        self.n_params = PROGRAM + 2 * self.layers + 4 * self.erase_max_count
+
+    def sample(self, image: Image.Image) -> torch.Tensor:
+        """The parameter row for one image; `image` may be a lazily opened PIL image (only its
+        size is read)."""
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        p = torch.full((self.n_params,), -1.0, dtype=torch.float64)
+        w, h = image.size
+        if self.small:      # torchvision RandomCrop(size, padding=4).get_params on the padded image
+            top = int(torch.randint(0, h + 8 - self.size + 1, (1,)))
+            left = int(torch.randint(0, w + 8 - self.size + 1, (1,)))
+            p[BOX] = torch.tensor([top - 4, left - 4, self.size, self.size], dtype=torch.float64)
+        else:
+            p[BOX] = torch.tensor(RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)),
+                                  dtype=torch.float64)
+        p[FLIP] = float(torch.rand(1) < 0.5)                 # torchvision RandomHorizontalFlip(0.5)
+        if self.randaugment is not None:
+            ra = self.randaugment
+            ops = np.random.choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights)
+            for k, op in enumerate(ops):
+                rec = op(None)                               # None back: the op's probability said no
+                p[PROGRAM + 2 * k: PROGRAM + 2 * k + 2] = torch.tensor(rec if rec is not None else (SKIPPED, 0.0))
+        for k, rect in enumerate(self.erase_rects(self.size, self.size)):
+            base = PROGRAM + 2 * self.layers + 4 * k
+            p[base:base + 4] = torch.tensor(rect, dtype=torch.float64)
+        return p
+
+    def erase_rects(self, img_h: int, img_w: int) -> list:
+        """timm's RandomErasing(probability, min_area 0.02, max_area 1/3, aspect 0.3..1/0.3,
+        min_count 1, max_count RECOUNT) rectangles, (top, left, h, w) each, drawn as timm draws them."""
+        if self.erase_max_count == 0 or random.random() > self.erase_prob:
+            return []
+        count = 1 if self.erase_max_count == 1 else random.randint(1, self.erase_max_count)
+        log_ratio = (math.log(0.3), math.log(1 / 0.3))
+        rects = []
+        for _ in range(count):
+            for _attempt in range(10):
+                target_area = random.uniform(0.02, 1 / 3) * img_h * img_w / count
+                aspect = math.exp(random.uniform(*log_ratio))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < img_w and h < img_h:
+                    rects.append((random.randint(0, img_h - h), random.randint(0, img_w - w), h, w))
+                    break
+        return rects
+
+
+# ----------------------------------------------------------------------------- worker side
+class RawImages(torch.utils.data.Dataset):
+    """Wraps an ImageFolder or ZipImageDataset: item = (payload, kind, params, label, index).
+
+    kind 0: the file's bytes, for the device's JPEG decoder; kind 1: the decoded RGB image, HWC
+    uint8 (PIL's convert('RGB')); kind 2: the same, already cut to the training crop box.
+    params: TrainRecipe.sample's row (training) or the image's (h, w) (validation)."""
+
+    def __init__(self, source, recipe=None, device_decode: bool = False):
+        self.source, self.recipe, self.device_decode = source, recipe, device_decode
+        self.classes = source.classes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        s = self.source
+        return s.samples[index][0] if not hasattr(s, 'zip_path') else f'{s.zip_path}@{s.samples[index][0]}'
+
+    def read(self, index: int) -> bytes:
+        s = self.source
+        if hasattr(s, 'read_bytes'):
+            return s.read_bytes(index)
+        with open(s.samples[index][0], 'rb') as f:
+            return f.read()
+
+    def _decodable_on_device(self, image: Image.Image, data: bytes) -> bool:
+        """Baseline JPEGs in YCbCr or grey, complete (ending in the EOI marker)."""
+        return (self.device_decode and image.format == 'JPEG' and image.mode in ('RGB', 'L')
+                and not image.info.get('progressive') and not image.info.get('progression')
+                and data.rstrip(b'\0')[-2:] == b'\xff\xd9')
+
+    def __getitem__(self, index: int):
+        label = self.source.samples[index][1]
+        try:
+            data = self.read(index)
+            image = Image.open(io.BytesIO(data))
+            params = self.recipe.sample(image) if self.recipe else torch.tensor(
+                [image.size[1], image.size[0]], dtype=torch.float64)
+            if self._decodable_on_device(image, data):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, params, label, index
+            rgb = image.convert('RGB')
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f'cannot read image {self.name(index)}: {e}. Remove or replace the file.') from None
+        kind = 1
+        if self.recipe is not None and not self.recipe.small:     # send only the crop box's pixels
+            top, left, h, w = (int(v) for v in params[BOX])
+            rgb, kind = rgb.crop((left, top, left + w, top + h)), 2
+        return torch.from_numpy(np.asarray(rgb).copy()), kind, params, label, index
+
+
+def collate_raw(batch):
+    """-> (payloads, kinds, params, labels, indices, seed); seed drives the batch's device RNG."""
+    payloads, kinds, params, labels, indices = zip(*batch)
+    return (list(payloads), torch.tensor(kinds), torch.stack(params), torch.tensor(labels),
+            torch.tensor(indices), torch.randint(0, 2 ** 62, ()))
+
+
+# ----------------------------------------------------------------------------- device side
+class DeviceTransform:
+    """A raw batch -> (normalised float32 images [B, 3, S, S], labels), on `device`."""
+
+    def __init__(self, dataset: RawImages, device: torch.device, img_size: int, train: bool,
+                 test_crop: bool = True):
+        self.dataset, self.device, self.size, self.train, self.test_crop = dataset, device, img_size, train, test_crop
+        self.recipe = dataset.recipe
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
+        self.fill = aa_fill()
+
+    def decode(self, payloads, kinds, indices) -> list:
+        """[3, h, w] uint8 images on the device, in batch order."""
+        images = [None] * len(payloads)
+        jpeg = [i for i, k in enumerate(kinds.tolist()) if k == 0]
+        if jpeg:
+            from torchvision.io import ImageReadMode, decode_jpeg
+            try:
+                decoded = decode_jpeg([payloads[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:      # one bad file fails the whole call: decode these on the host, one by one
+                decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in jpeg]
+            for i, img in zip(jpeg, decoded):
+                images[i] = img
+        for i, k in enumerate(kinds.tolist()):
+            if k != 0:
+                images[i] = payloads[i].to(self.device, non_blocking=True).permute(2, 0, 1)
+        return images
+
+    def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
+        try:
+            rgb = Image.open(io.BytesIO(payload.numpy().tobytes())).convert('RGB')
+        except Exception as e:
+            raise DataError(f'cannot read image {self.dataset.name(index)}: {e}. Remove or replace the file.') from None
+        return torch.from_numpy(np.asarray(rgb).copy()).to(self.device).permute(2, 0, 1)
+
+    def __call__(self, payloads, kinds, params, labels, indices, seed):
+        images = self.decode(payloads, kinds, indices)
+        S = self.size
+        x = torch.empty(len(images), 3, S, S, device=self.device)
+        rows, kind = params.tolist(), kinds.tolist()
+        for i, img in enumerate(images):
+            if self.train:
+                top, left, h, w = (int(v) for v in rows[i][:4])
+                if kind[i] == 2:                                   # cut to the box in the worker
+                    x[i] = T.resize(img, (S, S))
+                elif self.recipe.small:
+                    x[i] = T.crop_padded(img, top, left, h, w)
+                else:
+                    x[i] = T.resize(img[:, top:top + h, left:left + w], (S, S))
+            elif self.test_crop:
+                rh, rw = T.resize_shorter(img.shape[1], img.shape[2], int((256 / 224) * S))
+                top, left = T.center_crop_box(rh, rw, S)
+                x[i] = T.crop_padded(T.resize(img, (rh, rw)), top, left, S, S)
+            else:
+                x[i] = T.resize(img, (S, S))
+        if self.train:
+            x = self._augment(x, params)
+        x = x.div_(255).sub_(self.mean).div_(self.std)            # ToTensor + Normalize
+        if self.train and self.recipe.erase_max_count:
+            x = self._erase(x, params, int(seed))
+        return x, labels.to(self.device, non_blocking=True)
+
+    def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        flip = params[:, FLIP].to(self.device, non_blocking=True).bool()
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        for layer in range(self.recipe.layers):
+            col = PROGRAM + 2 * layer
+            ids = params[:, col].long()
+            args = params[:, col + 1].to(self.device, non_blocking=True)
+            for op_id in ids.unique().tolist():
+                if op_id == SKIPPED:
+                    continue
+                idx_cpu = (ids == op_id).nonzero()[:, 0]
+                idx = idx_cpu.to(self.device, non_blocking=True)
+                x[idx] = self.apply(OPS[op_id], x[idx], args[idx])
+        return x
+
+    def apply(self, op: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+        """One RandAugment op on a sub-batch, with per-image level arguments (timm's meaning)."""
+        S_h, S_w = x.shape[2], x.shape[3]
+        if op == 'rotate':
+            return T.affine(x, T.rotate_matrix(arg, S_w, S_h), self.fill)
+        if op in ('shear_x', 'shear_y'):
+            return T.affine(x, T.shear_matrix(arg, op[-1]), self.fill)
+        if op in ('translate_x_rel', 'translate_y_rel'):       # timm: pixels = pct * image width / height
+            return T.affine(x, T.translate_matrix(arg * (S_w if op[10] == 'x' else S_h), op[10]), self.fill)
+        if op in ('translate_x_abs', 'translate_y_abs'):
+            return T.affine(x, T.translate_matrix(arg, op[10]), self.fill)
+        return getattr(T, op)(x, arg)
+
+    def _erase(self, x: torch.Tensor, params: torch.Tensor, seed: int) -> torch.Tensor:
+        B, C, H, W = x.shape
+        base = PROGRAM + 2 * self.recipe.layers
+        rects = params[:, base:].reshape(B, -1, 4)
+        if not (rects[:, :, 2] > 0).any():
+            return x
+        rects = rects.to(self.device, non_blocking=True)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        ys = torch.arange(H, device=self.device).reshape(1, H, 1)
+        xs = torch.arange(W, device=self.device).reshape(1, 1, W)
+        mode = self.recipe.erase_mode
+        for k in range(rects.shape[1]):
+            top, left, h, w = (rects[:, k, j].reshape(B, 1, 1) for j in range(4))
+            inside = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & (h > 0)
+            if mode == 'pixel':
+                fill = torch.randn(B, C, H, W, device=self.device, generator=g)
+            elif mode == 'rand':
+                fill = torch.randn(B, C, 1, 1, device=self.device, generator=g).expand(B, C, H, W)
+            else:
+                fill = torch.zeros(1, device=self.device).expand(B, C, H, W)
+            x = torch.where(inside[:, None], fill, x)
+        return x
+
+
+class DeviceLoader:
+    """Iterates a DataLoader of raw batches and yields (images, labels) on the device.
+
+    On CUDA a background thread runs DeviceTransform on its own stream, `prefetch` batches ahead
+    of the training step (nvJPEG decode and the batch ops overlap the step); the consumer's
+    stream waits on each batch's event. Elsewhere it runs inline."""
+
+    def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3):
+        self.loader, self.transform, self.prefetch = loader, transform, prefetch
+        self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        device = self.transform.device
+        if device.type != 'cuda':
+            for raw in self.loader:
+                yield self.transform(*raw)
+            return
+        q, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        done = object()
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                stream = torch.cuda.Stream(device)
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    for raw in self.loader:
+                        images, labels = self.transform(*raw)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        if not put((images, labels, event)):
+                            return
+                put(done)
+            except BaseException as e:     # handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=work, name='gpu-input-pipeline', daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, event = item
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                images.record_stream(current)       # made on the side stream, freed on this one
+                labels.record_stream(current)
+                yield images, labels
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+
+def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler):
+    """The DataLoader over raw items, wrapped in a DeviceLoader."""
+    recipe = TrainRecipe(config) if train else None
+    decode_on_device = device.type == 'cuda'
+    raw = RawImages(dataset, recipe, decode_on_device)
+    loader = torch.utils.data.DataLoader(
+        raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+        pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,
+        persistent_workers=False)
+    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
+    return raw, DeviceLoader(loader, transform)
+
+
+class SyntheticOnDevice:
+    """DATA.DATASET synthetic with --data-pipeline gpu: the synthetic images made once on the device
+    (a pool, as SyntheticDataset), labels per index; no workers, no host-to-device copies."""
+
+    def __init__(self, dataset, batch_size: int, sampler, device: torch.device, drop_last: bool):
+        self.dataset, self.batch_size, self.sampler, self.device, self.drop_last = (
+            dataset, batch_size, sampler, device, drop_last)
+        g = torch.Generator().manual_seed(dataset.seed * 1_000_003)
+        n, s = min(dataset.size, dataset.POOL), dataset.img_size
+        self.pool = torch.randn(n, 3, s, s, generator=g).to(device)
+        self.labels = dataset._labels.to(device)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device, non_blocking=True)
+            yield self.pool[idx % len(self.pool)], self.labels[idx]

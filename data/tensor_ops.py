@@ -1,0 +1,199 @@
+"""Batched image operations on tensors that compute what upstream's PIL recipe computes.
+
+Every function takes `x`, a float32 batch [n, 3, H, W] holding whole numbers in 0..255 (what a
+uint8 PIL image holds), and per-image arguments as 1-D tensors of length n on x's device, and
+returns the same kind of batch: each op rounds and clips as Pillow does for 8-bit images, so a
+chain of ops stays on the uint8 grid. The per-op notes say how Pillow computes it; the tests
+(tests/test_gpu_pipeline.py) compare each op with Pillow at fixed arguments.
+
+Resampling (crop + resize, rotate, shear, translate) uses torch's bicubic kernels: antialiased
+bicubic (a = -0.5, as Pillow) for resize, and grid_sample's bicubic (a = -0.75) for the affine
+ops, where Pillow uses a = -0.5 without antialiasing. Those differ from Pillow by a few levels
+at edges; the tests state the tolerance.
+"""
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    """[n] -> [n, 1, 1, 1] to broadcast over a batch."""
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Image.blend(degenerate, x, factor) for 8-bit images: float32 a + f * (b - a), truncated
+    toward zero and clipped to 0..255 (Pillow's Blend.c)."""
+    out = degenerate + _col(factor).float() * (x - degenerate)
+    return out.clamp_(0, 255).trunc_()
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """convert('L'): (19595 R + 38470 G + 7471 B + 0x8000) >> 16 (Pillow's integer ITU-R 601-2)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536)
+
+
+# ----------------------------------------------------------------------------- colour ops
+
+
+def invert(x: torch.Tensor, _: torch.Tensor = None) -> torch.Tensor:
+    return 255 - x
+
+
+def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Keep the top `bits` bits: x & ~(2**(8 - bits) - 1). bits >= 8 keeps x; bits <= 0 gives a
+    black image (what Pillow < 13 returned; Pillow 13 refuses 0 bits)."""
+    step = torch.exp2(8 - _col(bits).float().clamp(0, 8))
+    return torch.floor(x / step) * step
+
+
+def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Pixels >= threshold inverted."""
+    return torch.where(x < _col(threshold).float(), x, 255 - x)
+
+
+def solarize_add(x: torch.Tensor, add: torch.Tensor, threshold: float = 128) -> torch.Tensor:
+    """timm's solarize_add: pixels < threshold get `add` added, clipped at 255."""
+    return torch.where(x < threshold, (x + _col(add).float()).clamp(0, 255), x)
+
+
+def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Color: blend with the image's grey version (L replicated to RGB)."""
+    return _blend(_luma(x).expand_as(x), x, factor)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast: blend with a flat grey at int(mean(L) + 0.5)."""
+    mean = torch.floor(_luma(x).double().mean(dim=(1, 2, 3)) + 0.5).float()
+    return _blend(_col(mean).expand_as(x), x, factor)
+
+
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Brightness: blend with black."""
+    return _blend(torch.zeros_like(x), x, factor)
+
+
+_SMOOTH = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
+
+
+def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3 [1 1 1; 1 5 1; 1 1 1] / 13,
+    rounded to nearest; the one-pixel border is copied unfiltered)."""
+    k = _SMOOTH.to(x.device).expand(3, 1, 3, 3)
+    smooth = torch.floor(F.conv2d(x, k, groups=3) + 0.5).clamp_(0, 255)
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = smooth
+    return _blend(degenerate, x, factor)
+
+
+def autocontrast(x: torch.Tensor, _: torch.Tensor = None) -> torch.Tensor:
+    """ImageOps.autocontrast (no cutoff), per channel: lo, hi = min, max; where hi > lo,
+    out = clip(int(v * 255 / (hi - lo) - lo * 255 / (hi - lo))); else unchanged. In float64, as
+    Pillow computes the table."""
+    lo = x.amin(dim=(2, 3), keepdim=True).double()
+    hi = x.amax(dim=(2, 3), keepdim=True).double()
+    scale = 255.0 / (hi - lo).clamp(min=1)
+    out = torch.trunc(x.double() * scale - lo * scale).clamp_(0, 255).float()
+    return torch.where(hi > lo, out, x)
+
+
+def equalize(x: torch.Tensor, _: torch.Tensor = None) -> torch.Tensor:
+    """ImageOps.equalize, per channel histogram h: step = (count - h[last non-empty bin]) // 255;
+    lut[i] = (step // 2 + sum(h[:i])) // step; unchanged where step is 0 (one value, or nearly)."""
+    n, c, hgt, wdt = x.shape
+    flat = x.reshape(n * c, hgt * wdt).long()
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(
+        1, flat, torch.ones_like(flat))
+    last_bin = 255 - torch.argmax((hist.flip(1) > 0).long(), dim=1)          # last non-empty bin
+    last = hist.gather(1, last_bin[:, None])[:, 0]
+    step = (hgt * wdt - last) // 255
+    safe = step.clamp(min=1)[:, None]
+    before = torch.cumsum(hist, 1) - hist                                     # sum(h[:i])
+    lut = ((safe // 2 + before) // safe).clamp_(max=255)
+    out = lut.gather(1, flat).reshape(n, c, hgt, wdt).float()
+    return torch.where((step > 0).reshape(n, c, 1, 1), out, x)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def affine(x: torch.Tensor, matrix: torch.Tensor, fill) -> torch.Tensor:
+    """Image.transform(AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor=fill) for a batch:
+    output pixel (i, j), at continuous position (u, v) = (j + 0.5, i + 0.5), takes the input at
+    (a u + b v + c, d u + e v + f); positions outside the input get `fill` (per channel).
+    matrix: [n, 6]."""
+    n, _, h, w = x.shape
+    dev = x.device
+    u = torch.arange(w, device=dev, dtype=torch.float32) + 0.5
+    v = torch.arange(h, device=dev, dtype=torch.float32) + 0.5
+    m = matrix.float().reshape(n, 6, 1, 1)
+    xin = m[:, 0] * u[None, None, :] + m[:, 1] * v[None, :, None] + m[:, 2]     # n, h, w
+    yin = m[:, 3] * u[None, None, :] + m[:, 4] * v[None, :, None] + m[:, 5]
+    grid = torch.stack((xin * (2.0 / w) - 1, yin * (2.0 / h) - 1), dim=-1)     # n, h, w, 2
+    out = F.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False)
+    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
+    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=dev).reshape(1, -1, 1, 1)
+    out = torch.floor(out + 0.5).clamp_(0, 255)
+    return torch.where(inside[:, None], out, fill_t)
+
+
+def rotate_matrix(degrees: torch.Tensor, w: int, h: int) -> torch.Tensor:
+    """Image.rotate(degrees) about the centre (w / 2, h / 2), as its inverse affine matrix."""
+    a = -torch.deg2rad(degrees.double())
+    cos, sin = torch.cos(a), torch.sin(a)
+    cx, cy = w / 2.0, h / 2.0
+    c = -cx * cos - cy * sin + cx
+    f = cx * sin - cy * cos + cy
+    return torch.stack((cos, sin, c, -sin, cos, f), dim=1)
+
+
+def shear_matrix(factor: torch.Tensor, axis: str) -> torch.Tensor:
+    one, zero = torch.ones_like(factor, dtype=torch.float64), torch.zeros_like(factor, dtype=torch.float64)
+    f = factor.double()
+    if axis == 'x':
+        return torch.stack((one, f, zero, zero, one, zero), dim=1)
+    return torch.stack((one, zero, zero, f, one, zero), dim=1)
+
+
+def translate_matrix(pixels: torch.Tensor, axis: str) -> torch.Tensor:
+    one, zero = torch.ones_like(pixels, dtype=torch.float64), torch.zeros_like(pixels, dtype=torch.float64)
+    p = pixels.double()
+    if axis == 'x':
+        return torch.stack((one, zero, p, zero, one, zero), dim=1)
+    return torch.stack((one, zero, zero, zero, one, p), dim=1)
+
+
+def resize(img: torch.Tensor, size) -> torch.Tensor:
+    """One image [3, h, w] (any dtype) -> [3, *size] float32 on the 0..255 grid: antialiased
+    bicubic (a = -0.5), as Pillow's resize, rounded and clipped to 8 bits."""
+    out = F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)
+    return torch.floor(out[0] + 0.5).clamp_(0, 255)
+
+
+def crop_padded(img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    """img[:, top:top+h, left:left+w] where the box may reach outside img (filled with 0), as
+    torchvision's RandomCrop(padding=...) sees the padded image."""
+    _, H, W = img.shape
+    if top >= 0 and left >= 0 and top + h <= H and left + w <= W:
+        return img[:, top:top + h, left:left + w]
+    out = img.new_zeros(img.shape[0], h, w)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, H), min(left + w, W)
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = img[:, y0:y1, x0:x1]
+    return out
+
+
+def center_crop_box(h: int, w: int, size: int) -> tuple:
+    """torchvision CenterCrop's (top, left) for a size x size crop of an h x w image."""
+    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+
+def resize_shorter(h: int, w: int, size: int) -> tuple:
+    """torchvision Resize(int)'s output size: the shorter side becomes `size`."""
+    if w <= h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
