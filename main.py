@@ -24,6 +24,7 @@ from amp import Precision
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
 from kernels import KernelUnavailable
+from kernels.optimizers import is_fused
 from logger import Scalars, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -263,6 +264,26 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     device = next(master.parameters()).device
     batch_time, loss_meter, norm_meter, scaler_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
     nonfinite = 0
+    lagged = is_fused(optimizer)
+    pending = None
+
+    def settle(step: int, loss: torch.Tensor, finite: torch.Tensor, n: int) -> bool:
+        """Read a step's loss on the host: count it, or count a non-finite one (stopping after
+        EXTRA.MAX_NONFINITE_STEPS in a row). Returns whether it was finite on every rank."""
+        nonlocal nonfinite
+        if finite.item() == 1.0:
+            nonfinite = 0
+            loss_meter.update(loss.item(), n)
+            return True
+        nonfinite += 1
+        logger.warning(f'non-finite loss at epoch {epoch} step {step} ({nonfinite} in a row): step skipped')
+        if nonfinite >= config.EXTRA.MAX_NONFINITE_STEPS:
+            raise NonFiniteLossError(
+                f'{nonfinite} consecutive non-finite losses (EXTRA.MAX_NONFINITE_STEPS): stopping. '
+                f'The last good checkpoint in {config.OUTPUT} is intact; lower the LR, raise '
+                f'WARMUP_EPOCHS or use AMP_DTYPE bfloat16, then resume from it.')
+        return False
+
     grad_norms = []
     start = end = timed_start = time.time()
     timed_from = 0
@@ -281,30 +302,26 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             with precision.autocast():
                 outputs = model(samples)
             loss = criterion(outputs.float(), targets)        # the loss in fp32 at every level
-            loss_value = loss.item()                           # the step's one host sync
-            finite = math.isfinite(loss_value)
+            finite = torch.isfinite(loss.detach()).float().reshape(1)
             if is_dist():                                      # every rank skips, or none does
-                flag = torch.tensor([float(finite)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = flag.item() == 1.0
-            if not finite:
-                nonfinite += 1
-                logger.warning(f'non-finite loss at epoch {epoch} step {idx} ({nonfinite} in a row): step skipped')
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if lagged:
+                # The fused optimizers skip a non-finite step on the device: back-propagate now and
+                # read this loss on the host one step later, when the GPU is long past it.
+                precision.backward(loss / accum)
+                if pending is not None:
+                    settle(*pending)
+                pending = (idx, loss.detach(), finite, targets.size(0))
+            elif not settle(idx, loss, finite, targets.size(0)):   # the step's one host sync
                 precision.zero_grad(optimizer, model)
-                if nonfinite >= config.EXTRA.MAX_NONFINITE_STEPS:
-                    raise NonFiniteLossError(
-                        f'{nonfinite} consecutive non-finite losses (EXTRA.MAX_NONFINITE_STEPS): stopping. '
-                        f'The last good checkpoint in {config.OUTPUT} is intact; lower the LR, raise '
-                        f'WARMUP_EPOCHS or use AMP_DTYPE bfloat16, then resume from it.')
                 continue
-            nonfinite = 0
-            precision.backward(loss / accum)
+            else:
+                precision.backward(loss / accum)
         if update:
             grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
             precision.zero_grad(optimizer, model)
             lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
             grad_norms.append(grad_norm.detach())              # read at print time: no sync here
-        loss_meter.update(loss_value, targets.size(0))
         batch_time.update(time.time() - end)
         end = time.time()
         if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps
@@ -326,6 +343,8 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t'
                 f'loss_scale {scaler_meter.val:.4f} ({scaler_meter.avg:.4f})\t'
                 f'mem {mem:.0f}MB')
+    if pending is not None:
+        settle(*pending)
     epoch_time = time.time() - start
     steady = ''
     if num_batches - 1 > timed_from:

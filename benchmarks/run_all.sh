@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main ...]
 # (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -14,7 +14,12 @@ for part in $PARTS; do
   case $part in
     tests)   python3 -m pytest -q tests/test_window_process.py tests/test_window_attention.py \
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
-               tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py 2>&1 | tail -8 ;;
+               tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
+               2>&1 | tail -8 ;;
+    input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py)
+             python3 benchmarks/bench_input.py --parts folder pipelines gputime ;;
+    input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
+             python3 benchmarks/bench_input.py --parts folder main harness ;;
     kernels) python3 benchmarks/bench_kernels.py ;;
     optim)   python3 benchmarks/bench_optim.py ;;
     host)    python3 benchmarks/launch_overhead.py ;;

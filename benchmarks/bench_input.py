@@ -1,0 +1,189 @@
+"""Input pipelines on an ImageNet-like JPEG folder: the pipelines alone, and main.py end to end.
+
+    python benchmarks/bench_input.py --root /tmp/jpeg [--images 26000] [--parts folder pipelines gputime main]
+
+folder:    writes <root>/{train,val}/<class>/*.JPEG, 100 classes, ~100 KB baseline JPEGs at 500x375
+           (data/jpeg_folder.py). To keep generation short, `--unique` distinct pictures are drawn
+           and written under every file name in turn (the decode cost is per file all the same).
+pipelines: each pipeline alone, as main.py builds it (data.build_loader), images moved to the
+           GPU: img/s over batches 10..N (the prefetch queue drained, steady state only). Upstream's
+           PIL pipeline with its 8 workers and with one worker per core, ours with `--workers`.
+gputime:   GPU kernel time of our train transform per batch of 128 (torch.profiler, the sum of
+           every kernel's time, nvJPEG's included), beside the Swin-T step it must hide under.
+main:      main.py training Swin-T with the best flags (all flags, --fused_adam, O2 bf16, compile
+           with CUDA graphs) for one epoch on the folder (--data-pipeline gpu and pil) and on in-memory
+           synthetic inputs; img/s as main.py logs it (from step 10). Then bench_train.py's row for
+           the same configuration (the harness, synthetic inputs, no data loading at all).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+
+from common import ROOT, environment, write_results
+
+BEST = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_adam', '--amp-opt-level', 'O2',
+        '--amp-dtype', 'bfloat16', '--compile']
+TINY = os.path.join(ROOT, 'configs/swin/swin_tiny_patch4_window7_224.yaml')
+
+
+def _encode(seed: int) -> bytes:
+    import io
+    from data.jpeg_folder import photo
+    buf = io.BytesIO()
+    photo(np.random.default_rng(seed), 500, 375).save(buf, 'JPEG', quality=90)
+    return buf.getvalue()
+
+
+def make_folder(root: str, images: int, val_images: int, unique: int, classes: int = 100) -> dict:
+    marker = os.path.join(root, f'.done_{images}_{val_images}_{unique}')
+    if os.path.exists(marker):
+        return json.load(open(marker))
+    t0 = time.time()
+    with Pool(min(os.cpu_count(), 16)) as pool:
+        blobs = pool.map(_encode, range(unique))
+    k = 0
+    for split, count in (('train', images), ('val', val_images)):
+        for i in range(count):
+            cls = f'n{i % classes:08d}'
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f'{cls}_{i:07d}.JPEG'), 'wb') as f:
+                f.write(blobs[k % unique])
+            k += 1
+    info = {'train': images, 'val': val_images, 'unique': unique, 'mean_KB': float(np.mean([len(b) for b in blobs])) / 1e3,
+            'seconds': time.time() - t0}
+    json.dump(info, open(marker, 'w'))
+    return info
+
+
+def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False):
+    from config import get_config
+    return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
+                                         opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch)]))
+
+
+def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int) -> dict:
+    from data import build_loader
+    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'))
+    _, _, train, val, _ = build_loader(cfg)
+    loader = train if split == 'train' else val
+    if split == 'train':
+        loader.sampler.set_epoch(0)
+    n, t0 = 0, None
+    for i, (x, y) in enumerate(loader):
+        x = x.cuda(non_blocking=True)
+        y = y.cuda(non_blocking=True)
+        if i == 10:
+            torch.cuda.synchronize()
+            t0 = time.time()
+        elif i > 10:
+            n += x.shape[0]
+        if i >= batches:
+            break
+    torch.cuda.synchronize()
+    rate = n / (time.time() - t0)
+    return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'img/s': rate,
+            'batches_timed': i - 10}
+
+
+def gpu_time(root: str, batches: int = 10) -> dict:
+    """GPU kernel time of the train transform per batch (run inline, profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+    from data import build_loader
+    cfg = _config(root, 'gpu', 8)
+    _, _, train, _, _ = build_loader(cfg)
+    train.sampler.set_epoch(0)
+    raws = []
+    for raw in train.loader:
+        raws.append(raw)
+        if len(raws) == batches + 2:
+            break
+    for raw in raws[:2]:
+        train.transform(*raw)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for raw in raws[2:]:
+            train.transform(*raw)
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:6]
+    return {'part': 'gputime', 'ms_per_batch': total_us / 1e3 / batches,
+            'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
+
+
+def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int) -> dict:
+    opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
+            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False']
+    if synthetic:
+        opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
+                 'EXTRA.SYNTHETIC_VAL_SIZE', '1024', 'MODEL.NUM_CLASSES', '100']
+    cmd = [sys.executable, 'main.py', '--cfg', TINY, '--data-path', root, '--data-pipeline', pipeline,
+           '--output', '/tmp/bench_input_out', '--tag', f'{pipeline}_{int(synthetic)}'] + BEST + ['--opts'] + opts
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    out = p.stdout + p.stderr
+    m = re.search(r'\(([\d.]+) images/s from step (\d+)', out)
+    if p.returncode != 0 or not m:
+        print(out[-3000:])
+    return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'workers': workers,
+            'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
+            'command': ' '.join(cmd[1:])}
+
+
+def harness() -> dict:
+    cmd = [sys.executable, 'benchmarks/bench_train.py', '--model', 'tiny', '--only',
+           'all flags + --fused_adam + compile (CUDA graphs), O2 bf16', '--skip-infer']
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    m = re.search(r"'img/s': ([\d.]+)", p.stdout)
+    rate = float(m.group(1)) if m else None
+    return {'part': 'harness', 'pipeline': '-', 'data': 'synthetic on GPU', 'workers': 0, 'img/s': rate,
+            'output_tail': (p.stdout + p.stderr)[-1500:], 'rc': p.returncode}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--root', default='/tmp/bench_jpeg')
+    p.add_argument('--images', type=int, default=26000)
+    p.add_argument('--val-images', type=int, default=6400)
+    p.add_argument('--unique', type=int, default=1024)
+    p.add_argument('--workers', type=int, default=12)
+    p.add_argument('--batches', type=int, default=120)
+    p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
+    a = p.parse_args()
+    rows = []
+    info = make_folder(a.root, a.images, a.val_images, a.unique)
+    print('folder', info, flush=True)
+    cores = os.cpu_count()
+    if 'pipelines' in a.parts:
+        for pipeline, split, workers, batches in (('gpu', 'train', a.workers, a.batches), ('gpu', 'val', a.workers, 45),
+                                                  ('pil', 'train', 8, 40), ('pil', 'train', cores - 1, 50),
+                                                  ('pil', 'val', cores - 1, 45)):
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches))
+            print(rows[-1], flush=True)
+    if 'gputime' in a.parts:
+        rows.append(gpu_time(a.root))
+        print(rows[-1], flush=True)
+    if 'main' in a.parts:
+        for pipeline, synthetic in (('gpu', True), ('gpu', False), ('pil', False)):
+            rows.append(main_py(a.root, pipeline, synthetic, a.workers if pipeline == 'gpu' else cores - 1, a.images))
+            print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
+    if 'harness' in a.parts:
+        rows.append(harness())
+        print(rows[-1]['output_tail'], flush=True)
+    env = environment()
+    env['cpu_cores'] = cores
+    env['folder'] = info
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'workers', 'img/s',
+                                                 'ms_per_batch', 'rc'], env))
+
+
+if __name__ == '__main__':
+    main()
