@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import sys
 import time

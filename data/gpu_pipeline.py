@@ -206,15 +206,25 @@ class RawImages(torch.utils.data.Dataset):
 
 
 def collate_raw(batch):
-    """-> (payloads, kinds, params, labels, indices, seed); seed drives the batch's device RNG."""
+    """-> (blob, sizes, shapes, kinds, params, labels, indices, seed). Every payload goes into one
+    uint8 tensor `blob` (sizes: bytes per image; shapes: HWC of decoded payloads): one tensor to
+    share with the main process and to pin, not one per image. seed drives the batch's device RNG."""
     payloads, kinds, params, labels, indices = zip(*batch)
-    return (list(payloads), torch.tensor(kinds), torch.stack(params), torch.tensor(labels),
+    sizes = torch.tensor([p.numel() for p in payloads])
+    shapes = torch.tensor([list(p.shape) if p.dim() == 3 else [0, 0, 0] for p in payloads])
+    blob = torch.cat([p.reshape(-1) for p in payloads])
+    return (blob, sizes, shapes, torch.tensor(kinds), torch.stack(params), torch.tensor(labels),
             torch.tensor(indices), torch.randint(0, 2 ** 62, ()))
 
 
-# ----------------------------------------------------------------------------- device side
+# RandAugment ops by how they run on a batch: one affine resample per layer for every geometric op,
+# one table lookup per layer for every per-pixel op, one call per layer for each of the others.
+_GEOMETRIC, _TABLE = set(T.AFFINE_OPS), set(T.TABLE_OPS)
+
+
 class DeviceTransform:
-    """A raw batch -> (normalised float32 images [B, 3, S, S], labels), on `device`."""
+    """A raw batch -> (normalised float32 images [B, 3, S, S], labels), on `device`, in two
+    stages: `decode` (nvJPEG) and `finish` (crop + resize, flip, RandAugment, normalise, erase)."""
 
     def __init__(self, dataset: RawImages, device: torch.device, img_size: int, train: bool,
                  test_crop: bool = True):
@@ -224,10 +234,15 @@ class DeviceTransform:
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
         self.fill = aa_fill()
 
-    def decode(self, payloads, kinds, indices) -> list:
-        """[3, h, w] uint8 images on the device, in batch order."""
+    def __call__(self, *raw):
+        return self.finish(self.decode(*raw))
+
+    def decode(self, blob, sizes, shapes, kinds, params, labels, indices, seed):
+        """-> (images, params, labels, indices, seed); images: [3, h, w] uint8 on the device."""
+        payloads = torch.split(blob, sizes.tolist())
+        kind = kinds.tolist()
         images = [None] * len(payloads)
-        jpeg = [i for i, k in enumerate(kinds.tolist()) if k == 0]
+        jpeg = [i for i, k in enumerate(kind) if k == 0]
         if jpeg:
             from torchvision.io import ImageReadMode, decode_jpeg
             try:
@@ -236,10 +251,11 @@ class DeviceTransform:
                 decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in jpeg]
             for i, img in zip(jpeg, decoded):
                 images[i] = img
-        for i, k in enumerate(kinds.tolist()):
+        for i, k in enumerate(kind):
             if k != 0:
-                images[i] = payloads[i].to(self.device, non_blocking=True).permute(2, 0, 1)
-        return images
+                hwc = payloads[i].reshape(shapes[i].tolist())
+                images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
+        return images, kind, params, labels, indices, seed
 
     def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
         try:
@@ -248,26 +264,27 @@ class DeviceTransform:
             raise DataError(f'cannot read image {self.dataset.name(index)}: {e}. Remove or replace the file.') from None
         return torch.from_numpy(np.asarray(rgb).copy()).to(self.device).permute(2, 0, 1)
 
-    def __call__(self, payloads, kinds, params, labels, indices, seed):
-        images = self.decode(payloads, kinds, indices)
+    def finish(self, decoded):
+        images, kind, params, labels, indices, seed = decoded
         S = self.size
         x = torch.empty(len(images), 3, S, S, device=self.device)
-        rows, kind = params.tolist(), kinds.tolist()
+        rows = params.tolist()
         for i, img in enumerate(images):
             if self.train:
                 top, left, h, w = (int(v) for v in rows[i][:4])
                 if kind[i] == 2:                                   # cut to the box in the worker
-                    x[i] = T.resize(img, (S, S))
+                    x[i] = T.resize(img, (S, S), to_8bit=False)
                 elif self.recipe.small:
                     x[i] = T.crop_padded(img, top, left, h, w)
                 else:
-                    x[i] = T.resize(img[:, top:top + h, left:left + w], (S, S))
+                    x[i] = T.resize(img[:, top:top + h, left:left + w], (S, S), to_8bit=False)
             elif self.test_crop:
                 rh, rw = T.resize_shorter(img.shape[1], img.shape[2], int((256 / 224) * S))
                 top, left = T.center_crop_box(rh, rw, S)
-                x[i] = T.crop_padded(T.resize(img, (rh, rw)), top, left, S, S)
+                x[i] = T.crop_padded(T.resize(img, (rh, rw), to_8bit=False), top, left, S, S)
             else:
-                x[i] = T.resize(img, (S, S))
+                x[i] = T.resize(img, (S, S), to_8bit=False)
+        x = T.round_8bit(x)
         if self.train:
             x = self._augment(x, params)
         x = x.div_(255).sub_(self.mean).div_(self.std)            # ToTensor + Normalize
@@ -276,31 +293,43 @@ class DeviceTransform:
         return x, labels.to(self.device, non_blocking=True)
 
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Flip, then each RandAugment layer. Within a layer every image gets its own op; ops are
+        grouped so that a layer costs a few batched launches: one affine resample for all the
+        geometric ops, one table lookup for all the per-pixel ops, and one call per other op."""
         flip = params[:, FLIP].to(self.device, non_blocking=True).bool()
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        S_h, S_w = x.shape[2], x.shape[3]
         for layer in range(self.recipe.layers):
             col = PROGRAM + 2 * layer
-            ids = params[:, col].long()
-            args = params[:, col + 1].to(self.device, non_blocking=True)
-            for op_id in ids.unique().tolist():
-                if op_id == SKIPPED:
-                    continue
-                idx_cpu = (ids == op_id).nonzero()[:, 0]
-                idx = idx_cpu.to(self.device, non_blocking=True)
-                x[idx] = self.apply(OPS[op_id], x[idx], args[idx])
+            ids, args = params[:, col].long().tolist(), params[:, col + 1].tolist()
+            names = [OPS[i] if i != SKIPPED else None for i in ids]
+            geo = [i for i, n in enumerate(names) if n in _GEOMETRIC]
+            if geo:
+                m = torch.tensor([T.affine_coefficients(names[i], args[i], S_w, S_h) for i in geo], dtype=torch.float32)
+                idx = torch.tensor(geo).to(self.device, non_blocking=True)
+                x[idx] = T.affine(x[idx], m.to(self.device, non_blocking=True), self.fill)
+            table = [i for i, n in enumerate(names) if n in _TABLE]
+            if table:
+                luts = torch.from_numpy(np.stack([T.lookup_table(names[i], args[i]) for i in table]))
+                idx = torch.tensor(table).to(self.device, non_blocking=True)
+                x[idx] = T.lookup(x[idx], luts.to(self.device, non_blocking=True))
+            for op in sorted({n for n in names if n is not None} - _GEOMETRIC - _TABLE):
+                sel = [i for i, n in enumerate(names) if n == op]
+                idx = torch.tensor(sel).to(self.device, non_blocking=True)
+                arg = torch.tensor([args[i] for i in sel]).to(self.device, non_blocking=True)
+                x[idx] = getattr(T, op)(x[idx], arg)
         return x
 
     def apply(self, op: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
-        """One RandAugment op on a sub-batch, with per-image level arguments (timm's meaning)."""
+        """One RandAugment op on a sub-batch with per-image level arguments, by the same route
+        `_augment` takes (tests call it op by op)."""
         S_h, S_w = x.shape[2], x.shape[3]
-        if op == 'rotate':
-            return T.affine(x, T.rotate_matrix(arg, S_w, S_h), self.fill)
-        if op in ('shear_x', 'shear_y'):
-            return T.affine(x, T.shear_matrix(arg, op[-1]), self.fill)
-        if op in ('translate_x_rel', 'translate_y_rel'):       # timm: pixels = pct * image width / height
-            return T.affine(x, T.translate_matrix(arg * (S_w if op[10] == 'x' else S_h), op[10]), self.fill)
-        if op in ('translate_x_abs', 'translate_y_abs'):
-            return T.affine(x, T.translate_matrix(arg, op[10]), self.fill)
+        a = arg.tolist()
+        if op in _GEOMETRIC:
+            m = torch.tensor([T.affine_coefficients(op, v, S_w, S_h) for v in a], dtype=torch.float32)
+            return T.affine(x, m.to(x.device), self.fill)
+        if op in _TABLE:
+            return T.lookup(x, torch.from_numpy(np.stack([T.lookup_table(op, v) for v in a])).to(x.device))
         return getattr(T, op)(x, arg)
 
     def _erase(self, x: torch.Tensor, params: torch.Tensor, seed: int) -> torch.Tensor:
@@ -330,9 +359,11 @@ class DeviceTransform:
 class DeviceLoader:
     """Iterates a DataLoader of raw batches and yields (images, labels) on the device.
 
-    On CUDA a background thread runs DeviceTransform on its own stream, `prefetch` batches ahead
-    of the training step (nvJPEG decode and the batch ops overlap the step); the consumer's
-    stream waits on each batch's event. Elsewhere it runs inline."""
+    On CUDA two background threads, each on its own stream, run the transform's stages a few
+    batches ahead of the training step: one decodes (nvJPEG blocks its thread, not the others),
+    one crops, resizes and augments. Each hand-over waits on the producer's event, and tensors
+    made on one stream are marked (record_stream) for the one that uses them. Elsewhere it
+    runs inline."""
 
     def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3):
         self.loader, self.transform, self.prefetch = loader, transform, prefetch
@@ -347,10 +378,11 @@ class DeviceLoader:
             for raw in self.loader:
                 yield self.transform(*raw)
             return
-        q, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        stop = threading.Event()
+        decoded, ready = queue.Queue(maxsize=self.prefetch), queue.Queue(maxsize=self.prefetch)
         done = object()
 
-        def put(item):
+        def put(q, item) -> bool:
             while not stop.is_set():
                 try:
                     q.put(item, timeout=0.1)
@@ -359,38 +391,70 @@ class DeviceLoader:
                     continue
             return False
 
-        def work():
+        def get(q):
+            while not stop.is_set():
+                try:
+                    return q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            return done
+
+        def stage(name, source, fn, sink):
             try:
                 stream = torch.cuda.Stream(device)
                 with torch.cuda.device(device), torch.cuda.stream(stream):
-                    for raw in self.loader:
-                        images, labels = self.transform(*raw)
+                    for item in source():
+                        if item is done:
+                            break
+                        if isinstance(item, BaseException):
+                            raise item
+                        out = fn(item, stream)
                         event = torch.cuda.Event()
                         event.record(stream)
-                        if not put((images, labels, event)):
+                        if not put(sink, (out, event)):
                             return
-                put(done)
-            except BaseException as e:     # handed to the consumer, raised there
-                put(e)
+                put(sink, done)
+            except BaseException as e:     # handed on, raised in the consumer
+                put(sink, e)
 
-        thread = threading.Thread(target=work, name='gpu-input-pipeline', daemon=True)
-        thread.start()
+        def read_raw():
+            yield from self.loader
+
+        def read_decoded():
+            while True:
+                yield get(decoded)
+
+        def decode(raw, stream):
+            return self.transform.decode(*raw)
+
+        def finish(item, stream):
+            out, event = item
+            stream.wait_event(event)
+            for img in out[0]:
+                img.record_stream(stream)
+            return self.transform.finish(out)
+
+        threads = [threading.Thread(target=stage, args=('decode', read_raw, decode, decoded), daemon=True),
+                   threading.Thread(target=stage, args=('augment', read_decoded, finish, ready), daemon=True)]
+        for t in threads:
+            t.start()
         try:
             while True:
-                item = q.get()
+                item = get(ready)
                 if item is done:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                images, labels, event = item
+                (images, labels), event = item
                 current = torch.cuda.current_stream(device)
                 current.wait_event(event)
-                images.record_stream(current)       # made on the side stream, freed on this one
+                images.record_stream(current)
                 labels.record_stream(current)
                 yield images, labels
         finally:
             stop.set()
-            thread.join(timeout=10)
+            for t in threads:
+                t.join(timeout=10)
 
 
 def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler):

@@ -11,6 +11,9 @@ bicubic (a = -0.5, as Pillow) for resize, and grid_sample's bicubic (a = -0.75) 
 ops, where Pillow uses a = -0.5 without antialiasing. Those differ from Pillow by a few levels
 at edges; the tests state the tolerance.
 """
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,28 +38,40 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536)
 
 
+# ----------------------------------------------------------------------------- per-pixel ops
+_VALUES = np.arange(256, dtype=np.float32)
+TABLE_OPS = ('invert', 'posterize', 'solarize', 'solarize_add', 'brightness')
+
+
+def lookup_table(op: str, arg: float) -> np.ndarray:
+    """The 256-entry table of a per-pixel op at one argument, in Pillow's float32 arithmetic:
+    invert 255 - v; posterize keeps the top `arg` bits (0 bits: black, as Pillow < 13 gave);
+    solarize inverts v >= arg; timm's solarize_add adds arg below 128, clipped at 255;
+    brightness (ImageEnhance: blend with black) trunc(f * v), clipped."""
+    v = _VALUES
+    if op == 'invert':
+        return 255 - v
+    if op == 'posterize':
+        step = np.float32(2.0 ** (8 - min(max(int(arg), 0), 8)))
+        return np.floor(v / step) * step
+    if op == 'solarize':
+        return np.where(v < arg, v, 255 - v)
+    if op == 'solarize_add':
+        return np.where(v < 128, np.minimum(v + np.float32(arg), 255), v)
+    if op == 'brightness':
+        return np.trunc(np.clip(np.float32(arg) * v, 0, 255))
+    raise ValueError(f'no lookup table for {op!r}')
+
+
+def lookup(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """out[i, c, y, x] = tables[i, x[i, c, y, x]]: per-image 256-entry tables ([n, 256] float),
+    which is how Pillow applies its per-pixel ops (Image.point)."""
+    n = x.shape[0]
+    offsets = (torch.arange(n, device=x.device) * 256).reshape(n, 1, 1, 1)
+    return tables.reshape(-1)[x.long() + offsets]
+
+
 # ----------------------------------------------------------------------------- colour ops
-
-
-def invert(x: torch.Tensor, _: torch.Tensor = None) -> torch.Tensor:
-    return 255 - x
-
-
-def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Keep the top `bits` bits: x & ~(2**(8 - bits) - 1). bits >= 8 keeps x; bits <= 0 gives a
-    black image (what Pillow < 13 returned; Pillow 13 refuses 0 bits)."""
-    step = torch.exp2(8 - _col(bits).float().clamp(0, 8))
-    return torch.floor(x / step) * step
-
-
-def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Pixels >= threshold inverted."""
-    return torch.where(x < _col(threshold).float(), x, 255 - x)
-
-
-def solarize_add(x: torch.Tensor, add: torch.Tensor, threshold: float = 128) -> torch.Tensor:
-    """timm's solarize_add: pixels < threshold get `add` added, clipped at 255."""
-    return torch.where(x < threshold, (x + _col(add).float()).clamp(0, 255), x)
 
 
 def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -68,11 +83,6 @@ def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Contrast: blend with a flat grey at int(mean(L) + 0.5)."""
     mean = torch.floor(_luma(x).double().mean(dim=(1, 2, 3)) + 0.5).float()
     return _blend(_col(mean).expand_as(x), x, factor)
-
-
-def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Brightness: blend with black."""
-    return _blend(torch.zeros_like(x), x, factor)
 
 
 _SMOOTH = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
@@ -117,6 +127,26 @@ def equalize(x: torch.Tensor, _: torch.Tensor = None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- geometry
+AFFINE_OPS = ('rotate', 'shear_x', 'shear_y', 'translate_x_rel', 'translate_y_rel', 'translate_x_abs',
+              'translate_y_abs')
+
+
+def affine_coefficients(op: str, arg: float, w: int, h: int) -> list:
+    """Image.transform's inverse affine coefficients (a, b, c, d, e, f) of one timm geometric op on
+    a w x h image: rotate (Image.rotate about (w / 2, h / 2), counter-clockwise degrees), shear
+    (1, s, 0, 0, 1, 0) / (1, 0, 0, s, 1, 0), translate by pixels (the _rel ops: arg x width / height)."""
+    if op == 'rotate':
+        a = -math.radians(arg)
+        cos, sin = math.cos(a), math.sin(a)
+        cx, cy = w / 2.0, h / 2.0
+        return [cos, sin, -cx * cos - cy * sin + cx, -sin, cos, cx * sin - cy * cos + cy]
+    if op == 'shear_x':
+        return [1, arg, 0, 0, 1, 0]
+    if op == 'shear_y':
+        return [1, 0, 0, arg, 1, 0]
+    axis = op[len('translate_')]
+    pixels = arg * (w if axis == 'x' else h) if op.endswith('_rel') else arg
+    return [1, 0, pixels, 0, 1, 0] if axis == 'x' else [1, 0, 0, 0, 1, pixels]
 
 
 def affine(x: torch.Tensor, matrix: torch.Tensor, fill) -> torch.Tensor:
@@ -139,37 +169,17 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill) -> torch.Tensor:
     return torch.where(inside[:, None], out, fill_t)
 
 
-def rotate_matrix(degrees: torch.Tensor, w: int, h: int) -> torch.Tensor:
-    """Image.rotate(degrees) about the centre (w / 2, h / 2), as its inverse affine matrix."""
-    a = -torch.deg2rad(degrees.double())
-    cos, sin = torch.cos(a), torch.sin(a)
-    cx, cy = w / 2.0, h / 2.0
-    c = -cx * cos - cy * sin + cx
-    f = cx * sin - cy * cos + cy
-    return torch.stack((cos, sin, c, -sin, cos, f), dim=1)
+def resize(img: torch.Tensor, size, to_8bit: bool = True) -> torch.Tensor:
+    """One image [3, h, w] (any dtype) -> [3, *size] float32: antialiased bicubic (a = -0.5), as
+    Pillow's resize, rounded and clipped to 8 bits (to_8bit False: leave that to `round_8bit`
+    on the whole batch, one launch instead of one per image)."""
+    out = F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)[0]
+    return round_8bit(out) if to_8bit else out
 
 
-def shear_matrix(factor: torch.Tensor, axis: str) -> torch.Tensor:
-    one, zero = torch.ones_like(factor, dtype=torch.float64), torch.zeros_like(factor, dtype=torch.float64)
-    f = factor.double()
-    if axis == 'x':
-        return torch.stack((one, f, zero, zero, one, zero), dim=1)
-    return torch.stack((one, zero, zero, f, one, zero), dim=1)
-
-
-def translate_matrix(pixels: torch.Tensor, axis: str) -> torch.Tensor:
-    one, zero = torch.ones_like(pixels, dtype=torch.float64), torch.zeros_like(pixels, dtype=torch.float64)
-    p = pixels.double()
-    if axis == 'x':
-        return torch.stack((one, zero, p, zero, one, zero), dim=1)
-    return torch.stack((one, zero, zero, zero, one, p), dim=1)
-
-
-def resize(img: torch.Tensor, size) -> torch.Tensor:
-    """One image [3, h, w] (any dtype) -> [3, *size] float32 on the 0..255 grid: antialiased
-    bicubic (a = -0.5), as Pillow's resize, rounded and clipped to 8 bits."""
-    out = F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)
-    return torch.floor(out[0] + 0.5).clamp_(0, 255)
+def round_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest whole number and clip to 0..255, in place."""
+    return x.add_(0.5).floor_().clamp_(0, 255)
 
 
 def crop_padded(img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:

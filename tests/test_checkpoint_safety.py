@@ -9,13 +9,11 @@ Each must be refused in a subprocess with a non-zero exit, one clear last line, 
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_train import DEMO_CFG, FAST, ROOT, epoch_losses, result, run_main
+from test_train import DEMO_CFG, FAST, epoch_losses, result, run_main
 
 
 class _RunsCode:

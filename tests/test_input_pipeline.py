@@ -9,7 +9,6 @@ under 2% of pixels off by more than 8 on these noisy photo-like images.
 """
 import argparse
 import glob
-import io
 import os
 import random
 
@@ -110,10 +109,22 @@ def photo_224():
     ('sharpness', 1.9, lambda im, a: ImageEnhance.Sharpness(im).enhance(a)),
 ])
 def test_colour_op_is_pillows_exactly(photo_224, op, arg, pil):
+    """Each op by the route the pipeline takes (DeviceTransform.apply: a lookup table for the
+    per-pixel ops, a batched op for the rest), two images with different arguments at once."""
     from timm.data import auto_augment as aa
-    ref = aa.solarize_add(photo_224, arg) if pil is None else pil(photo_224, arg)
-    out = getattr(T, op)(_tensor(photo_224)[None].to(DEVICE), torch.tensor([float(arg)], device=DEVICE))
-    assert torch.equal(out[0].cpu(), _tensor(ref)), (op, arg, (out[0].cpu() - _tensor(ref)).abs().max())
+    other = photo_224.transpose(Image.ROTATE_180)
+    arg2 = arg if op in ('invert', 'autocontrast', 'equalize') else (arg * 0.5 if isinstance(arg, float) else arg // 2)
+    ref = [aa.solarize_add(im, a) if pil is None else pil(im, a) for im, a in ((photo_224, arg), (other, arg2))]
+    x = torch.stack([_tensor(photo_224), _tensor(other)]).to(DEVICE)
+    out = _transform().apply(op, x, torch.tensor([float(arg), float(arg2)], device=DEVICE)).cpu()
+    for got, want in zip(out, ref):
+        assert torch.equal(got, _tensor(want)), (op, arg, (got - _tensor(want)).abs().max())
+
+
+def _transform() -> DeviceTransform:
+    transform = DeviceTransform.__new__(DeviceTransform)
+    transform.fill = aa_fill()
+    return transform
 
 
 @pytest.mark.parametrize('name,arg', [('rotate', 23.0), ('rotate', -29.5), ('shear_x', 0.21), ('shear_y', -0.27),
@@ -123,9 +134,7 @@ def test_affine_op_is_close_to_pillow(photo_224, name, arg):
     fn = {'rotate': aa.rotate, 'shear_x': aa.shear_x, 'shear_y': aa.shear_y,
           'translate_x_rel': aa.translate_x_rel, 'translate_y_rel': aa.translate_y_rel}[name]
     ref = _tensor(fn(photo_224, arg, fillcolor=aa_fill(), resample=Image.BICUBIC))
-    transform = DeviceTransform.__new__(DeviceTransform)
-    transform.fill = aa_fill()
-    out = transform.apply(name, _tensor(photo_224)[None].to(DEVICE), torch.tensor([arg], device=DEVICE))[0].cpu()
+    out = _transform().apply(name, _tensor(photo_224)[None].to(DEVICE), torch.tensor([arg], device=DEVICE))[0].cpu()
     diff = (out - ref).abs()
     assert diff.mean() < 1.5 and (diff > 8).float().mean() < 0.02, (name, diff.mean(), (diff > 8).float().mean())
 
@@ -262,8 +271,8 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     assert len(odd) == 12
     plain = [i for i, (p, _) in enumerate(source.samples) if '_odd_' not in p][:4]
     items = [raw[i] for i in odd + plain]
-    decoded = transform.decode([it[0] for it in items], torch.tensor([it[1] for it in items]),
-                               torch.tensor([it[4] for it in items]))
+    from data.gpu_pipeline import collate_raw
+    decoded = transform.decode(*collate_raw(items))[0]
     for (payload, kind, _, _, index), img in zip(items, decoded):
         ref = _tensor(Image.open(source.samples[index][0]))
         diff = (img.cpu().float() - ref).abs()
