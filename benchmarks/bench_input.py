@@ -64,15 +64,16 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
     return info
 
 
-def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False):
+def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True):
     from config import get_config
     return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
-                                         opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch)]))
+                                         opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
+                                               'DATA.PIN_MEMORY', str(pin)]))
 
 
-def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int) -> dict:
+def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True) -> dict:
     from data import build_loader
-    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'))
+    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin)
     _, _, train, val, _ = build_loader(cfg)
     loader = train if split == 'train' else val
     if split == 'train':
@@ -90,8 +91,8 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
             break
     torch.cuda.synchronize()
     rate = n / (time.time() - t0)
-    return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'img/s': rate,
-            'batches_timed': i - 10}
+    return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
+            'img/s': rate, 'batches_timed': i - 10}
 
 
 def gpu_time(root: str, batches: int = 10) -> dict:
@@ -163,10 +164,11 @@ def main() -> None:
     print('folder', info, flush=True)
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
-        for pipeline, split, workers, batches in (('gpu', 'train', a.workers, a.batches), ('gpu', 'val', a.workers, 45),
-                                                  ('pil', 'train', 8, 40), ('pil', 'train', cores - 1, 50),
-                                                  ('pil', 'val', cores - 1, 45)):
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches))
+        for pipeline, split, workers, batches, pin in (
+                ('gpu', 'train', a.workers, a.batches, True), ('gpu', 'train', a.workers, a.batches, False),
+                ('gpu', 'val', a.workers, 45, True), ('pil', 'train', 8, 40, True),
+                ('pil', 'train', cores - 1, 50, True), ('pil', 'val', cores - 1, 45, True)):
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin))
             print(rows[-1], flush=True)
     if 'gputime' in a.parts:
         rows.append(gpu_time(a.root))
@@ -181,7 +183,7 @@ def main() -> None:
     env = environment()
     env['cpu_cores'] = cores
     env['folder'] = info
-    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'workers', 'img/s',
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'workers', 'pin_memory', 'img/s',
                                                  'ms_per_batch', 'rc'], env))
 
 

@@ -50,7 +50,7 @@ def main() -> None:
         rows = params.tolist()
         for i, img in enumerate(images):
             top, left, h, w = (int(v) for v in rows[i][:4])
-            x[i] = T.resize(img[:, top:top + h, left:left + w], (224, 224), to_8bit=False)
+            T.resize_into(x[i:i + 1], img[:, top:top + h, left:left + w])
         T.round_8bit(x)
         sync(); stages['resize loop'] += time.time() - t; t = time.time()
         x = tr._augment(x, params)

@@ -273,11 +273,11 @@ class DeviceTransform:
             if self.train:
                 top, left, h, w = (int(v) for v in rows[i][:4])
                 if kind[i] == 2:                                   # cut to the box in the worker
-                    x[i] = T.resize(img, (S, S), to_8bit=False)
+                    T.resize_into(x[i:i + 1], img)
                 elif self.recipe.small:
                     x[i] = T.crop_padded(img, top, left, h, w)
                 else:
-                    x[i] = T.resize(img[:, top:top + h, left:left + w], (S, S), to_8bit=False)
+                    T.resize_into(x[i:i + 1], img[:, top:top + h, left:left + w])
             elif self.test_crop:
                 rh, rw = T.resize_shorter(img.shape[1], img.shape[2], int((256 / 224) * S))
                 top, left = T.center_crop_box(rh, rw, S)

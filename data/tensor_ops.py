@@ -177,6 +177,13 @@ def resize(img: torch.Tensor, size, to_8bit: bool = True) -> torch.Tensor:
     return round_8bit(out) if to_8bit else out
 
 
+def resize_into(out: torch.Tensor, img: torch.Tensor) -> None:
+    """`resize(img, out.shape[-2:], to_8bit=False)` written straight into `out` ([1, 3, H, W], a
+    slice of the batch): the aten op itself, without interpolate's argument handling or a copy;
+    the input loop runs this once per image, so its host cost sets the pipeline's rate."""
+    torch._C._nn._upsample_bicubic2d_aa(img[None].float(), list(out.shape[-2:]), False, None, None, out=out)
+
+
 def round_8bit(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest whole number and clip to 0..255, in place."""
     return x.add_(0.5).floor_().clamp_(0, 255)

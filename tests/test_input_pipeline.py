@@ -315,9 +315,10 @@ def test_main_trains_with_gpu_pipeline_on_jpegs(jpeg_data, tmp_path):
 def test_ddp_and_zip_with_gpu_pipeline(demo_data, tmp_path):
     import sys
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541']
+    # gloo on the CPU, also on a one-GPU machine (two processes need two GPUs for NCCL)
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path / 'ddp'),
                     '--data-pipeline', 'gpu', '--opts', 'TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8',
-                    'DATA.NUM_WORKERS', '0'], launcher=cmd)
+                    'DATA.NUM_WORKERS', '0'], launcher=cmd, env={'CUDA_VISIBLE_DEVICES': ''})
     assert 'EPOCH 0 training takes' in out and '40 images)' in out
     from test_parity import _zip_split
     for split in ('train', 'val'):
