@@ -158,6 +158,8 @@ def main() -> None:
     p.add_argument('--workers', type=int, default=12)
     p.add_argument('--batches', type=int, default=120)
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
+    p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
+                   help='main.py runs of the main part, PIPELINE:DATA')
     a = p.parse_args()
     rows = []
     info = make_folder(a.root, a.images, a.val_images, a.unique)
@@ -174,8 +176,10 @@ def main() -> None:
         rows.append(gpu_time(a.root))
         print(rows[-1], flush=True)
     if 'main' in a.parts:
-        for pipeline, synthetic in (('gpu', True), ('gpu', False), ('pil', False)):
-            rows.append(main_py(a.root, pipeline, synthetic, a.workers if pipeline == 'gpu' else cores - 1, a.images))
+        for run in a.main_runs:
+            pipeline, data = run.split(':')
+            rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
+                                a.images))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'harness' in a.parts:
         rows.append(harness())
