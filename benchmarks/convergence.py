@@ -2,8 +2,13 @@
 and 1) to see run-to-run noise; plus DDP on 2 GPUs vs 1 GPU at the same global batch. Every run is
 a real `main.py` training run on the generated shapes dataset; curves come from its logs.
 
-    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2]   # on the GPU machine
-    python benchmarks/convergence.py plot --out DIR                             # CSV -> PNG, anywhere
+`--set pipeline`: upstream's PIL input pipeline vs `--data-pipeline gpu` on the same shapes drawn at
+224 px and saved as JPEGs (with the odd files: grey, CMYK, progressive, PNG named .JPEG), the micro
+model at patch 4 / window 7, upstream's default RandAugment and random erasing (mixup off, so that
+the small model learns in a short run), each pipeline with seeds 0 and 1.
+
+    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] [--set pipeline]   # GPU machine
+    python benchmarks/convergence.py plot --out DIR                                              # anywhere
 """
 import argparse
 import csv
@@ -25,6 +30,46 @@ VARIANTS = {   # name: (extra main.py args, processes)
     'DDP 2 GPUs x 32, flags off, O1 bf16': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16',
                                              '--batch-size', '32'], 2),
 }
+
+
+JPEG224 = ['DATA.IMG_SIZE', '224', 'MODEL.SWIN.PATCH_SIZE', '4', 'MODEL.SWIN.WINDOW_SIZE', '7',
+           'AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1', 'AUG.REPROB', '0.25']
+PIPELINE_VARIANTS = {   # name: (extra main.py args, extra --opts)
+    'PIL pipeline, JPEG 224, O1 bf16': (['--data-pipeline', 'pil', '--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'],
+                                        JPEG224),
+    'gpu pipeline, JPEG 224, O1 bf16': (['--data-pipeline', 'gpu', '--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'],
+                                        JPEG224),
+}
+
+
+def run_pipelines(args):
+    data = os.path.join(args.out, 'shapes224')
+    if not os.path.isdir(data):
+        subprocess.run([sys.executable, '-m', 'data.jpeg_folder', '--out', data, '--demo-shapes', '--size', '224',
+                        '--train-per-class', '200', '--val-per-class', '50'], cwd=ROOT, check=True)
+    procs = []
+    t0 = time.time()
+    for name in PIPELINE_VARIANTS:
+        for seed in (0, 1):
+            extra, opts = PIPELINE_VARIANTS[name]
+            tag = f'{_slug(name)}_seed{seed}'
+            cmd = [sys.executable, 'main.py', '--cfg', CFG, '--data-path', data, '--output', args.out, '--tag', tag] + \
+                extra + ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3',
+                         'EXTRA.TENSORBOARD', str(_has_tensorboard())] + opts
+            log = open(os.path.join(args.out, f'{tag}.out'), 'w')
+            env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES=str(len(procs) % args.gpus))
+            procs.append((name, seed, tag, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                                            stderr=subprocess.STDOUT)))
+    rows = []
+    for name, seed, tag, p in procs:
+        p.wait()
+        print(f'{name} seed {seed}: exit {p.returncode} ({time.time() - t0:.0f} s)', flush=True)
+        rows += read_curves(os.path.join(args.out, 'swin_micro_shapes10', tag), name, seed)
+    with open(os.path.join(args.out, 'convergence_pipeline.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['variant', 'seed', 'epoch', 'train_loss', 'val_acc1'])
+        w.writeheader()
+        w.writerows(rows)
+    summarize(rows)
 
 
 def _slug(name: str) -> str:
@@ -156,9 +201,14 @@ def main():
     p.add_argument('--gpus', type=int, default=2)
     p.add_argument('--png', default=None)
     p.add_argument('--only', nargs='*', default=None, help='variant names to run (default: all)')
+    p.add_argument('--set', choices=['model', 'pipeline'], default='model',
+                   help='model: flags / precision / DDP variants; pipeline: PIL vs gpu input pipeline on JPEGs')
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    run(a) if a.action == 'run' else plot(a)
+    if a.action == 'plot':
+        plot(a)
+    else:
+        run_pipelines(a) if a.set == 'pipeline' else run(a)
 
 
 if __name__ == '__main__':

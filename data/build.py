@@ -130,7 +130,10 @@ def build_dataset(is_train: bool, config):
     transform = build_transform(is_train, config)
     if config.DATA.ZIP_MODE:
         from .zipdata import ZipImageDataset
-        ds = ZipImageDataset(root, split, transform, cache_mode=config.DATA.CACHE_MODE if is_train else 'part')
+        try:
+            ds = ZipImageDataset(root, split, transform, cache_mode=config.DATA.CACHE_MODE if is_train else 'part')
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
         return ds, len(ds.classes)
     path = os.path.join(root, split)
     if not os.path.isdir(path):

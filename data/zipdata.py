@@ -33,6 +33,11 @@ class ZipImageDataset(torch.utils.data.Dataset):
                     raise ValueError(f'{map_path}:{line_no}: expected "path<TAB>label", got {line!r}')
                 self.samples.append((parts[0], int(parts[1])))
         self.classes = sorted({label for _, label in self.samples})
+        if self.classes and (self.classes[0] < 0 or self.classes[-1] != len(self.classes) - 1):
+            missing = sorted(set(range(max(self.classes[-1], 0) + 1)) - set(self.classes))[:8]
+            raise ValueError(f'{map_path}: labels must be 0..N-1 with every class present; found '
+                             f'{len(self.classes)} labels from {self.classes[0]} to {self.classes[-1]}'
+                             + (f', missing {missing}' if missing else ''))
         self.transform = transform
         self._zip = None
         self._cache = {}

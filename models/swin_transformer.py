@@ -353,6 +353,8 @@ class SwinTransformer(nn.Module):
                  fused_mlp: bool = False, fused_dense: bool = False, fused_attention: bool = False,
                  kernel_backend: str = 'auto', **kwargs):
         super().__init__()
+        if kwargs:      # a misspelled switch (fused_layer_norm=True) must not build a plain model
+            raise TypeError(f'SwinTransformer got unknown keyword arguments: {sorted(kwargs)}')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm,
                                      mlp=fused_mlp, dense=fused_dense, window_attention=fused_attention,
                                      backend=kernel_backend)

@@ -158,3 +158,24 @@ def test_resume_keeps_the_best_checkpoint(demo_data, tmp_path):
     out = run_main(base + ['--resume', str(run_dir / 'ckpt_epoch_0.pth'), '--opts', 'TRAIN.EPOCHS', '2'] + FAST)
     assert 'Max accuracy: 100.00%' in out
     assert (run_dir / 'ckpt_best.pth').read_bytes() == before
+
+
+def test_misspelled_model_switch_is_rejected():
+    from models.swin_transformer import SwinTransformer
+    with pytest.raises(TypeError, match='fused_layer_norm'):
+        SwinTransformer(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2), num_heads=(3, 6), window_size=4,
+                        fused_layer_norm=True)
+
+
+def test_zip_map_with_gappy_or_negative_labels_is_one_line(demo_data, tmp_path):
+    from test_parity import _zip_split
+    for split in ('train', 'val'):
+        _zip_split(demo_data, str(tmp_path), split)
+    lines = (tmp_path / 'train_map.txt').read_text().splitlines()
+    for bad_label in ('-1', '12'):
+        path, _ = lines[0].split('\t')
+        (tmp_path / 'train_map.txt').write_text('\n'.join([f'{path}\t{bad_label}'] + lines[1:]) + '\n')
+        out = run_main(['--cfg', DEMO_CFG, '--data-path', str(tmp_path), '--zip', '--output', str(tmp_path / 'o'),
+                        '--opts', 'TRAIN.EPOCHS', '1'] + FAST, expect_ok=False)
+        last = _last_line(out)
+        assert last.startswith('error:') and 'labels must be 0..N-1' in last and 'Traceback' not in out, last
