@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument('--workers', type=int, default=12)
     p.add_argument('--batches', type=int, default=120)
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
+    p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
                    help='main.py runs of the main part, PIPELINE:DATA')
     a = p.parse_args()
@@ -170,6 +171,8 @@ def main() -> None:
                 ('gpu', 'train', a.workers, a.batches, True), ('gpu', 'train', a.workers, a.batches, False),
                 ('gpu', 'val', a.workers, 45, True), ('pil', 'train', 8, 40, True),
                 ('pil', 'train', cores - 1, 50, True), ('pil', 'val', cores - 1, 45, True)):
+            if pipeline not in a.pipelines:
+                continue
             rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin))
             print(rows[-1], flush=True)
     if 'gputime' in a.parts:

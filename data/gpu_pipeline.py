@@ -266,31 +266,39 @@ class DeviceTransform:
 
     def finish(self, decoded):
         images, kind, params, labels, indices, seed = decoded
-        S = self.size
-        x = torch.empty(len(images), 3, S, S, device=self.device)
-        rows = params.tolist()
-        for i, img in enumerate(images):
-            if self.train:
-                top, left, h, w = (int(v) for v in rows[i][:4])
-                if kind[i] == 2:                                   # cut to the box in the worker
-                    T.resize_into(x[i:i + 1], img)
-                elif self.recipe.small:
-                    x[i] = T.crop_padded(img, top, left, h, w)
-                else:
-                    T.resize_into(x[i:i + 1], img[:, top:top + h, left:left + w])
-            elif self.test_crop:
-                rh, rw = T.resize_shorter(img.shape[1], img.shape[2], int((256 / 224) * S))
-                top, left = T.center_crop_box(rh, rw, S)
-                x[i] = T.crop_padded(T.resize(img, (rh, rw), to_8bit=False), top, left, S, S)
-            else:
-                x[i] = T.resize(img, (S, S), to_8bit=False)
-        x = T.round_8bit(x)
+        if self.train and self.recipe.small:        # padded random crop, no resampling
+            x = torch.stack([T.crop_padded(img, *(int(v) for v in row[:4])).float()
+                             for img, row in zip(images, params.tolist())])
+        else:
+            x = self._resize(images, kind, params)
         if self.train:
             x = self._augment(x, params)
         x = x.div_(255).sub_(self.mean).div_(self.std)            # ToTensor + Normalize
         if self.train and self.recipe.erase_max_count:
             x = self._erase(x, params, int(seed))
         return x, labels.to(self.device, non_blocking=True)
+
+    def _resize(self, images: list, kind: list, params: torch.Tensor) -> torch.Tensor:
+        """Train: each crop box resized to S x S. Val: resize the shorter side to 256/224 S, then the
+        centre S x S (TEST.CROP), or resize to S x S. On CUDA one batched kernel pair
+        (kernels/crop_resize.py) for the whole batch; elsewhere one interpolate per image."""
+        from kernels.crop_resize import crop_resize_fwd, crop_resize_ref
+        S, rows = self.size, params.tolist()
+        meta = []
+        for img, k, row in zip(images, kind, rows):
+            H, W = img.shape[1], img.shape[2]
+            if self.train:
+                top, left, h, w = (0, 0, H, W) if k == 2 else (int(v) for v in row[:4])
+                meta.append([0, H, W, top, left, h, w, S, S, 0, 0])
+            elif self.test_crop:
+                rh, rw = T.resize_shorter(H, W, int((256 / 224) * S))
+                meta.append([0, H, W, 0, 0, H, W, rh, rw, *T.center_crop_box(rh, rw, S)])
+            else:
+                meta.append([0, H, W, 0, 0, H, W, S, S, 0, 0])
+        meta = torch.tensor(meta, dtype=torch.int64)
+        if self.device.type == 'cuda':
+            return crop_resize_fwd(images, meta, S)
+        return crop_resize_ref(images, meta, S)
 
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Flip, then each RandAugment layer. Within a layer every image gets its own op; ops are

@@ -6,10 +6,10 @@ returns the same kind of batch: each op rounds and clips as Pillow does for 8-bi
 chain of ops stays on the uint8 grid. The per-op notes say how Pillow computes it; the tests
 (tests/test_gpu_pipeline.py) compare each op with Pillow at fixed arguments.
 
-Resampling (crop + resize, rotate, shear, translate) uses torch's bicubic kernels: antialiased
-bicubic (a = -0.5, as Pillow) for resize, and grid_sample's bicubic (a = -0.75) for the affine
-ops, where Pillow uses a = -0.5 without antialiasing. Those differ from Pillow by a few levels
-at edges; the tests state the tolerance.
+Resampling: crop + resize is kernels/crop_resize.py (antialiased bicubic, a = -0.5, as Pillow, in
+float); the affine ops (rotate, shear, translate) use grid_sample's bicubic (a = -0.75) where Pillow
+uses a = -0.5 without antialiasing. Both differ from Pillow by about a level; the tests state the
+tolerance.
 """
 import math
 
@@ -167,26 +167,6 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill) -> torch.Tensor:
     fill_t = torch.as_tensor(fill, dtype=x.dtype, device=dev).reshape(1, -1, 1, 1)
     out = torch.floor(out + 0.5).clamp_(0, 255)
     return torch.where(inside[:, None], out, fill_t)
-
-
-def resize(img: torch.Tensor, size, to_8bit: bool = True) -> torch.Tensor:
-    """One image [3, h, w] (any dtype) -> [3, *size] float32: antialiased bicubic (a = -0.5), as
-    Pillow's resize, rounded and clipped to 8 bits (to_8bit False: leave that to `round_8bit`
-    on the whole batch, one launch instead of one per image)."""
-    out = F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)[0]
-    return round_8bit(out) if to_8bit else out
-
-
-def resize_into(out: torch.Tensor, img: torch.Tensor) -> None:
-    """`resize(img, out.shape[-2:], to_8bit=False)` written straight into `out` ([1, 3, H, W], a
-    slice of the batch): the aten op itself, without interpolate's argument handling or a copy;
-    the input loop runs this once per image, so its host cost sets the pipeline's rate."""
-    torch._C._nn._upsample_bicubic2d_aa(img[None].float(), list(out.shape[-2:]), False, None, None, out=out)
-
-
-def round_8bit(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest whole number and clip to 0..255, in place."""
-    return x.add_(0.5).floor_().clamp_(0, 255)
 
 
 def crop_padded(img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from conftest import DEVICE, ROOT
-from data import tensor_ops as T
 from data.build import DataError, build_transform, posterize
 from data.gpu_pipeline import OPS, PROGRAM, DeviceTransform, RawImages, TrainRecipe, aa_fill
 from data.jpeg_folder import generate, photo
@@ -139,13 +138,51 @@ def test_affine_op_is_close_to_pillow(photo_224, name, arg):
     assert diff.mean() < 1.5 and (diff > 8).float().mean() < 0.02, (name, diff.mean(), (diff > 8).float().mean())
 
 
-def test_resize_is_close_to_pillow():
-    big = photo(np.random.default_rng(2), 500, 375)
-    for box, size in (((30, 40, 330, 290), 224), ((0, 0, 500, 375), 256), ((100, 50, 140, 90), 224)):
-        ref = _tensor(big.crop(box).resize((size, size), Image.BICUBIC))
-        x = _tensor(big)[:, box[1]:box[3], box[0]:box[2]].to(DEVICE)
-        diff = (T.resize(x, (size, size)).cpu() - ref).abs()
-        assert diff.mean() < 0.5 and diff.max() <= 8, (box, diff.mean(), diff.max())
+def _resize_batch(images, meta, size):
+    """The pipeline's crop + resize: the Triton kernels on the GPU, the per-image reference on the
+    CPU (as the pipeline runs them; the next test ties the kernels to the reference)."""
+    from kernels.crop_resize import crop_resize_fwd, crop_resize_ref
+    return (crop_resize_fwd if DEVICE == 'cuda' else crop_resize_ref)(images, meta, size)
+
+
+def test_crop_resize_is_close_to_pillow():
+    """Random-resized-crop boxes (down- and up-sampling) and resize + centre crop, against Pillow."""
+    big = photo(np.random.default_rng(2), 120, 90)
+    S = 32
+    boxes = [(10, 12, 90, 80), (0, 0, 120, 90), (50, 25, 70, 45)]          # left, top, right, bottom
+    images = [_tensor(big).to(torch.uint8).to(DEVICE)] * 4
+    meta = [[0, 90, 120, t, l, b - t, r - l, S, S, 0, 0] for l, t, r, b in boxes]
+    rh, rw = 36, int(36 * 120 / 90)                                           # Resize(36) + CenterCrop(32)
+    meta.append([0, 90, 120, 0, 0, 90, 120, rh, rw, int(round((rh - S) / 2)), int(round((rw - S) / 2))])
+    out = _resize_batch(images, torch.tensor(meta), S).cpu()
+    refs = [_tensor(big.crop(box).resize((S, S), Image.BICUBIC)) for box in boxes]
+    from torchvision import transforms
+    refs.append(_tensor(transforms.CenterCrop(S)(transforms.Resize(36, interpolation=Image.BICUBIC)(big))))
+    for got, ref, what in zip(out, refs, boxes + ['resize + centre crop']):
+        diff = (got - ref).abs()
+        assert diff.mean() < 0.5 and diff.max() <= 8, (what, diff.mean(), diff.max())
+
+
+def test_crop_resize_kernels_match_reference():
+    """The batched kernels against one F.interpolate per image: different image sizes in one batch,
+    down- and up-sampling, odd sizes, a window inside a larger virtual image (the val path)."""
+    from kernels.crop_resize import crop_resize_ref
+    g = torch.Generator().manual_seed(0)
+    S = 24
+    specs = [((37, 53), (3, 5, 30, 40), (S, S, 0, 0)), ((20, 16), (0, 0, 20, 16), (S, S, 0, 0)),
+             ((90, 61), (10, 7, 11, 50), (S, S, 0, 0)), ((61, 90), (0, 0, 61, 90), (27, 39, 2, 8))]
+    images, meta = [], []
+    for (H, W), box, window in specs:
+        images.append(torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8).to(DEVICE))
+        meta.append([0, H, W, *box, *window])
+    meta = torch.tensor(meta)
+    out = torch.full((len(images), 3, S, S), float('nan'), device=DEVICE)
+    from kernels.crop_resize import crop_resize_fwd
+    crop_resize_fwd(images, meta, S, out=out)
+    ref = crop_resize_ref(images, meta, S)
+    diff = (out - ref).abs()
+    # identical but where float rounding puts a value on the other side of a .5 boundary
+    assert not out.isnan().any() and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, diff.max()
 
 
 # ----------------------------------------------------------------------------- samplers against timm
