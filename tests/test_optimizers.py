@@ -63,9 +63,22 @@ def _train(model, opt, precision, master, steps=STEPS, accum=2, clip=1.0, inf_at
     return norms
 
 
-def _pair(level='O0', dtype='float16'):
+class Wide(torch.nn.Module):
+    """A weight of three full 16384-element chunks plus a tail (the kernels' per-tensor chunking,
+    norm partials summed across chunks), beside small tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(211, 241)       # 50851 weights: 3 chunks + 1699
+        self.fc2 = torch.nn.Linear(241, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def _pair(level='O0', dtype='float16', module=Tiny):
     torch.manual_seed(0)
-    base = Tiny().to(DEVICE)
+    base = module().to(DEVICE)
     out = []
     for _ in range(2):
         precision = Precision(level, dtype, torch.device(DEVICE))
@@ -126,6 +139,25 @@ def test_o2_one_pass_matches_master_update_then_copy(backend, dtype):
         assert taken <= 6 and p_fused.get_scale() < 65536.0
     else:
         assert taken == 8
+
+
+@pytest.mark.parametrize('level', ['O0', 'O2'])
+@pytest.mark.parametrize('name', ['adamw', 'lamb'])
+def test_multi_chunk_tensors_match_references(name, level):
+    """The Triton kernels on tensors that span several chunks and blocks, O0 (fp32) and O2 (bf16
+    weights, fp32 master), against torch's AdamW / timm's Lamb on the fp32 master path."""
+    from kernels.optimizers import CHUNK
+    assert Wide().fc1.weight.numel() > 3 * CHUNK
+    (p_ref, m_ref, w_ref), (p_fused, m_fused, w_fused) = _pair(level, 'bfloat16', module=Wide)
+    if name == 'adamw':
+        ref = torch.optim.AdamW(param_groups(w_ref, 0.05), lr=1e-2)
+        fused = FusedAdamW(param_groups(w_fused, 0.05), lr=1e-2, backend='triton')
+    else:
+        ref = Lamb(param_groups(w_ref, 0.05), lr=1e-2, eps=1e-8, max_grad_norm=1.0)
+        fused = FusedLAMB(param_groups(w_fused, 0.05), lr=1e-2, eps=1e-8, max_grad_norm=1.0, backend='triton')
+    _train(m_ref, ref, p_ref, w_ref, steps=4, clip=5.0)
+    _train(m_fused, fused, p_fused, w_fused, steps=4, clip=5.0)
+    _assert_params_close(w_ref, w_fused, rtol=1e-6)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
