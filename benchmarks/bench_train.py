@@ -15,7 +15,6 @@ import torch
 
 from common import cuda_time_ms, environment, write_results
 
-import kernels
 from amp import Precision
 from kernels.optimizers import FusedAdamW
 from models.swin_transformer import SwinTransformer
@@ -83,12 +82,9 @@ def build(size, flags):
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
-    kernels.FOLD_WINDOW_NORM = flags.get('fold', True)
-    try:
-        model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold')}
-        return SwinTransformer(**MODELS[size], **model_flags, kernel_backend='triton')
-    finally:
-        kernels.FOLD_WINDOW_NORM = True
+    model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold')}
+    return SwinTransformer(**MODELS[size], **model_flags, kernel_backend='triton',
+                           fold_window_norm=flags.get('fold', True))
 
 
 def _compiled(model, compile_):

@@ -46,9 +46,6 @@ FLAGS = {
     'dense': '--fused_dense',
 }
 BACKENDS = ('auto', 'triton', 'apex', 'torch')
-# Fold the window shuffles into the LayerNorm kernels where both flags run on Triton. Only the
-# benchmarks turn it off (to measure what the fold buys); the math is the same either way.
-FOLD_WINDOW_NORM = True
 
 
 class KernelUnavailable(RuntimeError):
@@ -107,8 +104,13 @@ class Ops:
 
 
 def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool = False,
-              dense: bool = False, window_attention: bool = False, backend: str = 'auto') -> Ops:
-    """Resolve every requested fused op once; log the choice; fail early and clearly."""
+              dense: bool = False, window_attention: bool = False, backend: str = 'auto',
+              fold_window_norm: bool = True) -> Ops:
+    """Resolve every requested fused op once; log the choice; fail early and clearly.
+
+    fold_window_norm: where --fused_window_process and --fused_layernorm both run on Triton, fold
+    the window shuffles into the LayerNorm kernels (the math is the same either way; only the
+    benchmarks turn it off, to measure what the fold buys)."""
     ops = Ops()
     chosen = []
     if window_process:
@@ -129,7 +131,7 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
         b, ops.mlp = get_impl('mlp', backend)
         chosen.append(('mlp', b))
     backends = dict(chosen)
-    if FOLD_WINDOW_NORM and backends.get('window_process') == backends.get('layer_norm') == 'triton':
+    if fold_window_norm and backends.get('window_process') == backends.get('layer_norm') == 'triton':
         # both flags own this fusion: the partition's gather and the merge's scatter ride inside
         # the LayerNorm kernels (one pass over the activation instead of two, each way)
         ops.norm_partition = layer_norm_partition

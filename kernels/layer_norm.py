@@ -271,9 +271,11 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     programs = max(1, min(per_sm * sm_count(x.device), triton.cdiv(M, block_rows)))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program) if M else 1
-    # every program writes its whole row of partial sums: no zero-fill needed
-    dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)
+    # every program writes its whole row of partial sums: no zero-fill needed, except with no rows
+    # at all, where no program runs and the weight gradients are zero
+    alloc = torch.empty if M else torch.zeros
+    dw_part = alloc((programs, C), dtype=torch.float32, device=x.device)
+    db_part = alloc((programs, C), dtype=torch.float32, device=x.device)
     if M:
         _layer_norm_bwd_kernel[(programs,)](
             dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, dres2, scale_flat, dbranch,

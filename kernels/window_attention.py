@@ -267,8 +267,9 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['bwd_warps'])
     n_groups = _n_groups(B_, num_heads, qkv.device)
     dqkv = torch.empty_like(qkv)
-    # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes).
-    alloc = torch.zeros if num_m > 1 else torch.empty
+    # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes; and with no
+    # windows no program runs, so the table's gradient must come out zero).
+    alloc = torch.zeros if num_m > 1 or B_ == 0 else torch.empty
     dbias_partial = alloc((n_groups, num_heads, N, N), dtype=torch.float32, device=qkv.device)
     if B_:
         _window_attention_bwd_kernel[(n_groups * num_heads,)](
