@@ -174,7 +174,9 @@ class SwinTransformerBlock(nn.Module):
             self.shift_size = 0
             self.window_size = min(self.input_resolution)
         assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
-        self.ops = ops or kernels.Ops()
+        # Built alone (as upstream's block can be), fused_window_process picks the fused shuffles;
+        # inside a SwinTransformer the model's `ops` bundle, resolved once for every flag, decides.
+        self.ops = ops or kernels.build_ops(window_process=fused_window_process)
 
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, (self.window_size, self.window_size), num_heads, qkv_bias,
@@ -191,7 +193,6 @@ class SwinTransformerBlock(nn.Module):
         else:
             attn_mask = None
         self.register_buffer('attn_mask', attn_mask)
-        # `fused_window_process` is accepted for upstream's signature; the model's `ops` bundle decides.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
@@ -270,6 +271,7 @@ class BasicLayer(nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.depth = depth
         self.use_checkpoint = use_checkpoint
+        ops = ops or kernels.build_ops(window_process=fused_window_process)     # see SwinTransformerBlock
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads,

@@ -35,3 +35,17 @@ def test_fused_model_equals_reference(flags):
     ref_grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_block_built_alone_honours_fused_window_process():
+    """Upstream's block and stage take fused_window_process; built alone they use the fused shuffles."""
+    from models.swin_transformer import BasicLayer, SwinTransformerBlock
+    from kernels.window_process import window_partition
+    block = SwinTransformerBlock(32, (8, 8), 2, window_size=4, shift_size=2, fused_window_process=True)
+    layer = BasicLayer(32, (8, 8), 2, 2, 4, fused_window_process=True)
+    expected = window_partition if DEVICE == 'cuda' else None    # 'auto' resolves to the reference on the CPU
+    for ops in (block.ops, layer.blocks[0].ops):
+        assert ops.chosen == (('window_process', 'triton' if DEVICE == 'cuda' else 'torch'),)
+        if expected is not None:
+            assert ops.window_partition is expected
+    assert SwinTransformerBlock(32, (8, 8), 2, window_size=4).ops.chosen == ()
