@@ -1,4 +1,4 @@
-"""Sweep the LayerNorm backward's launch knobs (kernels/layer_norm.py TUNING) at Swin's shapes,
+"""Sweep the LayerNorm backward's launch knobs (layer_norm_bwd(..., launch=...)) at Swin's shapes,
 plain and with the residual fusion; prints the best per shape. GPU only.
 
     python benchmarks/tune_layer_norm.py [--shapes 401408x96 ...]
@@ -38,14 +38,13 @@ def main():
         for rows_, warps, per_sm in itertools.product((2, 4, 8, 16, 32), (4, 8), (4, 8, 16)):
             if rows_ * triton.next_power_of_2(C) > 16384:
                 continue
-            ln.TUNING.update(bwd_rows=rows_, bwd_warps=warps, bwd_programs_per_sm=per_sm)
-            us = graph_us(lambda: ln.layer_norm_bwd(dy, x, w, mean, rstd, **kw))
+            launch = dict(bwd_rows=rows_, bwd_warps=warps, bwd_programs_per_sm=per_sm)
+            us = graph_us(lambda: ln.layer_norm_bwd(dy, x, w, mean, rstd, **kw, launch=launch))
             if us is None:           # e.g. out of resources
                 print('skip', rows_, warps, per_sm)
                 continue
             if best is None or us < best[0]:
                 best = (us, rows_, warps, per_sm)
-        ln.TUNING.update(bwd_rows=None, bwd_warps=None, bwd_programs_per_sm=None)
         default = graph_us(lambda: ln.layer_norm_bwd(dy, x, w, mean, rstd, **kw))
         rows.append({'shape': f'{M}x{C}', 'residual': fused_add, 'default_us': default,
                      'best_us': best[0], 'rows': best[1], 'warps': best[2], 'programs/SM': best[3],

@@ -1,4 +1,4 @@
-"""Sweep the window-process kernel's launch knobs (kernels/window_process.py TUNING) at Swin's
+"""Sweep the window-process kernel's launch knobs (window_partition_fwd(..., launch=...)) at Swin's
 shapes; GPU time from CUDA-graph replay, beside a plain copy of the same bytes (torch's clone:
 what this card's memory system delivers for a read + write). GPU only.
 
@@ -30,11 +30,10 @@ def main():
         for block_rows, block_c, warps in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8)):
             if block_rows * block_c > 16384:
                 continue
-            wp.TUNING.update(block_rows=block_rows, block_c=block_c, warps=warps)
-            us = graph_us(lambda: wp.window_partition_fwd(x, w, s))
+            launch = dict(block_rows=block_rows, block_c=block_c, warps=warps)
+            us = graph_us(lambda: wp.window_partition_fwd(x, w, s, launch=launch))
             if us is not None and (best is None or us < best[0]):
                 best = (us, block_rows, block_c, warps)
-        wp.TUNING.update(block_rows=None, block_c=None, warps=None)
         win = wp.window_partition_ref(x, w, s)
         merge = graph_us(lambda: wp.window_merge_fwd(win, HW, HW, s))
         rows.append({'shape': f'B{B} {HW}x{HW} C{C}', 'dtype': str(dtype)[6:], 'copy_us': copy,

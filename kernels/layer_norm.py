@@ -157,11 +157,6 @@ if triton_available():
         tl.store(db_part_ptr + pid * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
-# Backward launch knobs; None = the measured defaults of _bwd_launch (benchmarks/tune_layer_norm.py
-# sweeps them).
-TUNING = {'bwd_rows': None, 'bwd_warps': None, 'bwd_programs_per_sm': None}
-
-
 def _bwd_launch(C: int):
     """(rows a tile, warps, programs per SM) for the backward. From the sweep on an H100 (bf16,
     2026-11-26, benchmarks/results/tune_layer_norm.md): narrow rows want more programs (16/SM at
@@ -248,7 +243,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, dres: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                   branch_dtype: Optional[torch.dtype] = None, window: Optional[Sequence[int]] = None):
+                   branch_dtype: Optional[torch.dtype] = None, window: Optional[Sequence[int]] = None,
+                   launch: Optional[dict] = None):
     """-> (dx like x, dweight like weight, dbias like weight). For add_layer_norm (x is h): dres is
     h's gradient from its other use, added in; with `branch_dtype` also -> dbranch = dx * scale
     (the branch's gradient, a 4th result). `window` as in the forward: dy is read from window
@@ -265,9 +261,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     scale_flat = scale.reshape(-1).contiguous() if scale is not None else dx
     _, block_c, _ = _tile(C)
     block_rows, num_warps, per_sm = _bwd_launch(C)
-    block_rows = TUNING['bwd_rows'] or block_rows
-    num_warps = TUNING['bwd_warps'] or num_warps
-    per_sm = TUNING['bwd_programs_per_sm'] or per_sm
+    launch = launch or {}     # benchmarks/tune_layer_norm.py passes bwd_rows / bwd_warps / bwd_programs_per_sm
+    block_rows = launch.get('bwd_rows') or block_rows
+    num_warps = launch.get('bwd_warps') or num_warps
+    per_sm = launch.get('bwd_programs_per_sm') or per_sm
     programs = max(1, min(per_sm * sm_count(x.device), triton.cdiv(M, block_rows)))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program) if M else 1

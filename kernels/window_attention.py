@@ -218,21 +218,22 @@ def _dot_mode(qkv: torch.Tensor) -> int:
     return 2 if qkv.device.type == 'cpu' else 0
 
 
-# Launch settings; benchmarks/bench_kernels.py sweeps them (the defaults are its H100 winners).
-TUNING = {'fwd_warps': None, 'bwd_warps': None, 'bwd_programs_per_sm': 8}
+# Backward programs per SM (each sums its windows' dS in a fixed order, so this also fixes the
+# summation grouping: a constant, not a knob). The H100 winner of benchmarks/bench_kernels.py.
+BWD_PROGRAMS_PER_SM = 8
 
 
-def _blocks(N: int, d: int, warps=None):
+def _blocks(N: int, d: int):
     block_n = max(16, next_power_of_2(N))
     block_m = min(block_n, 64)
     num_m = (N + block_m - 1) // block_m
-    num_warps = warps or (4 if block_n <= 64 else 8)
+    num_warps = 4 if block_n <= 64 else 8
     return block_m, block_n, max(16, next_power_of_2(d)), num_m, num_warps
 
 
 def _n_groups(B_: int, heads: int, device: torch.device) -> int:
     """Windows per backward program: enough programs to fill the GPU several times over."""
-    return max(1, min(B_, (TUNING['bwd_programs_per_sm'] * sm_count(device) + heads - 1) // heads))
+    return max(1, min(B_, (BWD_PROGRAMS_PER_SM * sm_count(device) + heads - 1) // heads))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -245,7 +246,7 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
     qkv = qkv.contiguous()
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
-    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['fwd_warps'])
+    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
     bm = _bias_mask(table, index, mask, num_m * block_m, block_n)
     grid = (B_ * num_heads * num_m,)
     if B_:
@@ -264,7 +265,7 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     B_, N, C3 = qkv.shape
     d = C3 // 3 // num_heads
     qkv, dout = qkv.contiguous(), dout.contiguous()
-    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d, TUNING['bwd_warps'])
+    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
     n_groups = _n_groups(B_, num_heads, qkv.device)
     dqkv = torch.empty_like(qkv)
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes; and with no

@@ -16,6 +16,8 @@ With --fused_layernorm as well, the model does not call these kernels: the same 
 (`window_source` / `window_row_of` below) addresses the window side inside the LayerNorm kernels
 (layer_norm.py), which saves a read and a write of the activation each way.
 """
+from typing import Optional
+
 import torch
 
 from ._utils import check_triton_device, next_power_of_2, triton_available
@@ -124,11 +126,7 @@ if triton_available():
                 tl.store(map_ptr + map_off, tl.load(win_ptr + win_off, mask=mask), mask=mask)
 
 
-# Launch knobs; None = the defaults of _tile (benchmarks/tune_window_process.py sweeps them).
-TUNING = {'block_rows': None, 'block_c': None, 'warps': None}
-
-
-def _tile(C: int, element_size: int):
+def _tile(C: int, element_size: int, launch: Optional[dict] = None):
     """(rows a program, channels a tile, warps), from the sweep on an H100 (2026-11-26,
     benchmarks/results/tune_window_process.md): small programs of 16 tokens win at every Swin width
     (C = 96 bf16: 53.6 us, 2.88 TB/s, against 62.1 us for 64-token programs and 52.4 us for a
@@ -137,14 +135,15 @@ def _tile(C: int, element_size: int):
     row holds more than 256 bytes."""
     block_c = min(next_power_of_2(C), 128)
     warps = 8 if C * element_size > 256 else 4
-    return (TUNING['block_rows'] or 16, TUNING['block_c'] or block_c, TUNING['warps'] or warps)
+    launch = launch or {}     # benchmarks/tune_window_process.py passes block_rows / block_c / warps
+    return (launch.get('block_rows') or 16, launch.get('block_c') or block_c, launch.get('warps') or warps)
 
 
 def _launch(map_t: torch.Tensor, win_t: torch.Tensor, window_size: int, shift_size: int,
-            to_windows: bool) -> None:
+            to_windows: bool, launch: Optional[dict] = None) -> None:
     B, H, W, C = map_t.shape
     n_rows = B * H * W
-    block_rows, block_c, num_warps = _tile(C, map_t.element_size())
+    block_rows, block_c, num_warps = _tile(C, map_t.element_size(), launch)
     _window_shuffle_kernel[(triton.cdiv(n_rows, block_rows),)](
         map_t, win_t, n_rows, *map_t.stride(), H=H, W=W, C=C, WS=window_size, SHIFT=shift_size,
         TO_WINDOWS=to_windows, C_CONTIGUOUS=map_t.stride(3) == 1,
@@ -152,7 +151,8 @@ def _launch(map_t: torch.Tensor, win_t: torch.Tensor, window_size: int, shift_si
 
 
 # ----------------------------------------------------------------------------- launchers
-def window_partition_fwd(x: torch.Tensor, window_size: int, shift_size: int) -> torch.Tensor:
+def window_partition_fwd(x: torch.Tensor, window_size: int, shift_size: int,
+                         launch: Optional[dict] = None) -> torch.Tensor:
     """Triton partition: [B, H, W, C] (any strides) -> new contiguous [B*nW, w, w, C]."""
     check_triton_device(x)
     B, H, W, C = x.shape
@@ -161,7 +161,7 @@ def window_partition_fwd(x: torch.Tensor, window_size: int, shift_size: int) -> 
     out = torch.empty((B * H * W // window_size ** 2, window_size, window_size, C),
                       dtype=x.dtype, device=x.device)
     if out.numel():
-        _launch(x, out, window_size, shift_size, to_windows=True)
+        _launch(x, out, window_size, shift_size, to_windows=True, launch=launch)
     return out
 
 
