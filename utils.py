@@ -132,7 +132,7 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     return ckpt
 
 
-_BUFFER_KEYS = ('relative_position_index', 'attn_mask')
+_BUFFER_KEYS = ('relative_position_index', 'relative_coords_table', 'attn_mask')   # rebuilt by the model
 
 
 def _model_state(ckpt: dict) -> dict:
@@ -254,9 +254,11 @@ def _resize_square(t: torch.Tensor, new_side: int) -> torch.Tensor:
 
 
 def adapt_pretrained_state(state_dict: dict, model: torch.nn.Module) -> tuple:
-    """(adapted state dict, list of what changed) for a Swin V1 `model`: drops index/mask
-    buffers, resizes bias tables and absolute_pos_embed, maps a 22k head to 1k, drops a head
-    of another size (the model keeps its fresh head). Anything else must already fit."""
+    """(adapted state dict, list of what changed) for a Swin V1 or V2 `model`: drops the buffers
+    the model rebuilds for its own window (index, mask, V2's coordinate table: V2's cpb MLP is
+    continuous, so it needs no resizing), resizes V1's bias tables and absolute_pos_embed, maps a
+    22k head to 1k, drops a head of another size (the model keeps its fresh head). Anything else
+    must already fit."""
     own = model.state_dict()
     out, notes = {}, []
     head_mismatch = False

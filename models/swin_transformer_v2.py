@@ -1,0 +1,359 @@
+"""Swin Transformer V2 (Liu et al., 2022), with upstream's semantics and state-dict layout.
+
+What differs from V1 (models/swin_transformer.py, whose helpers this file reuses):
+- res-post-norm blocks: x = x + drop_path(norm1(attn(x))), x = x + drop_path(norm2(mlp(x))), the
+  norms' weights starting at zero;
+- scaled cosine attention: normalize(q) @ normalize(k)^T * exp(min(logit_scale, log 100)), per head;
+- a continuous relative position bias: 16 * sigmoid(cpb_mlp(log-spaced coordinates)), the table
+  computed once per forward (not per window), indexed as V1's;
+- q and v biases (k has none) as separate parameters beside a bias-free qkv Linear;
+- patch merging: concat -> reduction -> norm over 2C (V1 normalises before reducing).
+
+Read top-down: attention -> block -> merging -> stage -> model. Fused ops come from the same
+`kernels.Ops` bundle as V1's: --fused_window_process (shift + partition, merge + shift),
+--fused_layernorm (every LayerNorm), --fused_dense, --fused_mlp. --unfused_mha has no kernel for
+the cosine attention yet and is refused at build with that reason.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from timm.layers import DropPath, trunc_normal_
+
+import kernels
+
+from .swin_transformer import Mlp, PatchEmbed, relative_position_index, shifted_window_mask
+
+LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
+
+
+def relative_coords_table(window_size: int, pretrained_window_size: int = 0) -> torch.Tensor:
+    """[1, 2w-1, 2w-1, 2] log-spaced relative coordinates for the cpb MLP: (dy, dx) divided by
+    (pretrained window - 1), or (window - 1) when no pretrained window is given, times 8, then
+    sign(t) * log2(|t| + 1) / log2(8)."""
+    r = torch.arange(-(window_size - 1), window_size, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(r, r, indexing='ij')).permute(1, 2, 0).contiguous()[None]
+    table = table / ((pretrained_window_size if pretrained_window_size > 0 else window_size) - 1)
+    table = table * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+class WindowAttentionV2(nn.Module):
+    """Scaled cosine self-attention inside each window, with a continuous relative position bias.
+
+    Args:
+        dim: Channels.
+        window_size: (Wh, Ww); square windows only, as upstream's configs.
+        num_heads: Attention heads.
+        qkv_bias: Learnable q and v biases (k gets none).
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout on the output.
+        pretrained_window_size: Window the cpb MLP was trained at (0: this window).
+    """
+
+    def __init__(self, dim: int, window_size: Sequence[int], num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0., proj_drop: float = 0., pretrained_window_size: int = 0,
+                 ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.window_size = tuple(window_size)
+        self.pretrained_window_size = pretrained_window_size
+        self.num_heads = num_heads
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        w = self.window_size[0]
+        self.register_buffer('relative_coords_table', relative_coords_table(w, pretrained_window_size))
+        self.register_buffer('relative_position_index', relative_position_index(w))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.softmax = nn.Softmax(dim=-1)
+        self.ops = ops or kernels.Ops()
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """[heads, N, N]: 16 * sigmoid of the cpb MLP's table, gathered by the relative index."""
+        N = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)   # (2w-1)^2, heads
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B*nW, N, C]; mask: [nW, N, N] (0 or -100) or None. Returns [B*nW, N, C]."""
+        B_, N, C = x.shape
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = self.ops.linear(x, self.qkv.weight, qkv_bias)              # B*nW, N, 3C
+        qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                  # B*nW, heads, N, hd
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)   # B*nW, heads, N, N
+        # a Python float as the bound: upstream's CPU tensor there fails on CUDA
+        attn = attn * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+        attn = attn + self.relative_position_bias().unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)                  # B*nW, N, C
+        return self.proj_drop(self.ops.linear(x, self.proj.weight, self.proj.bias))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, '
+                f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}')
+
+    def flops(self, N: int) -> int:
+        """Multiply-adds of one window of N tokens (upstream's count)."""
+        flops = N * self.dim * 3 * self.dim
+        flops += self.num_heads * N * (self.dim // self.num_heads) * N
+        flops += self.num_heads * N * N * (self.dim // self.num_heads)
+        return flops + N * self.dim * self.dim
+
+
+class SwinTransformerBlockV2(nn.Module):
+    """(Shifted-)window cosine attention and MLP, each followed by its norm (res-post-norm)."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True, drop: float = 0.,
+                 attn_drop: float = 0., drop_path: float = 0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 pretrained_window_size: int = 0, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        if min(self.input_resolution) <= self.window_size:
+            # One window covers the map: no shift, and the window shrinks to the map.
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        self.ops = ops or kernels.Ops()
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttentionV2(dim, (self.window_size, self.window_size), num_heads, qkv_bias, attn_drop,
+                                      drop, pretrained_window_size, ops=self.ops)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, ops=self.ops)
+        H, W = self.input_resolution
+        attn_mask = None
+        if self.shift_size > 0:
+            if H % self.window_size or W % self.window_size:
+                raise ValueError(f'feature map {H}x{W} is not a multiple of window {self.window_size}')
+            attn_mask = shifted_window_mask(H, W, self.window_size, self.shift_size)
+        self.register_buffer('attn_mask', attn_mask)
+
+    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H*W, C] -> [B, H*W, C]."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        w = self.window_size
+        shortcut = x
+        windows = self.ops.window_partition(x.view(B, H, W, C), w, self.shift_size)   # B*nW, w, w, C
+        attn_windows = self.attn(windows.view(-1, w * w, C), mask=self.attn_mask)       # B*nW, N, C
+        x = self.ops.window_merge(attn_windows.view(-1, w, w, C), H, W, self.shift_size)  # B, H, W, C
+        x = shortcut + self.drop_path(self._norm(self.norm1, x.reshape(B, H * W, C)))
+        return x + self.drop_path(self._norm(self.norm2, self.mlp(x)))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+    def flops(self) -> int:
+        H, W = self.input_resolution
+        nW = H * W / self.window_size / self.window_size
+        flops = 2 * self.dim * H * W                                      # norm1, norm2
+        flops += nW * self.attn.flops(self.window_size * self.window_size)
+        return flops + 2 * H * W * self.dim * self.dim * self.mlp_ratio   # mlp
+
+
+class PatchMergingV2(nn.Module):
+    """2x2 neighbourhood -> concat (as V1) -> 4C->2C reduction -> norm over 2C."""
+
+    def __init__(self, input_resolution: Sequence[int], dim: int, norm_layer=nn.LayerNorm,
+                 ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.input_resolution = tuple(input_resolution)
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(2 * dim)
+        self.ops = ops or kernels.Ops()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H*W, C] -> [B, H/2*W/2, 2C]."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, 'input feature has wrong size'
+        assert H % 2 == 0 and W % 2 == 0, f'x size ({H}*{W}) are not even.'
+        x = x.view(B, H // 2, 2, W // 2, 2, C)
+        x = x.permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2 * W // 2, 4 * C)  # x0, x1, x2, x3 as V1
+        x = self.ops.linear(x, self.reduction.weight, None)                 # B, H/2*W/2, 2C
+        return self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+
+    def extra_repr(self) -> str:
+        return f'input_resolution={self.input_resolution}, dim={self.dim}'
+
+    def flops(self) -> int:
+        H, W = self.input_resolution
+        return (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim + H * W * self.dim // 2
+
+
+class BasicLayerV2(nn.Module):
+    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float = 4., qkv_bias: bool = True, drop: float = 0., attn_drop: float = 0.,
+                 drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint: bool = False,
+                 pretrained_window_size: int = 0, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        ops = ops or kernels.Ops()
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlockV2(
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+                shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop=drop, attn_drop=attn_drop,
+                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
+                norm_layer=norm_layer, pretrained_window_size=pretrained_window_size, ops=ops)
+            for i in range(depth)])
+        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=norm_layer, ops=ops)
+                           if downsample is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = checkpoint.checkpoint(blk, x, use_reentrant=False) if self.use_checkpoint else blk(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    def _init_respostnorm(self) -> None:
+        """The post-norms start at zero: each block starts as the identity."""
+        for blk in self.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                nn.init.constant_(norm.bias, 0)
+                nn.init.constant_(norm.weight, 0)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
+
+    def flops(self) -> int:
+        flops = sum(blk.flops() for blk in self.blocks)
+        return flops + (self.downsample.flops() if self.downsample is not None else 0)
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin Transformer V2, keyword-compatible with upstream's class.
+
+    Our keyword switches (all off by default): `fused_window_process`, `fused_layernorm`,
+    `fused_mlp`, `fused_dense`, resolved through `kernels` for `kernel_backend`. `fused_attention`
+    (--unfused_mha) is refused: no cosine-attention kernel exists yet.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
+                 mlp_ratio: float = 4., qkv_bias: bool = True, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False, pretrained_window_sizes=(0, 0, 0, 0),
+                 fused_window_process: bool = False, fused_layernorm: bool = False, fused_mlp: bool = False,
+                 fused_dense: bool = False, fused_attention: bool = False, kernel_backend: str = 'auto', **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f'SwinTransformerV2 got unknown keyword arguments: {sorted(kwargs)}')
+        if fused_attention:
+            raise kernels.KernelUnavailable(
+                '--unfused_mha: no fused kernel for Swin V2\'s scaled cosine attention exists yet; '
+                'turn the flag off for MODEL.TYPE swinv2 (the other flags apply)')
+        self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
+                                     dense=fused_dense, backend=kernel_backend)
+        ops = self.ops
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer if patch_norm else None, ops=ops)
+        num_patches = self.patch_embed.num_patches
+        patches_resolution = self.patch_embed.patches_resolution
+        self.patches_resolution = patches_resolution
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth (cpu: builds under a meta device too)
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            self.layers.append(BasicLayerV2(
+                dim=int(embed_dim * 2 ** i),
+                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                downsample=PatchMergingV2 if i < self.num_layers - 1 else None, use_checkpoint=use_checkpoint,
+                pretrained_window_size=pretrained_window_sizes[i], ops=ops))
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        for layer in self.layers:
+            layer._init_respostnorm()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)                                           # B, L, C
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)  # B, L, C
+        return torch.flatten(self.avgpool(x.transpose(1, 2)), 1)         # B, C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        if isinstance(self.head, nn.Linear):
+            return self.ops.linear(x, self.head.weight, self.head.bias)
+        return self.head(x)
+
+    def flops(self) -> int:
+        flops = self.patch_embed.flops()
+        flops += sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
+        return flops + self.num_features * self.num_classes

@@ -1,0 +1,154 @@
+"""Swin V2 (models/swin_transformer_v2.py): timm's SwinV2 on the same weights (converted by timm's
+own filter), the fused flags that apply at model level, --pretrained across windows, every shipped
+V2 config, and main.py end to end."""
+import argparse
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICE, ROOT
+from models.swin_transformer_v2 import SwinTransformerV2, relative_coords_table
+from test_train import DEMO_CFG, FAST, epoch_losses, result, run_main
+
+# window 4 at 16x16 and 8x8 tokens: shifted blocks in stage 0, a window-sized map in stage 1
+SMALL = dict(img_size=64, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+             num_classes=10, drop_path_rate=0.0)
+
+
+def _perturbed(model):
+    """Non-trivial weights: V2's post-norms start at zero (every block the identity)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or 'logit_scale' in name or 'cpb_mlp' in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_matches_timm_swinv2():
+    import timm.models.swin_transformer_v2 as tv2
+    torch.manual_seed(0)
+    ours = _perturbed(SwinTransformerV2(**SMALL)).eval()
+    theirs = tv2.SwinTransformerV2(img_size=64, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                                   window_size=4, num_classes=10, drop_path_rate=0.0).eval()
+    theirs.load_state_dict(tv2.checkpoint_filter_fn(ours.state_dict(), theirs), strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_layout_is_upstreams():
+    sd = SwinTransformerV2(**SMALL).state_dict()
+    for key in ('layers.0.blocks.0.attn.logit_scale', 'layers.0.blocks.0.attn.q_bias', 'layers.0.blocks.0.attn.v_bias',
+                'layers.0.blocks.0.attn.cpb_mlp.0.weight', 'layers.0.blocks.0.attn.cpb_mlp.0.bias',
+                'layers.0.blocks.0.attn.cpb_mlp.2.weight', 'layers.0.blocks.0.attn.relative_coords_table',
+                'layers.0.blocks.0.attn.relative_position_index', 'layers.0.blocks.1.attn_mask',
+                'layers.0.downsample.reduction.weight', 'layers.0.downsample.norm.weight', 'head.weight'):
+        assert key in sd, key
+    assert 'layers.0.blocks.0.attn.qkv.bias' not in sd and 'layers.0.blocks.0.attn.cpb_mlp.2.bias' not in sd
+    assert sd['layers.0.downsample.norm.weight'].shape == (64,)          # norm over 2C, after the reduction
+    assert torch.equal(sd['layers.0.blocks.0.norm1.weight'], torch.zeros(32))   # res-post-norm init
+
+
+def test_relative_coords_table_math():
+    t = relative_coords_table(4)
+    assert t.shape == (1, 7, 7, 2)
+    # corners: +-(w-1)/(w-1) * 8 -> sign * log2(9) / 3
+    assert torch.allclose(t[0, 0, 0], torch.full((2,), -torch.log2(torch.tensor(9.)) / 3))
+    assert torch.equal(t[0, 3, 3], torch.zeros(2))
+    # a pretrained window rescales the same coordinates
+    t12 = relative_coords_table(16, pretrained_window_size=12)
+    assert torch.allclose(t12[0, 0, 0], torch.full((2,), -torch.log2(torch.tensor(15 / 11 * 8 + 1)) / 3))
+
+
+FLAGS = ['fused_window_process', 'fused_layernorm', 'fused_mlp', 'fused_dense']
+
+
+@pytest.mark.parametrize('flags', [[f] for f in FLAGS] + [FLAGS], ids=lambda f: '+'.join(f))
+def test_fused_flags_equal_reference(flags):
+    """Each flag that applies to V2 (Triton kernels; on the CPU under the interpreter) against the
+    reference model: logits and every parameter gradient, logit_scale, q/v biases and cpb MLP included."""
+    torch.manual_seed(0)
+    small = dict(SMALL, img_size=32, patch_size=2)
+    ref = _perturbed(SwinTransformerV2(**small)).to(DEVICE)
+    fused = SwinTransformerV2(**small, **{f: True for f in flags}, kernel_backend='triton').to(DEVICE)
+    assert {op for op, b in fused.ops.chosen if b == 'triton'} >= {
+        {'fused_window_process': 'window_process', 'fused_layernorm': 'layer_norm', 'fused_mlp': 'mlp',
+         'fused_dense': 'dense'}[f] for f in flags}
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    g = torch.randn(3, 10, device=DEVICE)
+    out_ref, out = ref(x), fused(x)
+    (out_ref * g).sum().backward()
+    (out * g).sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    grads = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_fused_attention_is_refused_with_the_reason():
+    from kernels import KernelUnavailable
+    with pytest.raises(KernelUnavailable, match='cosine attention'):
+        SwinTransformerV2(**SMALL, fused_attention=True)
+
+
+def test_pretrained_across_windows_and_22k_head(tmp_path):
+    """A 22k model at window 6 (pre-training) -> a 1k model at window 8 with PRETRAINED_WINDOW_SIZES:
+    weights (cpb MLP included) load as they are, the coordinate/index/mask buffers are the new
+    window's, the 21841-class head maps to 1000 classes."""
+    import logging
+    from config import get_config
+    from utils import load_pretrained
+    pre = _perturbed(SwinTransformerV2(img_size=48, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                                       window_size=6, num_classes=21841))
+    torch.save({'model': pre.state_dict()}, tmp_path / 'pre22k.pth')
+    cfg = get_config(argparse.Namespace(cfg=os.path.join(ROOT, 'configs/swinv2/swinv2_base_patch4_window12to16_192to256_22kto1k_ft.yaml'),
+                                        opts=['MODEL.PRETRAINED', str(tmp_path / 'pre22k.pth')]))
+    model = SwinTransformerV2(img_size=64, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=8,
+                              num_classes=1000, pretrained_window_sizes=(6, 6))
+    load_pretrained(cfg, model, logging.getLogger('test'))
+    sd, psd = model.state_dict(), pre.state_dict()
+    for k in ('layers.0.blocks.0.attn.cpb_mlp.0.weight', 'layers.0.blocks.1.attn.logit_scale', 'norm.weight'):
+        assert torch.equal(sd[k], psd[k]), k
+    assert torch.equal(sd['layers.0.blocks.0.attn.relative_coords_table'], relative_coords_table(8, 6))
+    from utils import imagenet_22k_to_1k_indices
+    assert torch.equal(sd['head.weight'], psd['head.weight'][imagenet_22k_to_1k_indices()])
+
+
+def test_every_shipped_v2_config_builds():
+    from config import get_config
+    from models import build_model
+    files = sorted(glob.glob(os.path.join(ROOT, 'configs/swinv2/*.yaml')))
+    assert len(files) == 12
+    for f in files:
+        cfg = get_config(argparse.Namespace(cfg=f, opts=None))
+        with torch.device('meta'):
+            model = build_model(cfg)
+        assert type(model).__name__ == 'SwinTransformerV2', f
+        assert model.layers[-1].blocks[0].attn.pretrained_window_size == cfg.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES[-1]
+
+
+V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'swinv2_micro', 'MODEL.SWINV2.PATCH_SIZE', '2',
+           'MODEL.SWINV2.EMBED_DIM', '32', 'MODEL.SWINV2.DEPTHS', '[2, 2]', 'MODEL.SWINV2.NUM_HEADS', '[2, 4]',
+           'MODEL.SWINV2.WINDOW_SIZE', '4']
+
+
+def test_main_trains_resumes_and_evaluates_v2(demo_data, tmp_path):
+    base = ['--cfg', DEMO_CFG, '--data-path', demo_data]
+    out = run_main(base + ['--output', str(tmp_path / 'a'), '--opts', 'TRAIN.EPOCHS', '2'] + V2_OPTS + FAST)
+    full = epoch_losses(out)
+    assert set(full) == {0, 1}
+    run_dir = tmp_path / 'a' / 'swinv2_micro' / 'default'
+    out = run_main(base + ['--output', str(tmp_path / 'b'), '--resume', str(run_dir / 'ckpt_epoch_0.pth'),
+                           '--opts', 'TRAIN.EPOCHS', '2'] + V2_OPTS + FAST)
+    assert epoch_losses(out) == {1: full[1]}
+    out = run_main(base + ['--output', str(tmp_path / 'c'), '--eval', '--resume', str(run_dir / 'ckpt_best.pth'),
+                           '--opts'] + V2_OPTS + FAST)
+    assert 0 <= result(out)['acc1'] <= 100
+    out = run_main(base + ['--output', str(tmp_path / 'd'), '--unfused_mha', '--opts'] + V2_OPTS + FAST,
+                   expect_ok=False)
+    assert 'error: --unfused_mha' in out and 'cosine attention' in out and 'Traceback' not in out
