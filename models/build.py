@@ -2,6 +2,7 @@
 import torch.nn as nn
 
 from .swin_transformer import SwinTransformer
+from .swin_mlp import SwinMLP
 from .swin_transformer_v2 import SwinTransformerV2
 
 
@@ -29,6 +30,14 @@ def build_model(config, is_pretrain: bool = False) -> nn.Module:
             drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=s.APE,
             patch_norm=s.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
             pretrained_window_sizes=s.PRETRAINED_WINDOW_SIZES, **flags)
+    if model_type == 'swin_mlp':
+        s = config.MODEL.SWIN_MLP
+        return SwinMLP(
+            img_size=config.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
+            num_classes=config.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=s.DEPTHS, num_heads=s.NUM_HEADS,
+            window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO, drop_rate=config.MODEL.DROP_RATE,
+            drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=s.APE, patch_norm=s.PATCH_NORM,
+            use_checkpoint=config.TRAIN.USE_CHECKPOINT, **flags)
     raise NotImplementedError(
-        f"MODEL.TYPE {model_type!r} is not implemented in this fork yet; 'swin' (V1) and 'swinv2' are. "
-        f"Use upstream for {model_type}.")
+        f"MODEL.TYPE {model_type!r} is not implemented in this fork; 'swin', 'swinv2' and 'swin_mlp' are "
+        f"(Swin-MoE needs tutel). Use upstream for {model_type}.")

@@ -1,0 +1,216 @@
+"""Swin-MLP: Swin V1 with each window's attention replaced by a per-head spatial MLP, with upstream's
+semantics and state-dict layout.
+
+The spatial MLP mixes the N = w*w tokens of a window, separately for each head's channels: for head h,
+out[n, :] = sum_m W_h[n, m] x[m, :] + b_h[n], one N x N matrix per head, stored (as upstream) as a
+grouped 1x1 Conv1d over heads * N channels (`spatial_mlp.weight` [heads*N, N, 1]). Shifted windows
+pad the map (w - s before, s after, on both axes, with zeros) instead of rolling it, so no mask is
+needed; the map is cut back after merging.
+
+Flags: --fused_layernorm (every LayerNorm, and the residual add + norm2 as one kernel),
+--fused_window_process (the partition and merge, unshifted: the shift is the padding), --fused_dense,
+--fused_mlp. --unfused_mha is refused: Swin-MLP has no attention.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from timm.layers import DropPath, trunc_normal_
+
+import kernels
+
+from .swin_transformer import Mlp, PatchEmbed, PatchMerging, drop_path_scale
+
+
+class SwinMLPBlock(nn.Module):
+    """Spatial MLP over (shifted, padded) windows and a channel MLP, each with a pre-norm and a
+    drop-path residual."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, mlp_ratio: float = 4., drop: float = 0., drop_path: float = 0.,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        if min(self.input_resolution) <= self.window_size:
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        w, s = self.window_size, self.shift_size
+        self.padding = (w - s, s, w - s, s)                                   # left, right, top, bottom
+        self.ops = ops or kernels.Ops()
+        self.norm1 = norm_layer(dim)
+        self.spatial_mlp = nn.Conv1d(num_heads * w * w, num_heads * w * w, kernel_size=1, groups=num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, ops=self.ops)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The window spatial MLP: x [B, H, W, C] (normalised) -> [B, H, W, C]."""
+        B, H, W, C = x.shape
+        w, heads = self.window_size, self.num_heads
+        if self.shift_size > 0:
+            left, right, top, bottom = self.padding
+            x = F.pad(x, [0, 0, left, right, top, bottom])                    # B, H', W', C
+        Hp, Wp = x.shape[1], x.shape[2]
+        windows = self.ops.window_partition(x, w, 0).reshape(-1, w * w, heads, C // heads)   # B*nW, N, heads, hd
+        windows = windows.transpose(1, 2).reshape(-1, heads * w * w, C // heads)          # B*nW, heads*N, hd
+        windows = self.spatial_mlp(windows)                                               # B*nW, heads*N, hd
+        windows = windows.view(-1, heads, w * w, C // heads).transpose(1, 2).reshape(-1, w, w, C)
+        x = self.ops.window_merge(windows, Hp, Wp, 0)                                     # B, H', W', C
+        if self.shift_size > 0:
+            left, right, top, bottom = self.padding
+            x = x[:, top:Hp - bottom, left:Wp - right, :]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H*W, C] -> [B, H*W, C]."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        shortcut = x
+        x = self.ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        branch = self.spatial(x.view(B, H, W, C)).reshape(B, H * W, C)
+        # x = shortcut + drop_path(branch), y = norm2(x): one kernel under --fused_layernorm
+        x, y = self.ops.add_layer_norm(shortcut, branch, drop_path_scale(shortcut, self.drop_path),
+                                       self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return x + self.drop_path(self.mlp(y))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+    def flops(self) -> int:
+        """Upstream's count."""
+        H, W = self.input_resolution
+        w = self.window_size
+        nW = (H / w + 1) * (W / w + 1) if self.shift_size > 0 else H * W / w / w
+        flops = 2 * self.dim * H * W                                      # norm1, norm2
+        flops += nW * self.dim * (w * w) * (w * w)                        # spatial MLP
+        return flops + 2 * H * W * self.dim * self.dim * self.mlp_ratio   # channel MLP
+
+
+class BasicLayerMLP(nn.Module):
+    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float = 4., drop: float = 0., drop_path=0., norm_layer=nn.LayerNorm, downsample=None,
+                 use_checkpoint: bool = False, ops: Optional[kernels.Ops] = None):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        ops = ops or kernels.Ops()
+        self.blocks = nn.ModuleList([
+            SwinMLPBlock(dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+                         shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, drop=drop,
+                         drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
+                         norm_layer=norm_layer, ops=ops)
+            for i in range(depth)])
+        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=norm_layer, ops=ops)
+                           if downsample is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = checkpoint.checkpoint(blk, x, use_reentrant=False) if self.use_checkpoint else blk(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    def flops(self) -> int:
+        flops = sum(blk.flops() for blk in self.blocks)
+        return flops + (self.downsample.flops() if self.downsample is not None else 0)
+
+
+class SwinMLP(nn.Module):
+    """Swin-MLP, keyword-compatible with upstream's class, plus the fused switches that apply."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
+                 mlp_ratio: float = 4., drop_rate: float = 0., drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
+                 fused_window_process: bool = False, fused_layernorm: bool = False, fused_mlp: bool = False,
+                 fused_dense: bool = False, fused_attention: bool = False, kernel_backend: str = 'auto', **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f'SwinMLP got unknown keyword arguments: {sorted(kwargs)}')
+        if fused_attention:
+            raise kernels.KernelUnavailable('--unfused_mha: Swin-MLP has no attention to fuse; turn the flag off '
+                                            'for MODEL.TYPE swin_mlp (the other flags apply)')
+        self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
+                                     dense=fused_dense, backend=kernel_backend)
+        ops = self.ops
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer if patch_norm else None, ops=ops)
+        num_patches = self.patch_embed.num_patches
+        patches_resolution = self.patch_embed.patches_resolution
+        self.patches_resolution = patches_resolution
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()   # stochastic depth
+        self.layers = nn.ModuleList([
+            BasicLayerMLP(dim=int(embed_dim * 2 ** i),
+                          input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
+                          depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio,
+                          drop=drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                          downsample=PatchMerging if i < self.num_layers - 1 else None,
+                          use_checkpoint=use_checkpoint, ops=ops)
+            for i in range(self.num_layers)])
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'relative_position_bias_table'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)                                           # B, L, C
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)  # B, L, C
+        return torch.flatten(self.avgpool(x.transpose(1, 2)), 1)         # B, C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        if isinstance(self.head, nn.Linear):
+            return self.ops.linear(x, self.head.weight, self.head.bias)
+        return self.head(x)
+
+    def flops(self) -> int:
+        flops = self.patch_embed.flops()
+        flops += sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
+        return flops + self.num_features * self.num_classes
