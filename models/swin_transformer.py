@@ -336,32 +336,14 @@ class PatchEmbed(nn.Module):
         return flops
 
 
-class SwinTransformer(nn.Module):
-    """Swin Transformer V1, keyword-compatible with upstream's class.
+class SwinBackbone(nn.Module):
+    """What Swin V1, V2 and Swin-MLP share around their stages: patch embedding (+ absolute
+    position embedding), the final norm, pooling and head, weight init, weight-decay exemptions,
+    forward and flops. Subclasses build `self.layers` between `_build_stem` and `_build_head`
+    (that order is the parameter order optimizer state dicts rely on)."""
 
-    Our keyword switches (all off by default) choose fused implementations at build time:
-    `fused_window_process`, `fused_layernorm`, `fused_mlp`, `fused_dense`, `fused_attention`
-    (the `--unfused_mha` flag), resolved through `kernels` for `kernel_backend`
-    ('auto', 'triton', 'apex' or 'torch'); `fold_window_norm=False` keeps the window shuffles out of
-    the LayerNorm kernels (benchmarks only: same math, one more pass).
-    """
-
-    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 96, depths=(2, 2, 6, 2),
-                 num_heads=(3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.,
-                 attn_drop_rate: float = 0., drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm,
-                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
-                 fused_window_process: bool = False, fused_layernorm: bool = False,
-                 fused_mlp: bool = False, fused_dense: bool = False, fused_attention: bool = False,
-                 kernel_backend: str = 'auto', fold_window_norm: bool = True, **kwargs):
-        super().__init__()
-        if kwargs:      # a misspelled switch (fused_layer_norm=True) must not build a plain model
-            raise TypeError(f'SwinTransformer got unknown keyword arguments: {sorted(kwargs)}')
-        self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm,
-                                     mlp=fused_mlp, dense=fused_dense, window_attention=fused_attention,
-                                     backend=kernel_backend, fold_window_norm=fold_window_norm)
-        ops = self.ops
+    def _build_stem(self, img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm,
+                    drop_rate, mlp_ratio, num_classes) -> None:
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -369,37 +351,31 @@ class SwinTransformer(nn.Module):
         self.patch_norm = patch_norm
         self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
         self.mlp_ratio = mlp_ratio
-
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer if patch_norm else None, ops=ops)
-        num_patches = self.patch_embed.num_patches
-        patches_resolution = self.patch_embed.patches_resolution
-        self.patches_resolution = patches_resolution
+                                      norm_layer if patch_norm else None, ops=self.ops)
+        self.patches_resolution = self.patch_embed.patches_resolution
         if self.ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth (cpu: builds under a meta device too)
-        self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i),
-                input_resolution=(patches_resolution[0] // 2 ** i, patches_resolution[1] // 2 ** i),
-                depth=depths[i], num_heads=num_heads[i], window_size=window_size,
-                mlp_ratio=self.mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                norm_layer=norm_layer, downsample=PatchMerging if i < self.num_layers - 1 else None,
-                use_checkpoint=use_checkpoint, fused_window_process=fused_window_process, ops=ops))
+    def _stage_args(self, i: int, depths, drop_path_rate: float) -> dict:
+        """Width, resolution and drop-path rates of stage i (stochastic depth over all blocks;
+        linspace on the CPU, so a model builds under a meta device too)."""
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        return dict(dim=int(self.embed_dim * 2 ** i),
+                    input_resolution=(self.patches_resolution[0] // (2 ** i), self.patches_resolution[1] // (2 ** i)),
+                    depth=depths[i], drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])])
 
+    def _build_head(self, norm_layer) -> None:
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Conv1d)):        # Conv1d: Swin-MLP's spatial MLP
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
@@ -437,3 +413,40 @@ class SwinTransformer(nn.Module):
         flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
         flops += self.num_features * self.num_classes
         return flops
+
+
+class SwinTransformer(SwinBackbone):
+    """Swin Transformer V1, keyword-compatible with upstream's class.
+
+    Our keyword switches (all off by default) choose fused implementations at build time:
+    `fused_window_process`, `fused_layernorm`, `fused_mlp`, `fused_dense`, `fused_attention`
+    (the `--unfused_mha` flag), resolved through `kernels` for `kernel_backend`
+    ('auto', 'triton', 'apex' or 'torch'); `fold_window_norm=False` keeps the window shuffles out of
+    the LayerNorm kernels (benchmarks only: same math, one more pass).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths=(2, 2, 6, 2),
+                 num_heads=(3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.,
+                 attn_drop_rate: float = 0., drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
+                 fused_window_process: bool = False, fused_layernorm: bool = False,
+                 fused_mlp: bool = False, fused_dense: bool = False, fused_attention: bool = False,
+                 kernel_backend: str = 'auto', fold_window_norm: bool = True, **kwargs):
+        super().__init__()
+        if kwargs:      # a misspelled switch (fused_layer_norm=True) must not build a plain model
+            raise TypeError(f'SwinTransformer got unknown keyword arguments: {sorted(kwargs)}')
+        self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm,
+                                     mlp=fused_mlp, dense=fused_dense, window_attention=fused_attention,
+                                     backend=kernel_backend, fold_window_norm=fold_window_norm)
+        self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
+                         mlp_ratio, num_classes)
+        self.layers = nn.ModuleList([
+            BasicLayer(**self._stage_args(i, depths, drop_path_rate), num_heads=num_heads[i], window_size=window_size,
+                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                       attn_drop=attn_drop_rate, norm_layer=norm_layer,
+                       downsample=PatchMerging if i < self.num_layers - 1 else None,
+                       use_checkpoint=use_checkpoint, fused_window_process=fused_window_process, ops=self.ops)
+            for i in range(self.num_layers)])
+        self._build_head(norm_layer)

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 
 import kernels
 
-from .swin_transformer import Mlp, PatchEmbed, relative_position_index, shifted_window_mask
+from .swin_transformer import Mlp, SwinBackbone, relative_position_index, shifted_window_mask
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
 
@@ -257,7 +257,7 @@ class BasicLayerV2(nn.Module):
         return flops + (self.downsample.flops() if self.downsample is not None else 0)
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(SwinBackbone):
     """Swin Transformer V2, keyword-compatible with upstream's class.
 
     Our keyword switches (all off by default): `fused_window_process`, `fused_layernorm`,
@@ -281,79 +281,19 @@ class SwinTransformerV2(nn.Module):
                 'turn the flag off for MODEL.TYPE swinv2 (the other flags apply)')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
                                      dense=fused_dense, backend=kernel_backend)
-        ops = self.ops
-        self.num_classes = num_classes
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.ape = ape
-        self.patch_norm = patch_norm
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.mlp_ratio = mlp_ratio
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer if patch_norm else None, ops=ops)
-        num_patches = self.patch_embed.num_patches
-        patches_resolution = self.patch_embed.patches_resolution
-        self.patches_resolution = patches_resolution
-        if self.ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=.02)
-        self.pos_drop = nn.Dropout(p=drop_rate)
-
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth (cpu: builds under a meta device too)
-        self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
-            self.layers.append(BasicLayerV2(
-                dim=int(embed_dim * 2 ** i),
-                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
-                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
-                downsample=PatchMergingV2 if i < self.num_layers - 1 else None, use_checkpoint=use_checkpoint,
-                pretrained_window_size=pretrained_window_sizes[i], ops=ops))
-        self.norm = norm_layer(self.num_features)
-        self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
+                         mlp_ratio, num_classes)
+        self.layers = nn.ModuleList([
+            BasicLayerV2(**self._stage_args(i, depths, drop_path_rate), num_heads=num_heads[i],
+                         window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                         attn_drop=attn_drop_rate, norm_layer=norm_layer,
+                         downsample=PatchMergingV2 if i < self.num_layers - 1 else None,
+                         use_checkpoint=use_checkpoint, pretrained_window_size=pretrained_window_sizes[i], ops=self.ops)
+            for i in range(self.num_layers)])
+        self._build_head(norm_layer)
         for layer in self.layers:
             layer._init_respostnorm()
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {'absolute_pos_embed'}
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
         return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)                                           # B, L, C
-        if self.ape:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)  # B, L, C
-        return torch.flatten(self.avgpool(x.transpose(1, 2)), 1)         # B, C
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        if isinstance(self.head, nn.Linear):
-            return self.ops.linear(x, self.head.weight, self.head.bias)
-        return self.head(x)
-
-    def flops(self) -> int:
-        flops = self.patch_embed.flops()
-        flops += sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
-        return flops + self.num_features * self.num_classes

@@ -16,26 +16,34 @@ FLAGS = ['fused_window_process', 'fused_attention', 'fused_layernorm', 'fused_ml
 PAIRS = [['fused_window_process', 'fused_layernorm']]
 
 
-@pytest.mark.parametrize('flags', [[f] for f in FLAGS] + PAIRS + [FLAGS], ids=lambda f: '+'.join(f))
-def test_fused_model_equals_reference(flags):
+def assert_flags_match_reference(model_cls, kwargs: dict, flags, perturb, x_shape=(3, 3, 32, 32),
+                                 rtol=(1e-5, 1e-4)) -> None:
+    """model_cls(**kwargs) with `flags` on the Triton kernels against the same model with every flag
+    off, from the same weights (`perturb` makes them non-trivial) and the same upstream gradient:
+    logits within rtol[0], every parameter gradient within rtol[1]."""
     torch.manual_seed(0)
-    ref = SwinTransformer(**SMALL).to(DEVICE)
-    with torch.no_grad():                       # non-trivial norms and bias tables
-        for p in ref.parameters():
-            if p.ndim == 1 or p.shape[-1] in (2, 4):
+    ref = model_cls(**kwargs).to(DEVICE)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if perturb(name, p):
                 p.add_(torch.randn_like(p) * 0.2)
-    fused = SwinTransformer(**SMALL, **{f: True for f in flags}, kernel_backend='triton').to(DEVICE)
+    fused = model_cls(**kwargs, **{f: True for f in flags}, kernel_backend='triton').to(DEVICE)
     fused.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(3, 3, 32, 32, device=DEVICE)
-    g = torch.randn(3, 10, device=DEVICE)
+    x = torch.randn(*x_shape, device=DEVICE)
+    g = torch.randn(x_shape[0], kwargs['num_classes'], device=DEVICE)
     out_ref, out = ref(x), fused(x)
     (out_ref * g).sum().backward()
     (out * g).sum().backward()
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_ref, rtol=rtol[0], atol=1e-5)
     ref_grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=rtol[1], atol=1e-5, msg=name)
 
+
+@pytest.mark.parametrize('flags', [[f] for f in FLAGS] + PAIRS + [FLAGS], ids=lambda f: '+'.join(f))
+def test_fused_model_equals_reference(flags):
+    # non-trivial norms and bias tables
+    assert_flags_match_reference(SwinTransformer, SMALL, flags, lambda n, p: p.ndim == 1 or p.shape[-1] in (2, 4))
 
 def test_block_built_alone_honours_fused_window_process():
     """Upstream's block and stage take fused_window_process; built alone they use the fused shuffles."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ROOT
+from conftest import ROOT
 from models.swin_mlp import SwinMLP, SwinMLPBlock
 from test_train import DEMO_CFG, FAST, epoch_losses, result, run_main
 
@@ -62,24 +62,8 @@ FLAGS = ['fused_window_process', 'fused_layernorm', 'fused_mlp', 'fused_dense']
 
 @pytest.mark.parametrize('flags', [[f] for f in FLAGS] + [FLAGS], ids=lambda f: '+'.join(f))
 def test_fused_flags_equal_reference(flags):
-    torch.manual_seed(0)
-    ref = SwinMLP(**SMALL).to(DEVICE)
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-    fused = SwinMLP(**SMALL, **{f: True for f in flags}, kernel_backend='triton').to(DEVICE)
-    fused.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(3, 3, 32, 32, device=DEVICE)
-    g = torch.randn(3, 10, device=DEVICE)
-    out_ref, out = ref(x), fused(x)
-    (out_ref * g).sum().backward()
-    (out * g).sum().backward()
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
-    grads = dict(ref.named_parameters())
-    for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
-
+    from test_fused_model import assert_flags_match_reference
+    assert_flags_match_reference(SwinMLP, SMALL, flags, lambda n, p: p.ndim == 1, rtol=(1e-4, 1e-3))
 
 def test_fused_attention_is_refused_with_the_reason():
     from kernels import KernelUnavailable
