@@ -1,9 +1,10 @@
 """The registry of fused ops: which implementation each flag gets, decided once at model build.
 
-Each op file exports ``IMPLS = {'torch': ..., 'triton': ... or None, 'apex': ... or None}``
-(None: not available here). ``get_impl(op, backend)`` resolves one, ``build_ops`` resolves all
-of a model's flags into an ``Ops`` bundle that the model calls; the model never imports triton
-or apex itself.
+Each op file exports its implementations by backend, ``IMPLS = {'torch': ..., 'triton': ... or
+None, 'apex': ... or None}`` (None: not available here); ``OPS`` below lists every op with the flags
+it needs (layer_norm.py holds four: the plain, residual-add and two window-layout forms of one
+kernel). ``get_impl(op, backend)`` resolves one, ``build_ops`` resolves all of a model's flags into
+an ``Ops`` bundle that the model calls; the model never imports triton or apex itself.
 
 Backends (config ``KERNEL_BACKEND``):
   auto    the Triton kernels on CUDA, the PyTorch reference on CPU;
@@ -14,7 +15,6 @@ Backends (config ``KERNEL_BACKEND``):
 import functools
 import logging
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -22,28 +22,33 @@ import torch
 from . import dense, layer_norm, mlp, window_attention, window_process
 from ._utils import apex_available, triton_available, triton_interpret
 from .dense import dense_ref
-from .layer_norm import (add_layer_norm_ref, layer_norm_partition, layer_norm_partition_ref, layer_norm_ref,
-                         merge_add_layer_norm, merge_add_layer_norm_ref)
+from .layer_norm import add_layer_norm_ref, layer_norm_partition_ref, layer_norm_ref, merge_add_layer_norm_ref
 from .window_process import window_merge_ref, window_partition_ref
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Entry:
+    """One fused op of the registry: its implementations by backend (None: not available here),
+    the flags that must all be on for it, and the apex module it needs under KERNEL_BACKEND apex
+    (None: apex has no such op, ours stands in)."""
+    impls: dict
+    flags: tuple
+    apex_module: Optional[str] = None
+
+
+# The window-layout LayerNorms are `window_process` and `layer_norm` in one kernel: they need both
+# flags, and run only where both resolve to our Triton kernels (else the two ops are composed).
 OPS = {
-    'window_process': window_process,
-    'window_attention': window_attention,
-    'layer_norm': layer_norm,
-    'add_layer_norm': SimpleNamespace(IMPLS=layer_norm.ADD_IMPLS),   # residual add + norm, same flag
-    'mlp': mlp,
-    'dense': dense,
-}
-# The user's flag for each op, for error messages.
-FLAGS = {
-    'window_process': '--fused_window_process',
-    'window_attention': '--unfused_mha',
-    'layer_norm': '--fused_layernorm',
-    'add_layer_norm': '--fused_layernorm',
-    'mlp': '--fused_mlp',
-    'dense': '--fused_dense',
+    'window_process': Entry(window_process.IMPLS, ('--fused_window_process',)),
+    'window_attention': Entry(window_attention.IMPLS, ('--unfused_mha',)),
+    'layer_norm': Entry(layer_norm.IMPLS, ('--fused_layernorm',), layer_norm.APEX_MODULE),
+    'add_layer_norm': Entry(layer_norm.ADD_IMPLS, ('--fused_layernorm',)),
+    'norm_partition': Entry(layer_norm.PARTITION_IMPLS, ('--fused_layernorm', '--fused_window_process')),
+    'merge_add_norm': Entry(layer_norm.MERGE_ADD_IMPLS, ('--fused_layernorm', '--fused_window_process')),
+    'mlp': Entry(mlp.IMPLS, ('--fused_mlp',)),
+    'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE),
 }
 BACKENDS = ('auto', 'triton', 'apex', 'torch')
 
@@ -62,19 +67,18 @@ def resolve_backend(backend: str) -> str:
 
 
 def get_impl(op: str, backend: str = 'auto'):
-    """The implementation of `op` for `backend`, or a KernelUnavailable naming flag and fix."""
-    module = OPS[op]
-    flag = FLAGS[op]
+    """(backend, implementation) of `op` for `backend`, or a KernelUnavailable naming flag and fix."""
+    entry = OPS[op]
+    flag = ' + '.join(entry.flags)
     chosen = resolve_backend(backend)
     if chosen == 'apex':
-        apex_module = getattr(module, 'APEX_MODULE', None)
-        if apex_module is None:      # apex has no such op: ours stands in
+        if entry.apex_module is None:      # apex has no such op: ours stands in
             chosen = 'triton' if torch.cuda.is_available() or triton_interpret() else 'torch'
-        elif not apex_available(apex_module):
+        elif not apex_available(entry.apex_module):
             raise KernelUnavailable(
-                f"{flag} with KERNEL_BACKEND apex needs {apex_module}, which is not importable here: "
-                f"install NVIDIA apex with its CUDA extensions, or use KERNEL_BACKEND auto")
-    impl = module.IMPLS.get(chosen)
+                f"{flag} with KERNEL_BACKEND apex needs {entry.apex_module}, which is not importable here: "
+                f"build NVIDIA apex with `python tools/build_apex.py`, or use KERNEL_BACKEND auto")
+    impl = entry.impls.get(chosen)
     if impl is None:
         why = ('triton is not importable' if chosen == 'triton' and not triton_available()
                else f'no {chosen} implementation exists yet')
@@ -105,47 +109,41 @@ class Ops:
 
 def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool = False,
               dense: bool = False, window_attention: bool = False, backend: str = 'auto',
-              fold_window_norm: bool = True) -> Ops:
+              fold_window_norm: bool = True, tf32: bool = False) -> Ops:
     """Resolve every requested fused op once; log the choice; fail early and clearly.
 
     fold_window_norm: where --fused_window_process and --fused_layernorm both run on Triton, fold
     the window shuffles into the LayerNorm kernels (the math is the same either way; only the
-    benchmarks turn it off, to measure what the fold buys)."""
+    benchmarks turn it off, to measure what the fold buys). tf32: whether our fp32 GEMMs may use
+    TF32, as the reference path's cuBLAS calls may (config EXTRA.TF32; off, as in PyTorch)."""
+    on = {'--fused_window_process': window_process, '--unfused_mha': window_attention,
+          '--fused_layernorm': layer_norm, '--fused_mlp': mlp, '--fused_dense': dense}
+    found = {op: get_impl(op, backend) for op, entry in OPS.items() if all(on[f] for f in entry.flags)}
     ops = Ops()
-    chosen = []
-    if window_process:
-        b, (ops.window_partition, ops.window_merge) = get_impl('window_process', backend)
-        chosen.append(('window_process', b))
-    if window_attention:
-        b, ops.window_attention = get_impl('window_attention', backend)
-        chosen.append(('window_attention', b))
-    if layer_norm:
-        b, ops.layer_norm = get_impl('layer_norm', backend)
-        chosen.append(('layer_norm', b))
-        b, ops.add_layer_norm = get_impl('add_layer_norm', backend)
-        chosen.append(('add_layer_norm', b))
-    if dense:
-        b, ops.linear = get_impl('dense', backend)
-        chosen.append(('dense', b))
-    if mlp:
-        b, ops.mlp = get_impl('mlp', backend)
-        chosen.append(('mlp', b))
-    backends = dict(chosen)
-    if fold_window_norm and backends.get('window_process') == backends.get('layer_norm') == 'triton':
-        # both flags own this fusion: the partition's gather and the merge's scatter ride inside
-        # the LayerNorm kernels (one pass over the activation instead of two, each way)
-        ops.norm_partition = layer_norm_partition
-        ops.merge_add_norm = merge_add_layer_norm
+    for op, (b, impl) in found.items():
+        if op == 'window_process':
+            ops.window_partition, ops.window_merge = impl
+        elif op in ('mlp', 'dense') and b == 'triton':
+            setattr(ops, 'linear' if op == 'dense' else op, functools.partial(impl, tf32=tf32))
+        elif op not in ('norm_partition', 'merge_add_norm'):
+            setattr(ops, 'linear' if op == 'dense' else op, impl)
+    # the window-layout LayerNorms run where both of their flags run our kernels (and the
+    # benchmarks have not turned the fold off); otherwise the two chosen ops are composed
+    fold = fold_window_norm and all(found.get(op, ('',))[0] == 'triton'
+                                    for op in ('window_process', 'layer_norm', 'norm_partition'))
+    if fold:
+        ops.norm_partition, ops.merge_add_norm = found['norm_partition'][1], found['merge_add_norm'][1]
     else:
+        found.pop('norm_partition', None), found.pop('merge_add_norm', None)
         ops.norm_partition = functools.partial(layer_norm_partition_ref, layer_norm=ops.layer_norm,
                                                window_partition=ops.window_partition)
         ops.merge_add_norm = functools.partial(merge_add_layer_norm_ref, add_layer_norm=ops.add_layer_norm,
                                                window_merge=ops.window_merge)
-    ops.chosen = tuple(chosen)
-    if chosen:
-        logger.info('fused ops: ' + ', '.join(f'{op}={b}' for op, b in chosen))
+    ops.chosen = tuple((op, b) for op, (b, _) in found.items())
+    if ops.chosen:
+        logger.info('fused ops: ' + ', '.join(f'{op}={b}' for op, b in ops.chosen))
     return ops
 
 
 __all__ = ['Ops', 'build_ops', 'get_impl', 'resolve_backend', 'KernelUnavailable',
-           'window_partition_ref', 'window_merge_ref', 'OPS', 'FLAGS']
+           'window_partition_ref', 'window_merge_ref', 'OPS', 'Entry']

@@ -26,75 +26,79 @@ def dense_ref(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
-def dense_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+def dense_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bias: bool, tf32: bool = False):
     """-> dx [M, in], dW like weight, db [out] (None without a bias)."""
     dx = dy2 @ weight
     if has_bias:
-        dw, db = gemm(dy2.t(), x2, rowsum=True, out_dtype=weight.dtype)
+        dw, db = gemm(dy2.t(), x2, rowsum=True, out_dtype=weight.dtype, tf32=tf32)
         return dx, dw, db.to(weight.dtype)
-    return dx, gemm(dy2.t(), x2, out_dtype=weight.dtype), None
+    return dx, gemm(dy2.t(), x2, out_dtype=weight.dtype, tf32=tf32), None
 
 
+# ----------------------------------------------------------------------------- custom ops + autograd
+# Compiled code calls the custom ops; eager code calls _Dense (custom-op dispatch costs more than
+# the launches in an eager step). Both save the same tensors and run the same `_grads`.
 @torch.library.custom_op('swin::dense_bwd', mutates_args=())
 def _bwd_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
-            has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = dense_bwd(dy2, x2, weight, has_bias)
+            has_bias: bool, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = dense_bwd(dy2, x2, weight, has_bias, tf32)
     return dx, dw, db if db is not None else weight.new_zeros(0)
 
 
 @_bwd_op.register_fake
-def _(dy2, x2, weight, has_bias):
+def _(dy2, x2, weight, has_bias, tf32):
     return torch.empty_like(x2), torch.empty_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 @torch.library.custom_op('swin::dense_fwd', mutates_args=())
-def _fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tf32: bool) -> torch.Tensor:
     return F.linear(x2, weight, bias)
 
 
 @_fwd_op.register_fake
-def _(x2, weight, bias):
+def _(x2, weight, bias, tf32):
     return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
-def _setup(ctx, inputs, output):
-    x2, weight, bias = inputs
+def _save(ctx, x2, weight, bias, tf32):
     ctx.save_for_backward(x2, weight)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.tf32 = bias is not None, tf32
 
 
-def _backward(ctx, dy2):
+def _grads(ctx, dy2, bwd):
+    """The one backward of both paths; `bwd` is the custom op or the launcher it wraps."""
     x2, weight = ctx.saved_tensors
-    dx, dw, db = _bwd_op(dy2.contiguous(), x2, weight, ctx.has_bias)
-    return dx, dw, db if ctx.has_bias else None
+    dx, dw, db = bwd(dy2.contiguous(), x2, weight, ctx.has_bias, ctx.tf32)
+    return dx, dw, db if ctx.has_bias else None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_op.register_autograd(lambda ctx, dy2: _grads(ctx, dy2, _bwd_op),
+                          setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
 
 
 class _Dense(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias):
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x2, weight, bias, tf32):
+        _save(ctx, x2, weight, bias, tf32)
         return F.linear(x2, weight, bias)
 
     @staticmethod
     def backward(ctx, dy2):
-        x2, weight = ctx.saved_tensors
-        return dense_bwd(dy2.contiguous(), x2, weight, ctx.has_bias)
+        return _grads(ctx, dy2, dense_bwd)
 
 
-def fused_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Differentiable F.linear with the fused backward; autocast as F.linear."""
+def fused_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                tf32: bool = False) -> torch.Tensor:
+    """Differentiable F.linear with the fused backward; autocast as F.linear. tf32: whether fp32
+    weight-gradient GEMMs may use TF32 (chosen at model build, with the reference path's setting)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():
-            y = _fwd_op(x2, weight, bias)
+            y = _fwd_op(x2, weight, bias, tf32)
         else:
-            y = _Dense.apply(x2, weight, bias)
+            y = _Dense.apply(x2, weight, bias, tf32)
     return y.view(*shape[:-1], weight.shape[0])
 
 

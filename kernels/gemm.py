@@ -7,7 +7,7 @@
   row sums: sum_k A[m, k] alongside (the bias gradient of a weight-gradient GEMM, whose A is
             the output gradient transposed: it is read once for both)
 A and B are given by strides, so a transposed operand costs nothing. fp32 accumulation; fp32
-operands use IEEE products unless torch allows TF32 (as cuBLAS does). Split-K: a long reduction
+operands use IEEE products unless the caller passes tf32=True. Split-K: a long reduction
 (the token dimension of a weight gradient) is cut into `split` slices, each program writes its
 own fp32 partial, and torch sums them: deterministic, no atomics.
 
@@ -103,8 +103,12 @@ def _blocks(M: int, N: int, K: int):
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
          gelu_grad_of: Optional[torch.Tensor] = None, gelu_a: bool = False, gelu_b: bool = False,
-         rowsum: bool = False, split: Optional[int] = None, out_dtype: Optional[torch.dtype] = None):
+         rowsum: bool = False, split: Optional[int] = None, out_dtype: Optional[torch.dtype] = None,
+         tf32: bool = False):
     """out = epilogue(prologue(a) @ prologue(b)) for 2-D a [M, K] and b [K, N] (any strides).
+
+    fp32 operands multiply in IEEE fp32 unless tf32 is True (the caller's build-time choice, made
+    from the same setting that lets cuBLAS use TF32 for the reference path).
 
     With split > 1 (or None: chosen to fill the GPU when M*N is small and K long) the result is
     the fp32 sum of split partials. Returns out, or (out, rowsum of a over K in fp32) with rowsum.
@@ -129,7 +133,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     assert bias is None or not partial, 'a bias epilogue needs the whole reduction in one program'
     if gelu_grad_of is not None:
         assert not partial and gelu_grad_of.shape == (M, N) and gelu_grad_of.is_contiguous()
-    ieee = (a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) or \
+    ieee = (a.dtype == torch.float32 and not tf32) or \
         (triton_interpret() and a.dtype == torch.bfloat16)
     o2 = out.view(-1, M, N)
     if M and N:

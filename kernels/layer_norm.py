@@ -294,6 +294,9 @@ def _windows_shape(window, M: int, C: int) -> tuple:
     return (M // (ws * ws), ws, ws, C)
 
 
+# Compiled code calls the custom ops; eager code calls the autograd.Functions (custom-op dispatch
+# costs tens of microseconds a call, more than these kernels in an eager step). Both paths save
+# the same tensors and run the same `_grads` / `_add_grads`, with the custom op or the launcher.
 @torch.library.custom_op('swin::layer_norm_fwd', mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             fp32_output: bool, window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,36 +323,35 @@ def _(dy, x, weight, mean, rstd, window):
     return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _setup(ctx, inputs, output):
-    x, weight, _, _, _, ctx.window = inputs
-    _, mean, rstd = output
+def _save(ctx, x, weight, mean, rstd, window):
     ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.window = window
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _grads(ctx, dy, bwd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, ctx.window)
+    dx, dw, db = bwd(dy, x, weight, mean, rstd, window=ctx.window)
     return dx, dw, db, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+def _setup(ctx, inputs, output):
+    x, weight, _, _, _, window = inputs
+    _save(ctx, x, weight, output[1], output[2], window)
+
+
+_fwd_op.register_autograd(lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, _bwd_op), setup_context=_setup)
 
 
 class _LayerNorm(torch.autograd.Function):
-    """Eager path (see window_process.py: custom-op dispatch is too slow for eager steps)."""
-
     @staticmethod
     def forward(ctx, x, weight, bias, eps, fp32_output, window):
         y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, fp32_output, window=window)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.window = window
+        _save(ctx, x, weight, mean, rstd, window)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, window=ctx.window)
-        return dx, dw, db, None, None, None
+        return _grads(ctx, dy, layer_norm_bwd)
 
 
 def _layer_norm(x, weight, bias, eps, window):
@@ -396,12 +398,18 @@ def _(shortcut, branch, scale, weight, bias, eps, fp32_output, window):
             branch.new_empty((M,), dtype=torch.float32), branch.new_empty((M,), dtype=torch.float32))
 
 
+def _add_bwd(dh, dy, h, weight, mean, rstd, scale, branch_dtype, window):
+    """-> (dshortcut, dweight, dbias, dbranch or an empty tensor where dbranch IS dshortcut)."""
+    out = layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale, branch_dtype=branch_dtype, window=window)
+    return out if branch_dtype is not None else out + (h.new_empty(0),)
+
+
 @torch.library.custom_op('swin::add_layer_norm_bwd', mutates_args=())
 def _add_bwd_op(dh: Optional[torch.Tensor], dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor], branch_dtype: torch.dtype,
-                window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale, branch_dtype=branch_dtype,
-                          window=window)
+                mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor],
+                branch_dtype: Optional[torch.dtype], window: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _add_bwd(dh, dy, h, weight, mean, rstd, scale, branch_dtype, window)
 
 
 @_add_bwd_op.register_fake
@@ -409,48 +417,47 @@ def _(dh, dy, h, weight, mean, rstd, scale, branch_dtype, window):
     M = h.numel() // h.shape[-1]
     branch_shape = _windows_shape(window, M, h.shape[-1]) if window else h.shape
     return (h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight),
-            h.new_empty(branch_shape, dtype=branch_dtype))
+            h.new_empty(branch_shape, dtype=branch_dtype) if branch_dtype is not None else h.new_empty(0))
+
+
+def _add_save(ctx, shortcut, branch, scale, weight, h, mean, rstd, window):
+    ctx.save_for_backward(h, weight, mean, rstd, scale)
+    ctx.dtypes = shortcut.dtype, branch.dtype
+    ctx.window = window
+
+
+def _add_grads(ctx, dh, dy, bwd):
+    h, weight, mean, rstd, scale = ctx.saved_tensors
+    shortcut_dtype, branch_dtype = ctx.dtypes
+    # without a scale, a dtype change or a layout change, the branch's gradient IS the shortcut's:
+    # one tensor, written once
+    separate = scale is not None or branch_dtype != h.dtype or bool(ctx.window)
+    dshortcut, dw, db, dbranch = bwd(dh, dy, h, weight, mean, rstd, scale, branch_dtype if separate else None,
+                                     ctx.window)
+    return dshortcut.to(shortcut_dtype), dbranch if separate else dshortcut, None, dw, db, None, None, None
 
 
 def _add_setup(ctx, inputs, output):
-    shortcut, branch, scale, weight, _, _, _, ctx.window = inputs
+    shortcut, branch, scale, weight, _, _, _, window = inputs
     h, _, mean, rstd = output
-    ctx.save_for_backward(h, weight, mean, rstd, scale)
-    ctx.dtypes = shortcut.dtype, branch.dtype
+    _add_save(ctx, shortcut, branch, scale, weight, h, mean, rstd, window)
 
 
-def _add_backward(ctx, dh, dy, _dmean, _drstd):
-    h, weight, mean, rstd, scale = ctx.saved_tensors
-    dshortcut, dw, db, dbranch = _add_bwd_op(dh, dy, h, weight, mean, rstd, scale, ctx.dtypes[1], ctx.window)
-    return dshortcut.to(ctx.dtypes[0]), dbranch, None, dw, db, None, None, None
-
-
-_add_fwd_op.register_autograd(_add_backward, setup_context=_add_setup)
+_add_fwd_op.register_autograd(lambda ctx, dh, dy, _dmean, _drstd: _add_grads(ctx, dh, dy, _add_bwd_op),
+                              setup_context=_add_setup)
 
 
 class _AddLayerNorm(torch.autograd.Function):
-    """Eager path of add_layer_norm."""
-
     @staticmethod
     def forward(ctx, shortcut, branch, scale, weight, bias, eps, fp32_output, window):
         y, mean, rstd, h = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale,
                                           window=window)
-        ctx.save_for_backward(h, weight, mean, rstd, scale)
-        ctx.dtypes = shortcut.dtype, branch.dtype
-        ctx.window = window
+        _add_save(ctx, shortcut, branch, scale, weight, h, mean, rstd, window)
         return h, y
 
     @staticmethod
     def backward(ctx, dh, dy):
-        h, weight, mean, rstd, scale = ctx.saved_tensors
-        shortcut_dtype, branch_dtype = ctx.dtypes
-        separate = scale is not None or branch_dtype != h.dtype or bool(ctx.window)
-        out = layer_norm_bwd(dy, h, weight, mean, rstd, dres=dh, scale=scale,
-                             branch_dtype=branch_dtype if separate else None, window=ctx.window)
-        # without a scale or a layout change, the branch's gradient IS the shortcut's: one tensor,
-        # written once
-        dbranch = out[3] if separate else out[0]
-        return out[0].to(shortcut_dtype), dbranch, None, out[1], out[2], None, None, None
+        return _add_grads(ctx, dh, dy, _add_bwd)
 
 
 def _add_layer_norm(shortcut, branch, scale, weight, bias, eps, window):
@@ -508,4 +515,18 @@ ADD_IMPLS = {
     'torch': add_layer_norm_ref,
     'triton': add_layer_norm if triton_available() else None,
     'apex': None,       # apex has no residual-add LayerNorm: ours stands in
+}
+
+# The window-layout forms (--fused_layernorm with --fused_window_process): the reference composes
+# the two ops; only our kernels fold the shuffle into the norm, so apex has none.
+PARTITION_IMPLS = {
+    'torch': layer_norm_partition_ref,
+    'triton': layer_norm_partition if triton_available() else None,
+    'apex': None,
+}
+
+MERGE_ADD_IMPLS = {
+    'torch': merge_add_layer_norm_ref,
+    'triton': merge_add_layer_norm if triton_available() else None,
+    'apex': None,
 }

@@ -313,38 +313,37 @@ def _(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows):
     return qkv.new_empty(qkv.shape), qkv.new_empty((table_rows, num_heads), dtype=torch.float32)
 
 
-def _setup(ctx, inputs, output):
-    qkv, table, index, _, ctx.num_heads, ctx.scale = inputs
-    out, lse, bm = output
-    ctx.table_rows, ctx.table_dtype = table.shape[0], table.dtype
+# Compiled code calls the custom ops; eager code calls _WindowAttention (custom-op dispatch costs
+# more than these launches in an eager step). Both save the same tensors and run the same `_grads`.
+def _save(ctx, qkv, table, index, num_heads, scale, out, lse, bm):
     ctx.save_for_backward(qkv, bm, index, out, lse)
+    ctx.num_heads, ctx.scale, ctx.table_rows, ctx.table_dtype = num_heads, scale, table.shape[0], table.dtype
 
 
-def _backward(ctx, dout, _dlse, _dbm):
+def _grads(ctx, dout, bwd):
     qkv, bm, index, out, lse = ctx.saved_tensors
-    dqkv, dtable = _bwd_op(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows)
+    dqkv, dtable = bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows)
     return dqkv, dtable.to(ctx.table_dtype), None, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+def _setup(ctx, inputs, output):
+    qkv, table, index, _, num_heads, scale = inputs
+    _save(ctx, qkv, table, index, num_heads, scale, *output)
+
+
+_fwd_op.register_autograd(lambda ctx, dout, _dlse, _dbm: _grads(ctx, dout, _bwd_op), setup_context=_setup)
 
 
 class _WindowAttention(torch.autograd.Function):
-    """Eager path (see window_process.py: custom-op dispatch is too slow for eager steps)."""
-
     @staticmethod
     def forward(ctx, qkv, table, index, mask, num_heads, scale):
         out, lse, bm = window_attention_fwd(qkv, table, index, mask, num_heads, scale)
-        ctx.save_for_backward(qkv, bm, index, out, lse)
-        ctx.num_heads, ctx.scale, ctx.table_rows, ctx.table_dtype = num_heads, scale, table.shape[0], table.dtype
+        _save(ctx, qkv, table, index, num_heads, scale, out, lse, bm)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, bm, index, out, lse = ctx.saved_tensors
-        dqkv, dtable = window_attention_bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale,
-                                            ctx.table_rows)
-        return dqkv, dtable.to(ctx.table_dtype), None, None, None, None
+        return _grads(ctx, dout, window_attention_bwd)
 
 
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,

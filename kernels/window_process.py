@@ -207,13 +207,19 @@ def _(windows, H, W, shift_size):
     return windows.new_empty((windows.shape[0] // ((H // w) * (W // w)), H, W, windows.shape[-1]))
 
 
+# Both paths (custom ops under torch.compile, the autograd.Functions in eager) take their
+# backward from `_partition_grad` / `_merge_grad`, given the op or the launcher to call.
+def _partition_grad(ctx, grad, merge):
+    return merge(grad, ctx.H, ctx.W, ctx.shift_size), None, None
+
+
+def _merge_grad(ctx, grad, partition):
+    return partition(grad, ctx.window_size, ctx.shift_size), None, None, None
+
+
 def _partition_setup(ctx, inputs, output):
     x, _, ctx.shift_size = inputs
     ctx.H, ctx.W = x.shape[1], x.shape[2]
-
-
-def _partition_backward(ctx, grad):
-    return _window_merge_op(grad, ctx.H, ctx.W, ctx.shift_size), None, None
 
 
 def _merge_setup(ctx, inputs, output):
@@ -221,35 +227,32 @@ def _merge_setup(ctx, inputs, output):
     ctx.window_size = windows.shape[1]
 
 
-def _merge_backward(ctx, grad):
-    return _window_partition_op(grad, ctx.window_size, ctx.shift_size), None, None, None
+_window_partition_op.register_autograd(lambda ctx, grad: _partition_grad(ctx, grad, _window_merge_op),
+                                       setup_context=_partition_setup)
+_window_merge_op.register_autograd(lambda ctx, grad: _merge_grad(ctx, grad, _window_partition_op),
+                                   setup_context=_merge_setup)
 
 
-_window_partition_op.register_autograd(_partition_backward, setup_context=_partition_setup)
-_window_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
-
-
-# ----------------------------------------------------------------------------- autograd (eager)
 class _WindowPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, window_size, shift_size):
-        ctx.H, ctx.W, ctx.shift_size = x.shape[1], x.shape[2], shift_size
+        _partition_setup(ctx, (x, window_size, shift_size), None)
         return window_partition_fwd(x, window_size, shift_size)
 
     @staticmethod
     def backward(ctx, grad):
-        return window_partition_bwd(grad, ctx.H, ctx.W, ctx.shift_size), None, None
+        return _partition_grad(ctx, grad, window_partition_bwd)
 
 
 class _WindowMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, windows, H, W, shift_size):
-        ctx.window_size, ctx.shift_size = windows.shape[1], shift_size
+        _merge_setup(ctx, (windows, H, W, shift_size), None)
         return window_merge_fwd(windows, H, W, shift_size)
 
     @staticmethod
     def backward(ctx, grad):
-        return window_merge_bwd(grad, ctx.window_size, ctx.shift_size), None, None, None
+        return _merge_grad(ctx, grad, window_merge_bwd)
 
 
 # ----------------------------------------------------------------------------- functional API

@@ -271,7 +271,8 @@ class SwinTransformerV2(SwinBackbone):
                  drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, ape: bool = False, patch_norm: bool = True,
                  use_checkpoint: bool = False, pretrained_window_sizes=(0, 0, 0, 0),
                  fused_window_process: bool = False, fused_layernorm: bool = False, fused_mlp: bool = False,
-                 fused_dense: bool = False, fused_attention: bool = False, kernel_backend: str = 'auto', **kwargs):
+                 fused_dense: bool = False, fused_attention: bool = False, kernel_backend: str = 'auto',
+                 tf32: bool = False, **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f'SwinTransformerV2 got unknown keyword arguments: {sorted(kwargs)}')
@@ -280,7 +281,7 @@ class SwinTransformerV2(SwinBackbone):
                 '--unfused_mha: no fused kernel for Swin V2\'s scaled cosine attention exists yet; '
                 'turn the flag off for MODEL.TYPE swinv2 (the other flags apply)')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
-                                     dense=fused_dense, backend=kernel_backend)
+                                     dense=fused_dense, backend=kernel_backend, tf32=tf32)
         self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
                          mlp_ratio, num_classes)
         self.layers = nn.ModuleList([

@@ -67,9 +67,9 @@ def test_opcheck_mlp_and_dense():
     x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
     w1, b1 = torch.randn(32, 16, device=DEVICE, requires_grad=True), torch.randn(32, device=DEVICE, requires_grad=True)
     w2, b2 = torch.randn(16, 32, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(mlp._fwd_op, (x, w1, b1, w2, b2), test_utils=CHECKS)
-    torch.library.opcheck(dense._fwd_op, (x, w1, b1), test_utils=CHECKS)
-    torch.library.opcheck(dense._fwd_op, (x, w1, None), test_utils=CHECKS)
+    torch.library.opcheck(mlp._fwd_op, (x, w1, b1, w2, b2, False), test_utils=CHECKS)
+    torch.library.opcheck(dense._fwd_op, (x, w1, b1, False), test_utils=CHECKS)
+    torch.library.opcheck(dense._fwd_op, (x, w1, None, False), test_utils=CHECKS)
 
 
 def test_compiled_backward_with_every_flag_matches_reference():
@@ -84,7 +84,8 @@ def test_compiled_backward_with_every_flag_matches_reference():
     fused = SwinTransformer(**small, fused_window_process=True, fused_attention=True, fused_layernorm=True,
                             fused_mlp=True, fused_dense=True, kernel_backend='triton').to(DEVICE)
     assert dict(fused.ops.chosen) == {op: 'triton' for op in ('window_process', 'window_attention', 'layer_norm',
-                                                              'add_layer_norm', 'mlp', 'dense')}
+                                                              'add_layer_norm', 'norm_partition', 'merge_add_norm',
+                                                              'mlp', 'dense')}
     assert fused.ops.norm_partition is layer_norm_partition and fused.ops.merge_add_norm is merge_add_layer_norm
     fused.load_state_dict(ref.state_dict())
     torch._dynamo.reset()
@@ -112,3 +113,67 @@ def test_no_graph_breaks_swinv2_and_swin_mlp_with_their_flags():
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=DEVICE))
         assert explanation.graph_break_count == 0, (cls.__name__, explanation.break_reasons)
+
+
+def _grads_of(fn, inputs, upstream):
+    """Outputs and the gradient of every differentiable input for one call of `fn`."""
+    leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [upstream(o) for o in outs])
+    return [o.detach() for o in outs] + [t.grad for t in leaves if t.is_floating_point()]
+
+
+def _same(eager, op_path):
+    for a, b in zip(eager, op_path):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_eager_and_custom_op_paths_give_identical_gradients():
+    """Each op's two autograd paths (the autograd.Function eager code calls, and the custom op with
+    its registered backward that torch.compile traces) run one shared backward: bit-identical
+    results, incl. add_layer_norm's shortcut where the branch's gradient is the shortcut's tensor,
+    its drop-path scale and its window layout."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    up = lambda o: torch.randn(o.shape, generator=g).to(o)                     # noqa: E731
+    w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+    x = torch.randn(2, 24, 40, device=DEVICE)
+    for window in ([], [6, 4, 2, 1]):
+        g.manual_seed(1)
+        eager = _grads_of(lambda x, w, b: ln._LayerNorm.apply(x, w, b, 1e-5, False, window), (x, w, b), up)
+        g.manual_seed(1)
+        via_op = _grads_of(lambda x, w, b: ln._fwd_op(x, w, b, 1e-5, False, window)[0], (x, w, b), up)
+        _same(eager, via_op)
+    branch_windows = torch.randn(12, 2, 2, 40, device=DEVICE)
+    scale = torch.rand(2, 1, 1, device=DEVICE)
+    for branch, s, window in ((x, None, []), (x, scale, []), (branch_windows, None, [6, 4, 2, 1])):
+        g.manual_seed(1)
+        eager = _grads_of(lambda a, c, w, b: ln._AddLayerNorm.apply(a, c, s, w, b, 1e-5, False, window),
+                          (x, branch, w, b), up)
+        g.manual_seed(1)
+        via_op = _grads_of(lambda a, c, w, b: ln._add_fwd_op(a, c, s, w, b, 1e-5, False, window)[:2],
+                           (x, branch, w, b), up)
+        _same(eager, via_op)
+    x2 = torch.randn(10, 16, device=DEVICE)
+    w1, b1 = torch.randn(32, 16, device=DEVICE), torch.randn(32, device=DEVICE)
+    w2, b2 = torch.randn(16, 32, device=DEVICE), torch.randn(16, device=DEVICE)
+    for eager_fn, op_fn, args in (
+            (lambda *a: mlp._Mlp.apply(*a, False), lambda *a: mlp._fwd_op(*a, False)[0], (x2, w1, b1, w2, b2)),
+            (lambda *a: dense._Dense.apply(*a, False), lambda *a: dense._fwd_op(*a, False), (x2, w1, b1))):
+        g.manual_seed(1)
+        eager = _grads_of(eager_fn, args, up)
+        g.manual_seed(1)
+        _same(eager, _grads_of(op_fn, args, up))
+    qkv = torch.randn(8, 16, 3 * 32, device=DEVICE)
+    table = torch.randn(49, 2, device=DEVICE)
+    index, mask = relative_position_index(4).to(DEVICE), shifted_window_mask(8, 8, 4, 2).to(DEVICE)
+    g.manual_seed(1)
+    eager = _grads_of(lambda q, t: wa._WindowAttention.apply(q, t, index, mask, 2, 0.25), (qkv, table), up)
+    g.manual_seed(1)
+    _same(eager, _grads_of(lambda q, t: wa._fwd_op(q, t, index, mask, 2, 0.25)[0], (qkv, table), up))
+    xs = torch.randn(2, 8, 8, 5, device=DEVICE)
+    g.manual_seed(1)
+    eager = _grads_of(lambda t: wp._WindowPartition.apply(t, 4, 2), (xs,), up)
+    g.manual_seed(1)
+    _same(eager, _grads_of(lambda t: wp._window_partition_op(t, 4, 2), (xs,), up))

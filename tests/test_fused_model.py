@@ -57,3 +57,23 @@ def test_block_built_alone_honours_fused_window_process():
         if expected is not None:
             assert ops.window_partition is expected
     assert SwinTransformerBlock(32, (8, 8), 2, window_size=4).ops.chosen == ()
+
+
+def test_registry_window_layout_norms_need_both_flags_on_our_kernels():
+    """The window-layout LayerNorms are registry entries of their own, needing both flags; they
+    run only where both flags resolve to Triton, and otherwise the two chosen ops are composed."""
+    import functools
+    from kernels import OPS, build_ops, get_impl
+    from kernels.layer_norm import layer_norm_partition, merge_add_layer_norm, layer_norm_partition_ref
+    assert OPS['norm_partition'].flags == OPS['merge_add_norm'].flags == ('--fused_layernorm',
+                                                                          '--fused_window_process')
+    assert get_impl('norm_partition', 'torch') == ('torch', layer_norm_partition_ref)
+    both = build_ops(window_process=True, layer_norm=True, backend='triton')
+    assert {'norm_partition': 'triton', 'merge_add_norm': 'triton'}.items() <= dict(both.chosen).items()
+    assert both.norm_partition is layer_norm_partition and both.merge_add_norm is merge_add_layer_norm
+    for ops in (build_ops(window_process=True, layer_norm=True, backend='triton', fold_window_norm=False),
+                build_ops(layer_norm=True, backend='triton'), build_ops(window_process=True, backend='triton'),
+                build_ops(window_process=True, layer_norm=True, backend='torch')):
+        assert not {'norm_partition', 'merge_add_norm'} & set(dict(ops.chosen))
+        assert isinstance(ops.norm_partition, functools.partial)
+        assert ops.norm_partition.keywords == {'layer_norm': ops.layer_norm, 'window_partition': ops.window_partition}

@@ -97,3 +97,38 @@ def test_mlp_dropout_with_fused_mlp_is_rejected():
     with pytest.raises(ValueError, match='--fused_mlp needs MLP dropout 0'):
         SwinTransformer(img_size=32, patch_size=2, embed_dim=32, depths=(2,), num_heads=(2,), window_size=4,
                         drop_rate=0.1, fused_mlp=True, kernel_backend='triton')
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason='TF32 exists on the GPU only')
+def test_tf32_is_the_callers_choice_not_the_process_flag():
+    """fp32 GEMMs use IEEE products unless tf32=True is passed, whatever torch's global flag says."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 512, generator=g).cuda()
+    b = torch.randn(512, 192, generator=g).cuda()
+    exact = a.double() @ b.double()
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _rel(gemm.gemm(a, b), exact) < 1e-6
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _rel(gemm.gemm(a, b, tf32=True), exact) > 1e-5     # TF32 keeps 10 mantissa bits
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_tf32_choice_travels_from_config_to_the_kernels():
+    import argparse
+    import os
+    from config import get_config
+    from kernels import build_ops
+    from models import build_model
+    ops = build_ops(mlp=True, dense=True, backend='triton', tf32=True)
+    assert ops.mlp.func is mlp.fused_mlp and ops.mlp.keywords == {'tf32': True}
+    assert ops.linear.func is dense.fused_dense and ops.linear.keywords == {'tf32': True}
+    for tf32 in (False, True):
+        cfg = os.path.join(os.path.dirname(__file__), '..', 'configs/swin/swin_tiny_patch4_window7_224.yaml')
+        config = get_config(argparse.Namespace(cfg=cfg, opts=['MODEL.SWIN.EMBED_DIM', '32', 'MODEL.SWIN.DEPTHS', '[1, 1]',
+                                       'MODEL.SWIN.NUM_HEADS', '[2, 2]', 'FUSED_MLP', 'True', 'FUSED_DENSE', 'True',
+                                       'KERNEL_BACKEND', 'triton', 'EXTRA.TF32', str(tf32)]))
+        model = build_model(config)
+        assert model.ops.mlp.keywords == {'tf32': tf32} and model.ops.linear.keywords == {'tf32': tf32}
