@@ -51,3 +51,36 @@ def build_fused_optimizer(name: str, groups, config, model: torch.nn.Module) -> 
         backend = 'torch'     # a CPU model: the reference ('triton' on CPU needs TRITON_INTERPRET=1)
     cls = FusedAdamW if name == 'fused_adam' else FusedLAMB
     return cls(groups, backend=backend, **kw)
+
+
+def _steps_per_parameter(optimizer: optim.Optimizer) -> bool:
+    """torch's Adam/AdamW (and ours, which keeps their state dict) count steps per parameter;
+    apex's FusedAdam/FusedLAMB, timm's Lamb and our FusedLAMB count them per group."""
+    return isinstance(optimizer, (optim.Adam, optim.AdamW, FusedAdamW))
+
+
+def adapt_optimizer_state(optimizer: optim.Optimizer, state_dict: dict) -> dict:
+    """A saved optimizer state made loadable by `optimizer`, whichever of the layouts above it was
+    saved in: checkpoints move between --optim adamw, --fused_adam on our kernels and apex's
+    FusedAdam (and between timm's, our and apex's LAMB) mid-run. The moments are the same tensors
+    in every layout; the step count moves between group and parameters, and hyperparameter keys
+    an implementation lacks are taken from the optimizer being loaded."""
+    groups = [dict(g) for g in state_dict['param_groups']]
+    state = {k: dict(v) for k, v in state_dict['state'].items()}
+    per_parameter = _steps_per_parameter(optimizer)
+    for saved, current in zip(groups, optimizer.param_groups):
+        for k, v in current.items():
+            if k != 'params':
+                saved.setdefault(k, v)
+        if per_parameter and 'step' in saved:
+            step = float(saved.pop('step'))
+            for i in saved['params']:
+                if i in state:
+                    state[i].setdefault('step', torch.tensor(step, dtype=torch.float32))
+        elif not per_parameter:
+            steps = [float(state[i].pop('step')) for i in saved['params'] if 'step' in state.get(i, {})]
+            if steps and 'step' not in saved:
+                saved['step'] = int(max(steps))
+            if 'step' in saved:       # apex passes the group's step to its kernels as an int
+                saved['step'] = int(saved['step'])
+    return {'state': state, 'param_groups': groups}

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from optimizer import adapt_optimizer_state
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or cannot be read."""
@@ -169,7 +171,7 @@ def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger,
     load_model_state(model, _model_state(ckpt), f'checkpoint {config.MODEL.RESUME}')
     max_accuracy = 0.0
     if not config.EVAL_MODE and 'optimizer' in ckpt and 'lr_scheduler' in ckpt and 'epoch' in ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        optimizer.load_state_dict(adapt_optimizer_state(optimizer, ckpt['optimizer']))
         lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         if 'scaler' in ckpt and ckpt['scaler']:
             loss_scaler.load_state_dict(ckpt['scaler'])

@@ -104,6 +104,13 @@ def bench_window_attention(rows):
                          'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_GB/s': nbytes / f / 1e6})
 
 
+def _apex(op):
+    """(('apex', apex's implementation),) where apex is built here (build_apex.py), else ()."""
+    import kernels
+    impl = kernels.OPS[op].impls.get('apex')
+    return (('apex', impl),) if impl is not None else ()
+
+
 def bench_layer_norm(rows):
     for M, C, dtype in [(128 * 3136, 96, torch.bfloat16), (128 * 784, 384, torch.bfloat16),
                         (128 * 196, 768, torch.bfloat16), (128 * 49, 1536, torch.float32)]:
@@ -112,7 +119,7 @@ def bench_layer_norm(rows):
         b = torch.randn(C, device='cuda', dtype=dtype, requires_grad=True)
         g = torch.randn_like(x)
         nbytes = 2 * x.numel() * x.element_size()
-        for impl, fn in (('F.layer_norm', ln.layer_norm_ref), ('triton', ln.layer_norm)):
+        for impl, fn in (('F.layer_norm', ln.layer_norm_ref), ('triton', ln.layer_norm)) + _apex('layer_norm'):
             call = (lambda fn=fn: fn(x, wgt, b, 1e-5))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, wgt, b], g))
@@ -235,7 +242,7 @@ def bench_dense(rows):
         b = torch.zeros(cout, device='cuda', dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(M, cout, device='cuda', dtype=torch.bfloat16)
         flops = 2 * M * cin * cout
-        for impl, fn in (('F.linear', dense.dense_ref), ('triton fused backward', dense.fused_dense)):
+        for impl, fn in (('F.linear', dense.dense_ref), ('triton fused backward', dense.fused_dense)) + _apex('dense'):
             call = (lambda fn=fn: fn(x, w, b))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, w, b], g))

@@ -16,7 +16,8 @@ import torch
 from common import cuda_time_ms, environment, write_results
 
 from amp import Precision
-from kernels.optimizers import FusedAdamW
+from kernels._utils import apex_available
+from kernels.optimizers import FusedAdamW, build_apex_optimizer
 from models.swin_transformer import SwinTransformer
 from optimizer import param_groups
 
@@ -34,6 +35,12 @@ ALL_ADAM = dict(ALL, **ADAM)
 WP_LN = dict(fused_window_process=True, fused_layernorm=True)
 UNFOLDED = dict(fold=False)   # not a flag: keep the window shuffles out of the LayerNorm kernels
 CG = 'reduce-overhead'      # torch.compile with CUDA graphs
+# KERNEL_BACKEND apex (apex's LayerNorm, dense and FusedAdam; ours where apex has no op or not
+# upstream's math). The earlier fork's configuration, as close as current apex allows: every flag,
+# apex's op for each that has one, O2 master weights, apex's FusedAdam.
+APEX_OPS = dict(fused_layernorm=True, fused_dense=True, backend='apex', optim='apex_adam')
+OURS_OPS = dict(fused_layernorm=True, fused_dense=True, optim='fused_adam')
+APEX_FORK = dict(ALL5, backend='apex', optim='apex_adam')
 
 # name, flags, level, dtype, compile (False, True, or a torch.compile mode)
 TRAIN = [
@@ -61,6 +68,14 @@ TRAIN = [
     ('all flags + --fused_adam + compile (CUDA graphs) unfolded, O2 bf16', dict(ALL_ADAM, **UNFOLDED), 'O2',
      'bfloat16', CG),
     ('--unfused_mha + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ATTN, **ADAM), 'O2', 'bfloat16', CG),
+    ('apex: --fused_layernorm --fused_dense --fused_adam, O2 bf16', APEX_OPS, 'O2', 'bfloat16', False),
+    ('ours: --fused_layernorm --fused_dense --fused_adam, O2 bf16', OURS_OPS, 'O2', 'bfloat16', False),
+    ('apex: earlier fork config (all flags, apex ops where apex has one), O2 fp16', APEX_FORK, 'O2', 'float16',
+     False),
+    ('apex: earlier fork config (all flags, apex ops where apex has one), O2 bf16', APEX_FORK, 'O2', 'bfloat16',
+     False),
+    ('apex: all flags (apex LayerNorm, FusedAdam) + compile (CUDA graphs), O2 bf16',
+     dict(ALL, backend='apex', optim='apex_adam'), 'O2', 'bfloat16', CG),
 ]
 INFER = [
     ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),
@@ -82,8 +97,8 @@ def build(size, flags):
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
-    model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold')}
-    return SwinTransformer(**MODELS[size], **model_flags, kernel_backend='triton',
+    model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend')}
+    return SwinTransformer(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'),
                            fold_window_norm=flags.get('fold', True))
 
 
@@ -98,8 +113,12 @@ def train_row(size, name, flags, level, dtype, compile_, batch):
     torch.manual_seed(0)
     precision = Precision(level, dtype if level != 'O0' else 'float16', torch.device('cuda'))
     model, master = precision.prepare(build(size, flags).cuda())
-    if isinstance(flags, dict) and flags.get('optim') == 'fused_adam':
+    optim = flags.get('optim') if isinstance(flags, dict) else None
+    if optim == 'fused_adam':
         optimizer = FusedAdamW(param_groups(master, 0.05), lr=1e-4)
+    elif optim == 'apex_adam':
+        optimizer = build_apex_optimizer('fused_adam', param_groups(master, 0.05), lr=1e-4, betas=(0.9, 0.999),
+                                         eps=1e-8, weight_decay=0.05)
     else:
         optimizer = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
     step_model = _compiled(model, compile_)
@@ -161,6 +180,8 @@ def main():
             continue
         if (a.compiled == 'no' and compile_) or (a.compiled == 'only' and not compile_):
             continue
+        if name.startswith('apex') and not apex_available('apex.optimizers'):
+            continue          # apex not built here (python build_apex.py)
         try:
             row = fn(a.model, name, flags, level, dtype, compile_, a.batch)
         except Exception as e:   # report, keep measuring the rest

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|apex ...]
 # (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -15,7 +15,22 @@ for part in $PARTS; do
     tests)   python3 -m pytest -q tests/test_window_process.py tests/test_window_attention.py \
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
-               2>&1 | tail -8 ;;
+               tests/test_swinv2.py tests/test_swin_mlp.py 2>&1 | tail -8 ;;
+    apex)    # KERNEL_BACKEND apex: build apex from the source checkout in $APEX_SRC (default .apex) into
+             # .apex_site unless it is importable, then its tests, its ops beside ours, and whole-model rows
+             if ! python3 -c "import apex.optimizers, apex.normalization, apex.fused_dense" 2>/dev/null; then
+               export PYTHONPATH="$PWD/.apex_site${PYTHONPATH:+:$PYTHONPATH}"
+               python3 -c "import apex.optimizers, apex.normalization, apex.fused_dense" 2>/dev/null || \
+                 { t0=$(date +%s); python3 build_apex.py "${APEX_SRC:-.apex}" --pip-args "--target .apex_site" \
+                   2>&1 | grep -vE "^(  |creating|copying|running|building|g\+\+|/usr|\[)" | tail -20
+                   echo "apex build: $(( $(date +%s) - t0 )) s"; }
+             fi
+             python3 -m pytest -q tests/test_apex.py 2>&1 | tail -8
+             python3 benchmarks/bench_kernels.py layer_norm dense
+             for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
+               python3 benchmarks/bench_train.py --model "$m" --skip-infer --only "reference eager O1 fp16" \
+                 "apex:" "ours:" "all flags + --fused_adam eager, O2" "all five flags + --fused_adam eager, O2 bf16" \
+                 "all flags + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
     input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py)
              python3 benchmarks/bench_input.py --parts folder pipelines gputime ;;
     input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness

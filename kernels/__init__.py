@@ -32,22 +32,27 @@ logger = logging.getLogger(__name__)
 class Entry:
     """One fused op of the registry: its implementations by backend (None: not available here),
     the flags that must all be on for it, and the apex module it needs under KERNEL_BACKEND apex
-    (None: apex has no such op, ours stands in)."""
+    (None: ours stands in under apex, for the reason in `apex_note`, which the log repeats)."""
     impls: dict
     flags: tuple
     apex_module: Optional[str] = None
+    apex_note: str = 'apex has no such op'
 
 
 # The window-layout LayerNorms are `window_process` and `layer_norm` in one kernel: they need both
 # flags, and run only where both resolve to our Triton kernels (else the two ops are composed).
 OPS = {
-    'window_process': Entry(window_process.IMPLS, ('--fused_window_process',)),
-    'window_attention': Entry(window_attention.IMPLS, ('--unfused_mha',)),
+    'window_process': Entry(window_process.IMPLS, ('--fused_window_process',),
+                            apex_note='apex has no window shift/partition op'),
+    'window_attention': Entry(window_attention.IMPLS, ('--unfused_mha',),
+                              apex_note="apex has no window attention with Swin's bias table and mask"),
     'layer_norm': Entry(layer_norm.IMPLS, ('--fused_layernorm',), layer_norm.APEX_MODULE),
-    'add_layer_norm': Entry(layer_norm.ADD_IMPLS, ('--fused_layernorm',)),
+    'add_layer_norm': Entry(layer_norm.ADD_IMPLS, ('--fused_layernorm',),
+                            apex_note='apex has no residual add + drop-path + LayerNorm op'),
     'norm_partition': Entry(layer_norm.PARTITION_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     'merge_add_norm': Entry(layer_norm.MERGE_ADD_IMPLS, ('--fused_layernorm', '--fused_window_process')),
-    'mlp': Entry(mlp.IMPLS, ('--fused_mlp',)),
+    'mlp': Entry(mlp.IMPLS, ('--fused_mlp',),
+                 apex_note="apex's fused MLP (FusedDenseGeluDense) uses the tanh GELU, not upstream's exact GELU"),
     'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE),
 }
 BACKENDS = ('auto', 'triton', 'apex', 'torch')
@@ -72,8 +77,10 @@ def get_impl(op: str, backend: str = 'auto'):
     flag = ' + '.join(entry.flags)
     chosen = resolve_backend(backend)
     if chosen == 'apex':
-        if entry.apex_module is None:      # apex has no such op: ours stands in
+        if entry.apex_module is None:      # apex has no such op, or not upstream's math: ours stands in
             chosen = 'triton' if torch.cuda.is_available() or triton_interpret() else 'torch'
+            if op not in ('norm_partition', 'merge_add_norm'):
+                logger.info(f'{flag} under KERNEL_BACKEND apex: {entry.apex_note}; ours ({chosen}) stands in')
         elif not apex_available(entry.apex_module):
             raise KernelUnavailable(
                 f"{flag} with KERNEL_BACKEND apex needs {entry.apex_module}, which is not importable here: "

@@ -103,11 +103,16 @@ def fused_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def _apex_dense(x, weight, bias=None):
+    """apex.fused_dense's Linear (cuBLASLt with the bias in the epilogue and the bias gradient from
+    the weight-gradient GEMM), autocast as F.linear."""
     if bias is None:
         return F.linear(x, weight)
     from apex.fused_dense import FusedDenseFunc
+    x, weight, bias = autocast_inputs(x, weight, bias)
     shape = x.shape
-    return FusedDenseFunc.apply(x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        y = FusedDenseFunc.apply(x.reshape(-1, shape[-1]).contiguous(), weight, bias)
+    return y.view(*shape[:-1], weight.shape[0])
 
 
 IMPLS = {

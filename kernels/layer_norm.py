@@ -501,8 +501,14 @@ def merge_add_layer_norm_ref(shortcut, windows, scale, weight, bias, eps, H, W, 
 
 
 def _apex_layer_norm(x, weight, bias, eps=1e-5):
+    """apex's fused LayerNorm with F.layer_norm's autocast behaviour. apex's wrapper would cast to
+    the autocast dtype and return that; F.layer_norm is on CUDA autocast's fp32 list (inputs cast
+    to fp32, fp32 out). So under autocast the inputs go to apex's op in fp32, with autocast off."""
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
-    return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
+    if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
+        x, weight, bias = x.float(), weight.float(), bias.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
 
 
 IMPLS = {

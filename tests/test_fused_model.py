@@ -17,27 +17,29 @@ PAIRS = [['fused_window_process', 'fused_layernorm']]
 
 
 def assert_flags_match_reference(model_cls, kwargs: dict, flags, perturb, x_shape=(3, 3, 32, 32),
-                                 rtol=(1e-5, 1e-4)) -> None:
-    """model_cls(**kwargs) with `flags` on the Triton kernels against the same model with every flag
+                                 rtol=(1e-5, 1e-4), atol=1e-5, backend='triton', autocast=None) -> None:
+    """model_cls(**kwargs) with `flags` on the `backend` kernels against the same model with every flag
     off, from the same weights (`perturb` makes them non-trivial) and the same upstream gradient:
-    logits within rtol[0], every parameter gradient within rtol[1]."""
+    logits within rtol[0], every parameter gradient within rtol[1]; under `autocast` (a dtype, CUDA)
+    both run in it."""
     torch.manual_seed(0)
     ref = model_cls(**kwargs).to(DEVICE)
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if perturb(name, p):
                 p.add_(torch.randn_like(p) * 0.2)
-    fused = model_cls(**kwargs, **{f: True for f in flags}, kernel_backend='triton').to(DEVICE)
+    fused = model_cls(**kwargs, **{f: True for f in flags}, kernel_backend=backend).to(DEVICE)
     fused.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(*x_shape, device=DEVICE)
     g = torch.randn(x_shape[0], kwargs['num_classes'], device=DEVICE)
-    out_ref, out = ref(x), fused(x)
+    with torch.autocast(DEVICE, dtype=autocast or torch.float32, enabled=autocast is not None):
+        out_ref, out = ref(x).float(), fused(x).float()
     (out_ref * g).sum().backward()
     (out * g).sum().backward()
-    torch.testing.assert_close(out, out_ref, rtol=rtol[0], atol=1e-5)
+    torch.testing.assert_close(out, out_ref, rtol=rtol[0], atol=atol)
     ref_grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=rtol[1], atol=1e-5, msg=name)
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=rtol[1], atol=atol, msg=name)
 
 
 @pytest.mark.parametrize('flags', [[f] for f in FLAGS] + PAIRS + [FLAGS], ids=lambda f: '+'.join(f))
