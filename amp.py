@@ -122,7 +122,7 @@ class Precision:
         if self._pairs:
             model.zero_grad(set_to_none=True)   # master grads are overwritten by the next step
         else:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()        # set_to_none by default (torch and apex alike)
 
     def sync_from_master(self) -> None:
         """Copy master weights into the half model (after loading a checkpoint into the master)."""

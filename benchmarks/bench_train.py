@@ -41,6 +41,7 @@ CG = 'reduce-overhead'      # torch.compile with CUDA graphs
 APEX_OPS = dict(fused_layernorm=True, fused_dense=True, backend='apex', optim='apex_adam')
 OURS_OPS = dict(fused_layernorm=True, fused_dense=True, optim='fused_adam')
 APEX_FORK = dict(ALL5, backend='apex', optim='apex_adam')
+AUTO_APEX = dict(ALL, fused_dense=True, backend='auto', optim='fused_adam')   # auto takes apex's dense
 
 # name, flags, level, dtype, compile (False, True, or a torch.compile mode)
 TRAIN = [
@@ -74,8 +75,12 @@ TRAIN = [
      False),
     ('apex: earlier fork config (all flags, apex ops where apex has one), O2 bf16', APEX_FORK, 'O2', 'bfloat16',
      False),
-    ('apex: all flags (apex LayerNorm, FusedAdam) + compile (CUDA graphs), O2 bf16',
-     dict(ALL, backend='apex', optim='apex_adam'), 'O2', 'bfloat16', CG),
+    ('apex: all flags + --fused_dense (apex LayerNorm, dense, FusedAdam) + compile (CUDA graphs), O2 bf16',
+     dict(ALL, fused_dense=True, backend='apex', optim='apex_adam'), 'O2', 'bfloat16', CG),
+    ('apex: auto = our kernels + apex dense: all flags + --fused_dense + --fused_adam eager, O2 bf16',
+     AUTO_APEX, 'O2', 'bfloat16', False),
+    ('apex: auto = our kernels + apex dense: all flags + --fused_dense + --fused_adam + compile (CUDA graphs), '
+     'O2 bf16', AUTO_APEX, 'O2', 'bfloat16', CG),
 ]
 INFER = [
     ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),

@@ -25,7 +25,7 @@ for part in $PARTS; do
                    2>&1 | grep -vE "^(  |creating|copying|running|building|g\+\+|/usr|\[)" | tail -20
                    echo "apex build: $(( $(date +%s) - t0 )) s"; }
              fi
-             python3 -m pytest -q tests/test_apex.py 2>&1 | tail -8
+             python3 -m pytest -q tests/test_apex.py 2>&1 | grep -E "^E |passed|failed|Error" | tail -30
              python3 benchmarks/bench_kernels.py layer_norm dense
              for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
                python3 benchmarks/bench_train.py --model "$m" --skip-infer --only "reference eager O1 fp16" \

@@ -7,7 +7,8 @@ kernel). ``get_impl(op, backend)`` resolves one, ``build_ops`` resolves all of a
 an ``Ops`` bundle that the model calls; the model never imports triton or apex itself.
 
 Backends (config ``KERNEL_BACKEND``):
-  auto    the Triton kernels on CUDA, the PyTorch reference on CPU;
+  auto    the Triton kernels on CUDA (apex's op instead where apex is importable and measured
+          faster: --fused_dense), the PyTorch reference on CPU;
   triton  the Triton kernels (on CPU only under TRITON_INTERPRET=1: that is how CI tests them);
   apex    apex's op where apex has one (fails at start if apex is not importable), ours otherwise;
   torch   the pure-PyTorch reference.
@@ -37,6 +38,7 @@ class Entry:
     flags: tuple
     apex_module: Optional[str] = None
     apex_note: str = 'apex has no such op'
+    auto_prefers_apex: bool = False     # measured faster than ours: KERNEL_BACKEND auto takes apex's
 
 
 # The window-layout LayerNorms are `window_process` and `layer_norm` in one kernel: they need both
@@ -53,7 +55,7 @@ OPS = {
     'merge_add_norm': Entry(layer_norm.MERGE_ADD_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     'mlp': Entry(mlp.IMPLS, ('--fused_mlp',),
                  apex_note="apex's fused MLP (FusedDenseGeluDense) uses the tanh GELU, not upstream's exact GELU"),
-    'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE),
+    'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE, auto_prefers_apex=True),
 }
 BACKENDS = ('auto', 'triton', 'apex', 'torch')
 
@@ -76,6 +78,9 @@ def get_impl(op: str, backend: str = 'auto'):
     entry = OPS[op]
     flag = ' + '.join(entry.flags)
     chosen = resolve_backend(backend)
+    if backend == 'auto' and chosen == 'triton' and entry.auto_prefers_apex and entry.impls.get('apex'):
+        chosen = 'apex'
+        logger.info(f"{flag}: apex is importable and its op measured faster than ours: auto uses apex's")
     if chosen == 'apex':
         if entry.apex_module is None:      # apex has no such op, or not upstream's math: ours stands in
             chosen = 'triton' if torch.cuda.is_available() or triton_interpret() else 'torch'

@@ -7,7 +7,7 @@ cannot add anything there). Backward:
   dW = dy^T @ x,  db = sum_rows dy   one Triton GEMM (kernels/gemm.py): dy is read once for both,
                                      where torch reads it a second time for db
 Split-K over the rows keeps the GPU full when W is small; the partials are summed in a fixed order.
-apex: `apex.fused_dense.FusedDenseFunc` where apex is importable (KERNEL_BACKEND apex).
+apex: apex.fused_dense's CUDA kernels where apex is importable (KERNEL_BACKEND apex, and auto: see below).
 """
 from typing import Optional
 
@@ -102,16 +102,75 @@ def fused_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y.view(*shape[:-1], weight.shape[0])
 
 
+# ----------------------------------------------------------------------------- apex
+# apex.fused_dense's CUDA extension (cuBLASLt: the bias in the forward's epilogue, the bias
+# gradient from the weight-gradient GEMM), registered as our custom ops so that torch.compile sees
+# one node (apex's own autograd.Function would break the graph), with the same two-path shape as
+# above. Measured faster than our Triton backward at every Swin shape (docs/benchmarks.md), so
+# KERNEL_BACKEND auto uses it for --fused_dense where apex is importable.
+def _apex_ext():
+    import fused_dense_cuda
+    return fused_dense_cuda
+
+
+@torch.library.custom_op('swin::apex_dense_fwd', mutates_args=())
+def _apex_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _apex_ext().linear_bias_forward(x2, weight, bias)
+
+
+@_apex_fwd_op.register_fake
+def _(x2, weight, bias):
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
+
+
+def apex_dense_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor):
+    """-> dx, dW, db from apex's one backward call."""
+    return tuple(_apex_ext().linear_bias_backward(x2, weight, dy2))
+
+
+@torch.library.custom_op('swin::apex_dense_bwd', mutates_args=())
+def _apex_bwd_op(dy2: torch.Tensor, x2: torch.Tensor,
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return apex_dense_bwd(dy2, x2, weight)
+
+
+@_apex_bwd_op.register_fake
+def _(dy2, x2, weight):
+    return torch.empty_like(x2), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _apex_grads(ctx, dy2, bwd):
+    x2, weight = ctx.saved_tensors
+    return bwd(dy2.contiguous(), x2, weight)
+
+
+def _apex_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+_apex_fwd_op.register_autograd(lambda ctx, dy2: _apex_grads(ctx, dy2, _apex_bwd_op), setup_context=_apex_setup)
+
+
+class _ApexDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias):
+        ctx.save_for_backward(x2, weight)
+        return _apex_ext().linear_bias_forward(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy2):
+        return _apex_grads(ctx, dy2, apex_dense_bwd)
+
+
 def _apex_dense(x, weight, bias=None):
-    """apex.fused_dense's Linear (cuBLASLt with the bias in the epilogue and the bias gradient from
-    the weight-gradient GEMM), autocast as F.linear."""
+    """F.linear through apex's fused dense kernels; autocast as F.linear."""
     if bias is None:
         return F.linear(x, weight)
-    from apex.fused_dense import FusedDenseFunc
     x, weight, bias = autocast_inputs(x, weight, bias)
     shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        y = FusedDenseFunc.apply(x.reshape(-1, shape[-1]).contiguous(), weight, bias)
+        y = _apex_fwd_op(x2, weight, bias) if torch.compiler.is_compiling() else _ApexDense.apply(x2, weight, bias)
     return y.view(*shape[:-1], weight.shape[0])
 
 

@@ -88,9 +88,9 @@ SMALL = dict(img_size=64, patch_size=4, embed_dim=48, depths=(2, 2), num_heads=(
              num_classes=10, drop_path_rate=0.0)
 APEX_FLAGS = [['fused_layernorm'], ['fused_dense'], ['fused_layernorm', 'fused_dense'],
               ['fused_window_process', 'fused_attention', 'fused_layernorm', 'fused_mlp', 'fused_dense']]
-# (dtype, logits rtol, gradients rtol, atol): fp32 is exact up to summation order; under bf16
-# autocast both sides round GEMM outputs to bf16, in different places
-TOLERANCES = {None: (1e-5, 1e-4, 1e-5), torch.bfloat16: (2e-2, 5e-2, 2e-3)}
+# (dtype, logits rtol, gradients rtol, atol): fp32 elementwise, exact up to summation order; under
+# bf16 autocast both sides round GEMM outputs to bf16 in different places: norm-wise relative errors
+TOLERANCES = {None: (1e-5, 1e-4, 1e-5), torch.bfloat16: (1e-2, 3e-2, None)}
 
 
 @needs_apex
@@ -99,13 +99,24 @@ TOLERANCES = {None: (1e-5, 1e-4, 1e-5), torch.bfloat16: (2e-2, 5e-2, 2e-3)}
 def test_apex_flags_equal_reference_model(flags, autocast):
     from models.swin_transformer import SwinTransformer
     from test_fused_model import assert_flags_match_reference
-    model = SwinTransformer(**SMALL, **{f: True for f in flags}, kernel_backend='apex')
+    model = SwinTransformer(**SMALL, **{f: True for f in flags}, kernel_backend='apex').cuda()
     chosen = dict(model.ops.chosen)
     assert chosen.get('layer_norm', 'apex') == 'apex' and chosen.get('dense', 'apex') == 'apex'
     assert all(b == 'triton' for op, b in chosen.items() if op not in ('layer_norm', 'dense'))
+    explain = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64, device='cuda'))
+    assert explain.graph_break_count == 0, explain.break_reasons     # apex's ops are custom ops too
     rl, rg, atol = TOLERANCES[autocast]
     assert_flags_match_reference(SwinTransformer, SMALL, flags, lambda n, p: p.ndim == 1 or 'table' in n,
-                                 x_shape=(4, 3, 64, 64), rtol=(rl, rg), atol=atol, backend='apex', autocast=autocast)
+                                 x_shape=(4, 3, 64, 64), rtol=(rl, rg), atol=atol or 0., backend='apex',
+                                 autocast=autocast)
+
+
+@needs_apex
+def test_auto_takes_apex_dense_where_apex_is_importable():
+    """apex's dense measured faster than ours at Swin's shapes: auto picks it; triton stays ours."""
+    assert kernels.get_impl('dense', 'auto')[0] == 'apex'
+    assert kernels.get_impl('dense', 'triton')[0] == 'triton'
+    assert kernels.get_impl('layer_norm', 'auto')[0] == 'triton'
 
 
 @needs_apex
