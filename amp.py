@@ -76,10 +76,11 @@ class Precision:
         self._scaler.scale(loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
-             clip_grad: Optional[float]) -> torch.Tensor:
-        """Unscale, clip (norm over master grads), step, update the scale; returns the grad norm."""
+             clip_grad: Optional[float], hparams: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unscale, clip (norm over master grads), step, update the scale; returns the grad norm.
+        hparams: the fused optimizers' device copy of the groups' hyperparameters (CUDA graphs)."""
         if is_fused(optimizer):
-            return self._fused_step(optimizer, clip_grad)
+            return self._fused_step(optimizer, clip_grad, hparams)
         if self._pairs:
             # half grads -> fp32 master grads (still scaled), one foreach copy; the master grads
             # persist across steps (only the half model's grads are cleared).
@@ -105,14 +106,19 @@ class Precision:
                 torch._foreach_copy_([p for _, p in self._pairs], [pm for pm, _ in self._pairs])
         return norm
 
-    def _fused_step(self, optimizer, clip_grad: Optional[float]) -> torch.Tensor:
+    def grad_holders(self, optimizer) -> list:
+        """The tensors whose .grad a fused optimizer reads: the half model's parameters at O2,
+        else its own parameters."""
+        return [self._half_of[id(p)] for p in optimizer._params] if self._pairs else list(optimizer._params)
+
+    def _fused_step(self, optimizer, clip_grad: Optional[float], hparams: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Our fused optimizers fold unscaling, clipping, the inf/nan skip and (O2) the half-weight
         write into their own launches, with no host sync. The scale update reads their found_inf
         on the device, as GradScaler.update does."""
         scaler = self._scaler
         scale = scaler._scale if scaler.is_enabled() else None
         halves = [self._half_of[id(p)] for p in optimizer._params] if self._pairs else None
-        norm, found_inf = optimizer.fused_step(clip_grad, scale, grads_from=halves, write_to=halves)
+        norm, found_inf = optimizer.fused_step(clip_grad, scale, grads_from=halves, write_to=halves, hparams=hparams)
         if scale is not None:
             torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, found_inf, scaler._growth_factor,
                                      scaler._backoff_factor, scaler._growth_interval)

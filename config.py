@@ -149,6 +149,7 @@ _C.UNFUSED_MHA = False                # fused window attention (the seed fork's 
 _C.AMP_DTYPE = 'float16'              # 'float16' or 'bfloat16'
 _C.KERNEL_BACKEND = 'auto'            # 'auto', 'triton', 'apex', 'torch'
 _C.COMPILE = False                    # torch.compile the model
+_C.CUDA_GRAPH = False                 # capture the whole training step as a CUDA graph (cuda_graph.py)
 
 # ----------------------------------------------------------------------------- other keys of ours
 _C.EXTRA = CN()
@@ -269,6 +270,8 @@ def update_config(config: CN, args: Any) -> None:
         config.KERNEL_BACKEND = args.kernel_backend
     if _arg(args, 'compile'):
         config.COMPILE = True
+    if _arg(args, 'cuda_graph'):
+        config.CUDA_GRAPH = True
 
     # The old launcher passes --local_rank; torchrun sets LOCAL_RANK.
     local_rank = _arg(args, 'local_rank')

@@ -22,6 +22,7 @@ from timm.utils import AverageMeter, accuracy
 from amp import Precision
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
+from cuda_graph import GraphedTrainStep, check_cuda_graph_config
 from kernels import KernelUnavailable
 from kernels.optimizers import is_fused
 from logger import Scalars, create_logger
@@ -79,6 +80,9 @@ def parse_option(argv=None):
     p.add_argument('--kernel-backend', type=str, choices=list(KERNEL_BACKENDS),
                    help='implementation of the fused flags: auto, triton, apex or torch')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--cuda-graph', action='store_true', dest='cuda_graph',
+                   help='capture the whole training step as a CUDA graph (eager kernels, no compile; '
+                        'needs a fused optimizer)')
     args = p.parse_args(argv)
     return args, get_config(args)
 
@@ -175,6 +179,8 @@ def main(config, logger=None):
     if config.COMPILE:
         model = torch.compile(model, mode=config.EXTRA.COMPILE_MODE or None)
         logger.info(f"torch.compile, mode {config.EXTRA.COMPILE_MODE or 'default'}")
+    if config.CUDA_GRAPH and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        check_cuda_graph_config(config, device, optimizer, is_dist())      # refuse now, not after an epoch
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     # --eval / --throughput read no training split; the schedule is then built only to be resumed into.
@@ -224,12 +230,16 @@ def main(config, logger=None):
 
     if resumed_rng is not None:
         set_rng_state(resumed_rng)
+    graphed = None
+    if config.CUDA_GRAPH:
+        graphed = GraphedTrainStep(model, criterion, optimizer, precision, config.TRAIN.CLIP_GRAD)
+        logger.info(f'--cuda-graph: the training step is captured after {graphed.warmup} eager steps')
     logger.info('Start training')
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, config.TRAIN.EPOCHS):
         data_loader_train.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
-                                     lr_scheduler, precision, master, logger)
+                                     lr_scheduler, precision, master, logger, graphed)
         acc1, acc5, loss = validate(config, data_loader_val, model, precision, logger)
         for tag, value in (('train/loss', train_loss), ('train/lr', optimizer.param_groups[0]['lr']),
                            ('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):
@@ -254,9 +264,11 @@ def main(config, logger=None):
 
 
 def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mixup_fn, lr_scheduler,
-                    precision, master, logger):
+                    precision, master, logger, graphed=None):
+    """One epoch; `graphed` (--cuda-graph) runs each whole step as a replayed CUDA graph."""
     model.train()
-    precision.zero_grad(optimizer, model)
+    if graphed is None:       # a graphed step owns its gradients (allocated once, zeroed in the graph)
+        precision.zero_grad(optimizer, model)
     accum = config.TRAIN.ACCUMULATION_STEPS
     steps_per_epoch = len(data_loader) // accum
     num_batches = steps_per_epoch * accum     # leftover micro-batches are not carried over
@@ -294,33 +306,42 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         samples = precision.cast_input(samples)
-        update = (idx + 1) % accum == 0
-        # Non-final micro-steps accumulate locally: no all-reduce until the last one.
-        sync_ctx = model.no_sync() if (not update and hasattr(model, 'no_sync')) else contextlib.nullcontext()
-        with sync_ctx:
-            with precision.autocast():
-                outputs = model(samples)
-            loss = criterion(outputs.float(), targets)        # the loss in fp32 at every level
-            finite = torch.isfinite(loss.detach()).float().reshape(1)
-            if is_dist():                                      # every rank skips, or none does
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if lagged:
-                # The fused optimizers skip a non-finite step on the device: back-propagate now and
-                # read this loss on the host one step later, when the GPU is long past it.
-                precision.backward(loss / accum)
-                if pending is not None:
-                    settle(*pending)
-                pending = (idx, loss.detach(), finite, targets.size(0))
-            elif not settle(idx, loss, finite, targets.size(0)):   # the step's one host sync
+        if graphed is not None:
+            # forward, backward and the fused optimizer in one replay; the loss is read a step late
+            loss, finite, grad_norm = graphed(samples, targets)
+            if pending is not None:
+                settle(*pending)
+            pending = (idx, loss, finite, targets.size(0))
+            lr_scheduler.step_update(epoch * steps_per_epoch + idx + 1)
+            grad_norms.append(grad_norm)
+        else:
+            update = (idx + 1) % accum == 0
+            # Non-final micro-steps accumulate locally: no all-reduce until the last one.
+            sync_ctx = model.no_sync() if (not update and hasattr(model, 'no_sync')) else contextlib.nullcontext()
+            with sync_ctx:
+                with precision.autocast():
+                    outputs = model(samples)
+                loss = criterion(outputs.float(), targets)        # the loss in fp32 at every level
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                if is_dist():                                      # every rank skips, or none does
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if lagged:
+                    # The fused optimizers skip a non-finite step on the device: back-propagate now and
+                    # read this loss on the host one step later, when the GPU is long past it.
+                    precision.backward(loss / accum)
+                    if pending is not None:
+                        settle(*pending)
+                    pending = (idx, loss.detach(), finite, targets.size(0))
+                elif not settle(idx, loss, finite, targets.size(0)):   # the step's one host sync
+                    precision.zero_grad(optimizer, model)
+                    continue
+                else:
+                    precision.backward(loss / accum)
+            if update:
+                grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
                 precision.zero_grad(optimizer, model)
-                continue
-            else:
-                precision.backward(loss / accum)
-        if update:
-            grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
-            precision.zero_grad(optimizer, model)
-            lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
-            grad_norms.append(grad_norm.detach())              # read at print time: no sync here
+                lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
+                grad_norms.append(grad_norm.detach())              # read at print time: no sync here
         batch_time.update(time.time() - end)
         end = time.time()
         if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps

@@ -16,6 +16,7 @@ import torch
 from common import cuda_time_ms, environment, write_results
 
 from amp import Precision
+from cuda_graph import GraphedTrainStep
 from kernels._utils import apex_available
 from kernels.optimizers import FusedAdamW, build_apex_optimizer
 from models.swin_transformer import SwinTransformer
@@ -35,6 +36,7 @@ ALL_ADAM = dict(ALL, **ADAM)
 WP_LN = dict(fused_window_process=True, fused_layernorm=True)
 UNFOLDED = dict(fold=False)   # not a flag: keep the window shuffles out of the LayerNorm kernels
 CG = 'reduce-overhead'      # torch.compile with CUDA graphs
+GRAPH = 'graph'             # not torch.compile: the whole eager step captured (--cuda-graph, cuda_graph.py)
 # KERNEL_BACKEND apex (apex's LayerNorm, dense and FusedAdam; ours where apex has no op or not
 # upstream's math). The earlier fork's configuration, as close as current apex allows: every flag,
 # apex's op for each that has one, O2 master weights, apex's FusedAdam.
@@ -69,6 +71,8 @@ TRAIN = [
     ('all flags + --fused_adam + compile (CUDA graphs) unfolded, O2 bf16', dict(ALL_ADAM, **UNFOLDED), 'O2',
      'bfloat16', CG),
     ('--unfused_mha + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ATTN, **ADAM), 'O2', 'bfloat16', CG),
+    ('reference + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ADAM, 'O2', 'bfloat16', GRAPH),
+    ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
     ('apex: --fused_layernorm --fused_dense --fused_adam, O2 bf16', APEX_OPS, 'O2', 'bfloat16', False),
     ('ours: --fused_layernorm --fused_dense --fused_adam, O2 bf16', OURS_OPS, 'O2', 'bfloat16', False),
     ('apex: earlier fork config (all flags, apex ops where apex has one), O2 fp16', APEX_FORK, 'O2', 'float16',
@@ -108,8 +112,8 @@ def build(size, flags):
 
 
 def _compiled(model, compile_):
-    """compile_: False, True (default mode) or a torch.compile mode name."""
-    if not compile_:
+    """compile_: False, True (default mode) or a torch.compile mode name (GRAPH: not compiled)."""
+    if not compile_ or compile_ == GRAPH:
         return model
     return torch.compile(model) if compile_ is True else torch.compile(model, mode=compile_)
 
@@ -139,6 +143,10 @@ def train_row(size, name, flags, level, dtype, compile_, batch):
         precision.backward(loss)
         precision.step(optimizer, master.parameters(), 5.0)
         precision.zero_grad(optimizer, model)
+
+    if compile_ == GRAPH:
+        graphed = GraphedTrainStep(model, criterion, optimizer, precision, 5.0)
+        step = lambda: graphed(x, y)     # noqa: E731  (3 eager warm-up calls, then replays)
 
     t0 = time.time()
     step()                                   # compilation / autotune stays out of the timing
@@ -183,7 +191,8 @@ def main():
             continue
         if a.model == 'large' and name in TINY_ONLY and not a.only:
             continue
-        if (a.compiled == 'no' and compile_) or (a.compiled == 'only' and not compile_):
+        compiled = compile_ not in (False, GRAPH)
+        if (a.compiled == 'no' and compiled) or (a.compiled == 'only' and not compiled):
             continue
         if name.startswith('apex') and not apex_available('apex.optimizers'):
             continue          # apex not built here (python build_apex.py)

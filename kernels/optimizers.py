@@ -263,6 +263,7 @@ class _Launch:
         params = opt._params
         dev = opt._device
         self.key = key
+        self.grad_key, self.grad_tables = None, None     # the gradients' address tables, rebuilt when they move
         self.n = len(live)
         buckets: Dict[tuple, List[int]] = {}
         for pos, i in enumerate(live):
@@ -366,6 +367,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if k in st:
                     st[k] = st[k].to(p.dtype).contiguous()
 
+    def hparams_rows(self) -> torch.Tensor:
+        """(lr, weight decay, beta1, beta2) of every group, float64, in (pinned) host memory."""
+        return torch.tensor([[g['lr'], g['weight_decay'], g['betas'][0], g['betas'][1]] for g in self.param_groups],
+                            dtype=torch.float64, pin_memory=self._device.type == 'cuda')
+
     def steps(self) -> List[float]:
         """The step count of every parameter (a host sync; for checkpoints and tests)."""
         if self._steps is None:
@@ -386,7 +392,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def fused_step(self, clip_grad: Optional[float] = None, loss_scale: Optional[torch.Tensor] = None,
                    grads_from: Optional[Sequence[torch.Tensor]] = None,
-                   write_to: Optional[Sequence[torch.Tensor]] = None, want_norm: bool = True):
+                   write_to: Optional[Sequence[torch.Tensor]] = None, want_norm: bool = True,
+                   hparams: Optional[torch.Tensor] = None):
         """One step with unscaling, clipping and the non-finite check folded in.
 
         clip_grad: clip the global grad norm to this (clip_grad_norm_), None/0 for no clipping.
@@ -399,6 +406,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             max_grad_norm needs it (for the log). Without any of them the gradient pass is skipped
             (plain optimizer.step(): 28 bytes/parameter instead of 32, like torch's fused AdamW;
             the returned norm is then 0 and non-finite gradients are not checked, as in torch).
+        hparams: a float64 [groups, 4] device tensor of (lr, weight decay, beta1, beta2) per group
+            (see `hparams_rows`) that the caller keeps up to date; by default they are copied from the
+            param groups at every call. A captured CUDA graph needs the former: a copy made during
+            capture would replay the captured values forever.
         Returns (grad norm, found_inf) as device tensors: no host sync.
         """
         self._init_state()
@@ -412,9 +423,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f'{type(self).__name__} needs dense contiguous gradients')
         outs = [write_to[i] for i in live] if write_to is not None else None
         groups = self.param_groups
-        hparams = torch.tensor([[g['lr'], g['weight_decay'], g['betas'][0], g['betas'][1]] for g in groups],
-                               dtype=torch.float64, pin_memory=self._device.type == 'cuda')
-        hparams = hparams.to(self._device, non_blocking=True)
+        if hparams is None:
+            hparams = self.hparams_rows().to(self._device, non_blocking=True)
         eps = groups[0]['eps']
         beta1, beta2 = groups[0]['betas']
         if any(g['eps'] != eps or tuple(g['betas']) != (beta1, beta2) for g in groups):
@@ -435,10 +445,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         check_triton_device(*grads)
         # [grad multiplier (NaN: skip), grad norm, found_inf]; fresh each step: callers keep the norm
         out = torch.empty(3, dtype=torch.float32, device=self._device)
-        grad_tables = []
-        for b in L.buckets:
-            gp = _addresses([grads[pos] for pos in b['positions']], self._device)
-            grad_tables.append(gp)
+        grad_key = tuple(g.data_ptr() for g in grads)
+        if L.grad_key != grad_key:       # same gradient tensors as last step: reuse their address tables
+            L.grad_tables = [_addresses([grads[pos] for pos in b['positions']], self._device) for b in L.buckets]
+            L.grad_key = grad_key
+        grad_tables = L.grad_tables
+        for b, gp in zip(L.buckets, grad_tables):
             if need_norm:
                 _grad_sumsq_kernel[(b['n_chunks'],)](
                     gp, b['numel'], b['chunk_tensor'], b['chunk_index'], L.partials[b['partial_offset']:],

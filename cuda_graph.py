@@ -1,0 +1,112 @@
+"""--cuda-graph (config CUDA_GRAPH): the whole training step as one CUDA graph, without torch.compile.
+
+An eager Swin step launches about a thousand kernels, each costing host time (Python, autograd,
+Triton's argument binding); on a fast GPU the host, not the GPU, sets the pace. Here the step
+(zero the gradients, forward, loss, backward, the fused optimizer with unscale / clip / inf skip /
+the O2 half-weight write, the loss-scale update) is captured once and then replayed with one launch,
+running the same kernels in the same order: the same math as the eager step.
+
+The rules that make that true:
+- static shapes: inputs and targets are copied into fixed buffers; a batch of another shape is
+  run eagerly once and then captured again;
+- the gradients are allocated once and zeroed inside the graph (never set to None), so every
+  replay writes the same memory the optimizer's address tables point to;
+- the learning rate and weight decay change every step: they reach the optimizer through a device
+  tensor that is refreshed before each replay, never as values frozen at capture;
+- dropout / drop-path draw from torch's CUDA generator, which advances on every replay as it would
+  in eager steps;
+- the first WARMUP steps run eagerly (lazy initialisation: Triton compiles, cuBLAS handles, the
+  optimizer's state and tables) on a side stream, as capture requires; they are real training steps;
+- mixup/cutmix, the host-side sampling of the loader and the loss read-back stay outside the graph.
+
+Needs a fused optimizer (--fused_adam or --optim fused_lamb: they never sync the host) and a CUDA
+device; gradient accumulation, DDP and --compile are refused with the reason (the first two are not
+implemented yet, and --compile has its own CUDA graphs: EXTRA.COMPILE_MODE reduce-overhead).
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from config import ConfigError
+from kernels.optimizers import is_fused
+
+WARMUP = 3      # eager steps before the capture (and after a shape change: 1)
+
+
+def check_cuda_graph_config(config, device: torch.device, optimizer, distributed: bool) -> None:
+    """Refuse, at start and with the reason, what a captured step cannot do."""
+    why = None
+    if device.type != 'cuda':
+        why = 'needs a CUDA GPU'
+    elif not is_fused(optimizer):
+        why = ('needs a fused optimizer that never syncs the host: add --fused_adam '
+               '(or --optim fused_lamb)')
+    elif config.TRAIN.ACCUMULATION_STEPS > 1:
+        why = 'does not support TRAIN.ACCUMULATION_STEPS > 1 yet: use --accumulation-steps 1'
+    elif distributed:
+        why = 'does not support DDP yet: run without it on one GPU, or use --compile on several'
+    elif config.COMPILE:
+        why = ('and --compile are two ways to the same end: use one (--compile with '
+               'EXTRA.COMPILE_MODE reduce-overhead captures CUDA graphs of its own)')
+    if why:
+        raise ConfigError(f'--cuda-graph {why}')
+
+
+class GraphedTrainStep:
+    """step(x, y) -> (loss, finite, grad norm) as fresh device tensors (no host sync), one whole
+    training step, captured after WARMUP eager steps and replayed from then on."""
+
+    def __init__(self, model: torch.nn.Module, criterion: Callable, optimizer, precision,
+                 clip_grad: Optional[float], warmup: int = WARMUP):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.precision, self.clip_grad, self.warmup = precision, clip_grad, warmup
+        self.graph = None
+        self.eager_left = warmup
+        self.shapes = None
+        self.captures = 0               # how many times a graph was captured (tests, log)
+        holders = precision.grad_holders(optimizer)
+        self.device = holders[0].device
+        for p in holders:               # gradients live for the whole run: allocated once, zeroed in-graph
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in holders]
+        self.hparams = torch.empty((len(optimizer.param_groups), 4), dtype=torch.float64, device=self.device)
+        self.side = torch.cuda.Stream(self.device)
+
+    def _step(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step itself, on the static buffers: what is captured, and what warm-up runs."""
+        torch._foreach_zero_(self.grads)
+        with self.precision.autocast():
+            out = self.model(self.x)
+        loss = self.criterion(out.float(), self.y)
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        self.precision.backward(loss)
+        norm = self.precision.step(self.optimizer, None, self.clip_grad, hparams=self.hparams)
+        return loss.detach(), finite, norm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        shapes = (x.shape, x.dtype, y.shape, y.dtype)
+        if shapes != self.shapes:             # first call, or a batch of another shape: start over
+            self.graph, self.shapes = None, shapes
+            self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+            self.eager_left = max(self.eager_left, 1)
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        # this step's hyperparameters, ordered before the step on the stream that runs it
+        self.hparams.copy_(self.optimizer.hparams_rows(), non_blocking=True)
+        if self.graph is None and self.eager_left > 0:
+            self.eager_left -= 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                result = self._step()
+            torch.cuda.current_stream().wait_stream(self.side)
+            return tuple(t.clone() for t in result)
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            # thread_local: the input pipeline's threads may use CUDA while this thread captures
+            with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
+                self.out = self._step()
+            self.captures += 1
+        self.graph.replay()
+        return tuple(t.clone() for t in self.out)    # the next replay overwrites the static outputs

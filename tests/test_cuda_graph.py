@@ -1,0 +1,130 @@
+"""--cuda-graph: the captured whole step against the eager step (same losses, gradients' effects and
+weights after N steps, with drop-path, changing learning rates, the fp16 loss scale, O2 master
+weights and a batch-shape change), main.py with it, and its refusals."""
+import argparse
+import os
+
+import pytest
+import torch
+
+from config import ConfigError, get_config
+from cuda_graph import GraphedTrainStep, check_cuda_graph_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs/swin/swin_tiny_patch4_window7_224.yaml')
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+
+
+def _config(*opts):
+    return get_config(argparse.Namespace(cfg=TINY, opts=list(opts) or None))
+
+
+def test_refusals_name_the_reason():
+    from kernels.optimizers import FusedAdamW
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    fused, plain = FusedAdamW(p, backend='torch'), torch.optim.AdamW(p)
+    cuda = torch.device('cuda')
+    cases = [(_config(), torch.device('cpu'), fused, False, 'needs a CUDA GPU'),
+             (_config(), cuda, plain, False, '--fused_adam'),
+             (_config('TRAIN.ACCUMULATION_STEPS', '2'), cuda, fused, False, 'ACCUMULATION_STEPS'),
+             (_config(), cuda, fused, True, 'DDP'),
+             (_config('COMPILE', 'True'), cuda, fused, False, 'reduce-overhead')]
+    for config, device, opt, dist, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            check_cuda_graph_config(config, device, opt, dist)
+    check_cuda_graph_config(_config(), cuda, fused, False)      # what it accepts
+
+
+def test_main_refuses_cuda_graph_on_the_cpu(demo_data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('the CPU case')
+    from test_train import DEMO_CFG, FAST, run_main
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--cuda-graph',
+                    '--fused_adam', '--opts', 'TRAIN.EPOCHS', '1'] + FAST, expect_ok=False)
+    assert 'error: --cuda-graph needs a CUDA GPU' in out and 'Traceback' not in out
+
+
+def _run(level, dtype, graphed, batches, flags):
+    """N training steps of a small Swin from fixed weights; -> (losses, grad norms, master weights)."""
+    from amp import Precision
+    from kernels.optimizers import FusedAdamW
+    from models.swin_transformer import SwinTransformer
+    from optimizer import param_groups
+    torch.manual_seed(0)
+    precision = Precision(level, dtype, torch.device('cuda'))
+    model = SwinTransformer(img_size=64, patch_size=4, embed_dim=48, depths=(2, 2), num_heads=(3, 6), window_size=4,
+                            num_classes=10, drop_path_rate=0.3, **flags).cuda()
+    model, master = precision.prepare(model)
+    optimizer = FusedAdamW(param_groups(master, 0.05), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    model.train()
+    torch.manual_seed(1)          # the same drop-path draws from here on, in both runs
+    step = GraphedTrainStep(model, criterion, optimizer, precision, 5.0) if graphed else None
+    losses, norms = [], []
+    for i, (x, y) in enumerate(batches):
+        for g in optimizer.param_groups:          # a schedule: the rate changes every step
+            g['lr'] = 1e-3 * (1 + i) / len(batches)
+        x = precision.cast_input(x)
+        if graphed:
+            loss, _, norm = step(x, y)
+        else:
+            precision.zero_grad(optimizer, model)
+            with precision.autocast():
+                out = model(x)
+            loss = criterion(out.float(), y)
+            precision.backward(loss)
+            norm = precision.step(optimizer, master.parameters(), 5.0)
+        losses.append(loss.item())
+        norms.append(float(norm))
+    return losses, norms, [p.detach().clone() for p in master.parameters()], step
+
+
+def _batches(n, sizes=None):
+    g = torch.Generator().manual_seed(2)
+    sizes = sizes or [8] * n
+    return [(torch.randn(b, 3, 64, 64, generator=g).cuda(), torch.randint(0, 10, (b,), generator=g).cuda())
+            for b in sizes]
+
+
+@needs_cuda
+@pytest.mark.parametrize('level,dtype', [('O2', 'bfloat16'), ('O1', 'float16'), ('O0', 'float16')])
+@pytest.mark.parametrize('fused', [False, True], ids=['reference ops', 'all flags'])
+def test_graphed_step_equals_eager_steps(level, dtype, fused):
+    """8 steps: 3 eager warm-up steps, then the captured graph replayed 5 times, against 8 eager
+    steps: identical losses, grad norms and master weights (the same kernels in the same order)."""
+    flags = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True) if fused else {}
+    batches = _batches(8)
+    eager = _run(level, dtype, False, batches, flags)
+    graphed = _run(level, dtype, True, batches, flags)
+    assert graphed[3].captures == 1 and graphed[3].graph is not None
+    assert graphed[0] == eager[0], (graphed[0], eager[0])
+    assert graphed[1] == eager[1]
+    for a, b in zip(graphed[2], eager[2]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_a_new_batch_shape_is_captured_again():
+    sizes = [8, 8, 8, 8, 8, 6, 6, 6, 8, 8]
+    batches = _batches(len(sizes), sizes)
+    eager = _run('O2', 'bfloat16', False, batches, {})
+    graphed = _run('O2', 'bfloat16', True, batches, {})
+    assert graphed[3].captures == 3        # 8, then 6 (after one eager step), then 8 again
+    assert graphed[0] == eager[0]
+    for a, b in zip(graphed[2], eager[2]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_main_with_cuda_graph_trains_like_eager(demo_data, tmp_path):
+    from test_train import DEMO_CFG, FAST, epoch_losses, run_main
+    base = ['--cfg', DEMO_CFG, '--data-path', demo_data, '--fused_adam', '--fused_layernorm',
+            '--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16']
+    opts = ['--opts', 'TRAIN.EPOCHS', '2'] + FAST
+    eager = run_main(base + ['--output', str(tmp_path / 'eager')] + opts)
+    graphed = run_main(base + ['--output', str(tmp_path / 'graph'), '--cuda-graph'] + opts)
+    assert 'captured after' in graphed
+    le, lg = epoch_losses(eager), epoch_losses(graphed)
+    assert set(le) == set(lg) == {0, 1}
+    for e in le:
+        assert abs(float(le[e]) - float(lg[e])) <= 1e-4 * abs(float(le[e])), (le, lg)
