@@ -23,6 +23,14 @@ in registers (or, when the queries span several blocks, in its own slice of a gl
 the groups are then summed by torch, and dB is scattered to the table by a fixed one-hot
 matmul (no float atomics anywhere).
 
+Swin V2's scaled cosine attention (`cosine_window_attention`) runs through the same kernel: its
+differences from V1 are parameters of the inputs, not of the kernel. Per head h with
+tau_h = exp(min(logit_scale_h, log 100)):
+  S = tau_h * normalize(q) normalize(k)^T + 16 sigmoid(T)[index] + M
+so q is replaced by tau_h * normalize(q), k by normalize(k), the table by 16 sigmoid(T), and the
+kernel runs with scale 1. Those three are PyTorch ops (one pass over q and k, fused by inductor
+under --compile); their backward -- to q, k, logit_scale (zero where clamped) and T -- is autograd's.
+
 Limits: N <= 256 (windows up to 16), head_dim 16..128; fp32/fp16/bf16 with fp32 accumulation
 (fp32 inputs use IEEE fp32 products, not TF32: the flag never changes the math); no attention
 dropout (rejected at model build). Offsets are int64 and the grid is 1-D (no 65535 limit).
@@ -352,6 +360,40 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor
     if torch.compiler.is_compiling():
         return _fwd_op(qkv, table, index, mask, num_heads, float(scale))[0]
     return _WindowAttention.apply(qkv, table, index, mask, num_heads, float(scale))
+
+
+# ----------------------------------------------------------------------------- Swin V2
+LOGIT_SCALE_MAX = 4.605170185988092     # log(100): exp(logit_scale) is clamped at 100
+
+
+def cosine_window_attention_ref(qkv: torch.Tensor, logit_scale: torch.Tensor, table: torch.Tensor,
+                                index: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int) -> torch.Tensor:
+    """Swin V2's attention, upstream's math op for op; table is the cpb MLP's raw output
+    [(2w-1)^2, heads], logit_scale [heads, 1, 1]: [B_, N, 3C] -> [B_, N, C]."""
+    B_, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B_, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    attn = attn * torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp()
+    attn = attn + 16 * torch.sigmoid(table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)).unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        attn = (attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, N, N)
+    return (attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C3 // 3)
+
+
+def cosine_window_attention(qkv: torch.Tensor, logit_scale: torch.Tensor, table: torch.Tensor,
+                            index: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int,
+                            attention=None) -> torch.Tensor:
+    """Swin V2's attention through a V1 attention implementation (`attention`: the fused kernel by
+    default, or window_attention_ref): the cosine normalisation and per-head scale go into q and k,
+    16 sigmoid(.) into the table (see the module docstring)."""
+    B_, N, C3 = qkv.shape
+    q, k, v = qkv.view(B_, N, 3, num_heads, C3 // 3 // num_heads).unbind(2)        # B_, N, heads, d
+    tau = torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp().view(num_heads, 1)
+    q = (F.normalize(q.float(), dim=-1) * tau).to(qkv.dtype)
+    k = F.normalize(k.float(), dim=-1).to(qkv.dtype)
+    qkv = torch.stack((q, k, v), dim=2).view(B_, N, C3)
+    return (attention or window_attention)(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0)
 
 
 # apex has no matching op: 'apex' uses ours.

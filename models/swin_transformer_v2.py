@@ -11,8 +11,9 @@ What differs from V1 (models/swin_transformer.py, whose helpers this file reuses
 
 Read top-down: attention -> block -> merging -> stage -> model. Fused ops come from the same
 `kernels.Ops` bundle as V1's: --fused_window_process (shift + partition, merge + shift),
---fused_layernorm (every LayerNorm), --fused_dense, --fused_mlp. --unfused_mha has no kernel for
-the cosine attention yet and is refused at build with that reason.
+--fused_layernorm (every LayerNorm), --fused_dense, --fused_mlp, and --unfused_mha: V1's fused
+attention kernel with the cosine normalisation and per-head scale folded into q and k
+(kernels/window_attention.py, `cosine_window_attention`); windows up to 16.
 """
 import math
 from typing import Optional, Sequence
@@ -24,6 +25,7 @@ import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath
 
 import kernels
+from kernels.window_attention import cosine_window_attention
 
 from .swin_transformer import Mlp, SwinBackbone, relative_position_index, shifted_window_mask
 
@@ -79,6 +81,9 @@ class WindowAttentionV2(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.softmax = nn.Softmax(dim=-1)
         self.ops = ops or kernels.Ops()
+        if self.ops.window_attention is not None and attn_drop > 0:
+            raise ValueError(f"--unfused_mha (fused window attention) needs attention dropout 0, "
+                             f"got {attn_drop}: turn the flag off or the dropout off")
 
     def relative_position_bias(self) -> torch.Tensor:
         """[heads, N, N]: 16 * sigmoid of the cpb MLP's table, gathered by the relative index."""
@@ -94,6 +99,11 @@ class WindowAttentionV2(nn.Module):
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = self.ops.linear(x, self.qkv.weight, qkv_bias)              # B*nW, N, 3C
+        if self.ops.window_attention is not None:     # --unfused_mha: V1's kernel with V2's inputs
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)      # once per step
+            x = cosine_window_attention(qkv, self.logit_scale, table, self.relative_position_index, mask,
+                                        self.num_heads, attention=self.ops.window_attention)
+            return self.proj_drop(self.ops.linear(x, self.proj.weight, self.proj.bias))
         qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]                                  # B*nW, heads, N, hd
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)   # B*nW, heads, N, N
@@ -261,8 +271,8 @@ class SwinTransformerV2(SwinBackbone):
     """Swin Transformer V2, keyword-compatible with upstream's class.
 
     Our keyword switches (all off by default): `fused_window_process`, `fused_layernorm`,
-    `fused_mlp`, `fused_dense`, resolved through `kernels` for `kernel_backend`. `fused_attention`
-    (--unfused_mha) is refused: no cosine-attention kernel exists yet.
+    `fused_mlp`, `fused_dense`, `fused_attention` (--unfused_mha; windows up to 16), resolved through
+    `kernels` for `kernel_backend`.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -276,12 +286,13 @@ class SwinTransformerV2(SwinBackbone):
         super().__init__()
         if kwargs:
             raise TypeError(f'SwinTransformerV2 got unknown keyword arguments: {sorted(kwargs)}')
-        if fused_attention:
-            raise kernels.KernelUnavailable(
-                '--unfused_mha: no fused kernel for Swin V2\'s scaled cosine attention exists yet; '
-                'turn the flag off for MODEL.TYPE swinv2 (the other flags apply)')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
-                                     dense=fused_dense, backend=kernel_backend, tf32=tf32)
+                                     dense=fused_dense, window_attention=fused_attention, backend=kernel_backend,
+                                     tf32=tf32)
+        if dict(self.ops.chosen).get('window_attention', 'torch') != 'torch' and window_size ** 2 > 256:
+            raise kernels.KernelUnavailable(
+                f'--unfused_mha: the fused window attention holds windows of up to 16x16 tokens, this model\'s '
+                f'are {window_size}x{window_size}: turn the flag off for this config (the other flags apply)')
         self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
                          mlp_ratio, num_classes)
         self.layers = nn.ModuleList([

@@ -108,8 +108,8 @@ def test_no_graph_breaks_swinv2_and_swin_mlp_with_their_flags():
     small = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
                  num_classes=10, fused_window_process=True, fused_layernorm=True, fused_mlp=True, fused_dense=True,
                  kernel_backend='triton')
-    for cls in (SwinTransformerV2, SwinMLP):
-        model = cls(**small).to(DEVICE)
+    for cls, extra in ((SwinTransformerV2, dict(fused_attention=True)), (SwinMLP, {})):
+        model = cls(**small, **extra).to(DEVICE)
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=DEVICE))
         assert explanation.graph_break_count == 0, (cls.__name__, explanation.break_reasons)

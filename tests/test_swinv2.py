@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import DEVICE, ROOT
+from models.swin_transformer import relative_position_index, shifted_window_mask
 from models.swin_transformer_v2 import SwinTransformerV2, relative_coords_table
 from test_train import DEMO_CFG, FAST, epoch_losses, result, run_main
 
@@ -64,7 +65,7 @@ def test_relative_coords_table_math():
     assert torch.allclose(t12[0, 0, 0], torch.full((2,), -torch.log2(torch.tensor(15 / 11 * 8 + 1)) / 3))
 
 
-FLAGS = ['fused_window_process', 'fused_layernorm', 'fused_mlp', 'fused_dense']
+FLAGS = ['fused_window_process', 'fused_attention', 'fused_layernorm', 'fused_mlp', 'fused_dense']
 
 
 @pytest.mark.parametrize('flags', [[f] for f in FLAGS] + [FLAGS], ids=lambda f: '+'.join(f))
@@ -76,15 +77,59 @@ def test_fused_flags_equal_reference(flags):
     fused = SwinTransformerV2(**small, **{f: True for f in flags}, kernel_backend='triton')
     assert {op for op, b in fused.ops.chosen if b == 'triton'} >= {
         {'fused_window_process': 'window_process', 'fused_layernorm': 'layer_norm', 'fused_mlp': 'mlp',
-         'fused_dense': 'dense'}[f] for f in flags}
+         'fused_dense': 'dense', 'fused_attention': 'window_attention'}[f] for f in flags}
     # V2's post-norms start at zero (every block the identity): perturb them, the biases, logit scales, cpb MLP
     assert_flags_match_reference(SwinTransformerV2, small, flags,
                                  lambda n, p: p.ndim == 1 or 'logit_scale' in n or 'cpb_mlp' in n, rtol=(1e-4, 1e-3))
 
-def test_fused_attention_is_refused_with_the_reason():
+def test_fused_attention_refuses_what_the_kernel_cannot_hold():
     from kernels import KernelUnavailable
-    with pytest.raises(KernelUnavailable, match='cosine attention'):
-        SwinTransformerV2(**SMALL, fused_attention=True)
+    with pytest.raises(KernelUnavailable, match='windows of up to 16x16.*24x24'):
+        SwinTransformerV2(**dict(SMALL, img_size=96, patch_size=4, window_size=24, depths=(2,), num_heads=(2,)),
+                          fused_attention=True, kernel_backend='triton')
+    with pytest.raises(ValueError, match='attention dropout 0'):
+        SwinTransformerV2(**SMALL, fused_attention=True, attn_drop_rate=0.1, kernel_backend='triton')
+
+
+# (batch, window, heads, head_dim, shifted); window 16 and head_dim 128 on the GPU only (interpreter time)
+COSINE_CASES = [(2, 8, 2, 32, True), (1, 12, 2, 64, False), (1, 12, 3, 32, True), (1, 4, 2, 48, True)]
+GPU_COSINE_CASES = [(2, 16, 4, 32, True), (2, 8, 2, 128, True), (4, 12, 4, 64, True)]
+COSINE_TOL = {torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize('dtype', list(COSINE_TOL), ids=str)
+@pytest.mark.parametrize('case', COSINE_CASES + (GPU_COSINE_CASES if DEVICE == 'cuda' else []), ids=str)
+def test_cosine_attention_kernel_matches_float64(case, dtype):
+    """--unfused_mha on V2: the fused kernel with V2's inputs against upstream's math in float64,
+    forward and the gradients of qkv, logit_scale (one head clamped at log 100: zero gradient) and
+    the cpb table (through 16 sigmoid)."""
+    from kernels import window_attention as wa
+    batch, window, heads, d, shifted = case
+    g = torch.Generator().manual_seed(window * 100 + d)
+    N, C, nW = window * window, heads * d, 4
+    qkv = torch.randn(batch * nW, N, 3 * C, generator=g, dtype=torch.float64)
+    logit_scale = torch.log(10 * torch.ones(heads, 1, 1, dtype=torch.float64)) + torch.randn(heads, 1, 1, generator=g,
+                                                                                            dtype=torch.float64)
+    logit_scale[0] = 5.0                                                  # above log(100): clamped
+    table = torch.randn((2 * window - 1) ** 2, heads, generator=g, dtype=torch.float64)
+    index = relative_position_index(window)
+    mask = shifted_window_mask(2 * window, 2 * window, window, window // 2).double() if shifted else None
+    dout = torch.randn(batch * nW, N, C, generator=g, dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (qkv, logit_scale, table)]
+    ref = wa.cosine_window_attention_ref(ref_in[0], ref_in[1], ref_in[2], index, mask, heads)
+    ref.backward(dout)
+    got_in = [qkv.to(DEVICE, dtype).requires_grad_(), logit_scale.float().to(DEVICE).requires_grad_(),
+              table.float().to(DEVICE).requires_grad_()]
+    out = wa.cosine_window_attention(got_in[0], got_in[1], got_in[2], index.to(DEVICE),
+                                     mask.float().to(DEVICE) if mask is not None else None, heads)
+    assert out.dtype == dtype
+    out.backward(dout.to(DEVICE, dtype))
+    tol = COSINE_TOL[dtype]
+    rel = lambda a, b: ((a.double().cpu() - b).norm() / b.norm()).item()      # noqa: E731
+    assert rel(out, ref) < tol, ('out', rel(out, ref))
+    for name, a, b in zip(('qkv', 'logit_scale', 'table'), got_in, ref_in):
+        assert rel(a.grad, b.grad) < 4 * tol, (name, rel(a.grad, b.grad))
+    assert got_in[1].grad[0].item() == 0 and ref_in[1].grad[0].item() == 0
 
 
 def test_pretrained_across_windows_and_22k_head(tmp_path):
@@ -140,6 +185,6 @@ def test_main_trains_resumes_and_evaluates_v2(demo_data, tmp_path):
     out = run_main(base + ['--output', str(tmp_path / 'c'), '--eval', '--resume', str(run_dir / 'ckpt_best.pth'),
                            '--opts'] + V2_OPTS + FAST)
     assert 0 <= result(out)['acc1'] <= 100
-    out = run_main(base + ['--output', str(tmp_path / 'd'), '--unfused_mha', '--opts'] + V2_OPTS + FAST,
-                   expect_ok=False)
-    assert 'error: --unfused_mha' in out and 'cosine attention' in out and 'Traceback' not in out
+    out = run_main(base + ['--output', str(tmp_path / 'd'), '--unfused_mha', '--opts', 'TRAIN.EPOCHS', '1']
+                   + V2_OPTS + FAST)     # V2's cosine attention through the fused-attention path
+    assert 'window_attention=' in out and set(epoch_losses(out)) == {0}
