@@ -23,7 +23,8 @@ import torch
 from . import dense, layer_norm, mlp, window_attention, window_process
 from ._utils import apex_available, triton_available, triton_interpret
 from .dense import dense_ref
-from .layer_norm import add_layer_norm_ref, layer_norm_partition_ref, layer_norm_ref, merge_add_layer_norm_ref
+from .layer_norm import (add_layer_norm_ref, layer_norm_partition_ref, layer_norm_ref, merge_add_layer_norm_ref,
+                         merge_post_norm_add_ref)
 from .window_process import window_merge_ref, window_partition_ref
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ OPS = {
                             apex_note='apex has no residual add + drop-path + LayerNorm op'),
     'norm_partition': Entry(layer_norm.PARTITION_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     'merge_add_norm': Entry(layer_norm.MERGE_ADD_IMPLS, ('--fused_layernorm', '--fused_window_process')),
+    # Swin V2's post-norm residuals (resolved only for models that ask: build_ops(post_norm=True))
+    'post_norm_add': Entry(layer_norm.POST_IMPLS, ('--fused_layernorm',),
+                           apex_note='apex has no LayerNorm + drop-path + residual add op'),
+    'merge_post_norm_add': Entry(layer_norm.MERGE_POST_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     'mlp': Entry(mlp.IMPLS, ('--fused_mlp',),
                  apex_note="apex's fused MLP (FusedDenseGeluDense) uses the tanh GELU, not upstream's exact GELU"),
     'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE, auto_prefers_apex=True),
@@ -116,28 +121,35 @@ class Ops:
     # kernel each where --fused_layernorm and --fused_window_process both run on Triton
     norm_partition: Callable = layer_norm_partition_ref
     merge_add_norm: Callable = merge_add_layer_norm_ref
+    # V2's `shortcut + drop_path(norm(branch))` as one kernel (and with the window merge folded in):
+    # None where --fused_layernorm does not run our kernels (the model then runs upstream's ops)
+    post_norm_add: Optional[Callable] = None
+    merge_post_norm_add: Optional[Callable] = None
     chosen: tuple = ()                            # (op, backend) pairs, for the log
 
 
 def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool = False,
               dense: bool = False, window_attention: bool = False, backend: str = 'auto',
-              fold_window_norm: bool = True, tf32: bool = False) -> Ops:
+              fold_window_norm: bool = True, tf32: bool = False, post_norm: bool = False) -> Ops:
     """Resolve every requested fused op once; log the choice; fail early and clearly.
 
     fold_window_norm: where --fused_window_process and --fused_layernorm both run on Triton, fold
     the window shuffles into the LayerNorm kernels (the math is the same either way; only the
     benchmarks turn it off, to measure what the fold buys). tf32: whether our fp32 GEMMs may use
-    TF32, as the reference path's cuBLAS calls may (config EXTRA.TF32; off, as in PyTorch)."""
+    TF32, as the reference path's cuBLAS calls may (config EXTRA.TF32; off, as in PyTorch).
+    post_norm: the model has res-post-norm blocks (Swin V2): resolve the post-norm forms too."""
     on = {'--fused_window_process': window_process, '--unfused_mha': window_attention,
           '--fused_layernorm': layer_norm, '--fused_mlp': mlp, '--fused_dense': dense}
-    found = {op: get_impl(op, backend) for op, entry in OPS.items() if all(on[f] for f in entry.flags)}
+    post_ops = ('post_norm_add', 'merge_post_norm_add')
+    found = {op: get_impl(op, backend) for op, entry in OPS.items()
+             if all(on[f] for f in entry.flags) and (post_norm or op not in post_ops)}
     ops = Ops()
     for op, (b, impl) in found.items():
         if op == 'window_process':
             ops.window_partition, ops.window_merge = impl
         elif op in ('mlp', 'dense') and b == 'triton':
             setattr(ops, 'linear' if op == 'dense' else op, functools.partial(impl, tf32=tf32))
-        elif op not in ('norm_partition', 'merge_add_norm'):
+        elif op not in ('norm_partition', 'merge_add_norm') + post_ops:
             setattr(ops, 'linear' if op == 'dense' else op, impl)
     # the window-layout LayerNorms run where both of their flags run our kernels (and the
     # benchmarks have not turned the fold off); otherwise the two chosen ops are composed
@@ -151,6 +163,18 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
                                                window_partition=ops.window_partition)
         ops.merge_add_norm = functools.partial(merge_add_layer_norm_ref, add_layer_norm=ops.add_layer_norm,
                                                window_merge=ops.window_merge)
+    # the post-norm forms: ours where --fused_layernorm runs our kernels; the merge folded in where
+    # --fused_window_process does too
+    if found.get('post_norm_add', ('',))[0] == 'triton' and found.get('layer_norm', ('',))[0] == 'triton':
+        ops.post_norm_add = found['post_norm_add'][1]
+        if fold and 'merge_post_norm_add' in found:
+            ops.merge_post_norm_add = found['merge_post_norm_add'][1]
+        else:
+            found.pop('merge_post_norm_add', None)
+            ops.merge_post_norm_add = functools.partial(merge_post_norm_add_ref, post_norm_add=ops.post_norm_add,
+                                                        window_merge=ops.window_merge)
+    else:
+        found.pop('post_norm_add', None), found.pop('merge_post_norm_add', None)
     ops.chosen = tuple((op, b) for op, (b, _) in found.items())
     if ops.chosen:
         logger.info('fused ops: ' + ', '.join(f'{op}={b}' for op, b in ops.chosen))

@@ -45,6 +45,13 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def post_norm_add_ref(shortcut: torch.Tensor, branch: torch.Tensor, scale, weight: torch.Tensor,
+                      bias: torch.Tensor, eps: float = 1e-5, layer_norm=layer_norm_ref) -> torch.Tensor:
+    """Swin V2's res-post-norm residual: shortcut + LayerNorm(branch) * scale (scale [B, 1, ...] or None)."""
+    y = layer_norm(branch, weight, bias, eps)
+    return shortcut + (y * scale.to(y.dtype) if scale is not None else y)
+
+
 def add_layer_norm_ref(shortcut: torch.Tensor, branch: torch.Tensor, scale, weight: torch.Tensor,
                        bias: torch.Tensor, eps: float = 1e-5):
     """-> (h, y): h = shortcut + branch * scale (scale [B, 1, ...] or None), y = LayerNorm(h)."""
@@ -62,12 +69,15 @@ if triton_available():
     @triton.jit
     def _layer_norm_fwd_kernel(x_ptr, res_ptr, scale_ptr, h_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                                M, C, rows_per_sample, eps, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               POST: tl.constexpr,
                                WINDOWED: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr,
                                SHIFT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         """y = LayerNorm(x); with HAS_RESIDUAL, x is the branch and h = res + x * scale[row's sample]
-        is written to h_ptr and normalised. Rows are tokens of a [B, H, W] map; with WINDOWED the
-        attention side is in window layout (shift SHIFT): y is written there (norm1 + partition),
-        or, with HAS_RESIDUAL, the branch is read from there (merge + residual + norm2)."""
+        is written to h_ptr and normalised (pre-norm, V1). With POST, x is the branch and
+        h = res + LayerNorm(x) * scale is written to h_ptr, y only giving its dtype (post-norm, V2).
+        Rows are tokens of a [B, H, W] map; with WINDOWED the attention side is in window layout
+        (shift SHIFT): y is written there (norm1 + partition), or, with HAS_RESIDUAL or POST, the
+        branch is read from there (merge + residual + norm2; merge + norm1 + residual)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < M
@@ -79,7 +89,7 @@ if triton_available():
             win_off = win_rows[:, None] * C + cols[None, :]
         else:
             win_off = off
-        if HAS_RESIDUAL:
+        if HAS_RESIDUAL or POST:
             x = tl.load(x_ptr + win_off, mask=ok, other=0.).to(tl.float32)
         else:
             x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
@@ -96,7 +106,14 @@ if triton_available():
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.).to(tl.float32)
         y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        if HAS_RESIDUAL:
+        if POST:   # rounded as the unfused ops round: norm's output, then `* scale`, then the add
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
+                y = (y * s[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+            h = tl.load(res_ptr + off, mask=ok, other=0.).to(tl.float32) + y
+            tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+        elif HAS_RESIDUAL:
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
         else:
             tl.store(y_ptr + win_off, y.to(y_ptr.dtype.element_ty), mask=ok)
@@ -107,11 +124,14 @@ if triton_available():
     def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
                                dres_ptr, scale_ptr, dbranch_ptr, M, C, rows_per_program, rows_per_sample,
                                HAS_DRES: tl.constexpr, HAS_DBRANCH: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               POST: tl.constexpr,
                                WINDOWED: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr,
                                SHIFT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         """dx = dLN(dy) (+ dres: the gradient of h from its other use); with HAS_DBRANCH also
-        dbranch = dx * scale[row's sample]. WINDOWED as in the forward: dbranch is written in window
-        layout (HAS_DBRANCH), else dy is read from it (norm1 + partition)."""
+        dbranch = dx * scale[row's sample]. With POST (dy is h's gradient in the norm's dtype, x the
+        branch): dy * scale feeds dLN and dx is the branch's gradient. WINDOWED as in the forward:
+        dbranch (HAS_DBRANCH) or, with POST, x and dx are in window layout; else dy is read from it
+        (norm1 + partition)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -131,11 +151,17 @@ if triton_available():
                 win_off = win_rows[:, None] * C + cols[None, :]
             else:
                 win_off = off
-            x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
-            if HAS_DBRANCH:
+            if POST:
+                x = tl.load(x_ptr + win_off, mask=ok, other=0.).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
+            if HAS_DBRANCH or POST:
                 dy = tl.load(dy_ptr + off, mask=ok, other=0.).to(tl.float32)
             else:
                 dy = tl.load(dy_ptr + win_off, mask=ok, other=0.).to(tl.float32)
+            if POST and HAS_SCALE:   # the gradient through `* scale`, rounded to the norm's dtype
+                s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
+                dy = (dy * s[:, None]).to(dy_ptr.dtype.element_ty).to(tl.float32)
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.)
             xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.)
@@ -145,7 +171,10 @@ if triton_available():
             dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             if HAS_DRES:
                 dx += tl.load(dres_ptr + off, mask=ok, other=0.).to(tl.float32)
-            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            if POST:
+                tl.store(dx_ptr + win_off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            else:
+                tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
             if HAS_DBRANCH:
                 if HAS_SCALE:
                     s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
@@ -203,9 +232,12 @@ def _geometry(window: Optional[Sequence[int]], M: int) -> dict:
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                    fp32_output: bool = False, residual: Optional[torch.Tensor] = None,
-                   scale: Optional[torch.Tensor] = None, window: Optional[Sequence[int]] = None):
+                   scale: Optional[torch.Tensor] = None, window: Optional[Sequence[int]] = None,
+                   post: bool = False):
     """-> (y like x (fp32 with fp32_output), mean [M] fp32, rstd [M] fp32), and with `residual`
     (x is then the branch) also h = residual + x * scale, the tensor that was normalised.
+    With `post` (and `residual`): -> (h = residual + LayerNorm(x) * scale, mean, rstd), the norm's
+    output (fp32 with fp32_output, else x's dtype) never written.
     With window = (H, W, window_size, shift), the attention side is in window layout
     [B*nW, ws, ws, C]: y is returned in it (x is the map), or the branch x is read from it (with
     `residual`, which is the map); mean and rstd follow the map's rows."""
@@ -217,12 +249,16 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     if residual is not None:
         if residual.numel() != x.numel() or (not window and residual.shape != x.shape):
             raise ValueError(f'add_layer_norm: shortcut {tuple(residual.shape)} and branch {tuple(x.shape)} differ')
-        h_dtype = torch.promote_types(residual.dtype, x.dtype)
+        y_dtype = torch.float32 if fp32_output else x.dtype
+        h_dtype = torch.promote_types(residual.dtype, y_dtype if post else x.dtype)
         h = torch.empty(x2.shape, dtype=h_dtype, device=x.device)
         res2 = residual.reshape(-1, C).contiguous()
     else:
+        assert not post, 'post-norm needs the residual'
         h, res2, h_dtype = x2, x2, x.dtype
-    y = torch.empty(x2.shape, dtype=torch.float32 if fp32_output else h_dtype, device=x.device)
+    y_dtype = torch.float32 if fp32_output else (x.dtype if post else h_dtype)
+    # the post-norm form never writes y: a one-element tensor carries its dtype into the kernel
+    y = torch.empty((1,) if post else x2.shape, dtype=y_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_rows, block_c, num_warps = _tile(C)
@@ -231,8 +267,10 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
             x2, res2, scale_flat, h, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C,
             _rows_per_sample(M, scale), float(eps),
-            HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None, **geometry,
+            HAS_RESIDUAL=residual is not None and not post, HAS_SCALE=scale is not None, POST=post, **geometry,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    if post:
+        return h.view(residual.shape), mean, rstd
     if residual is not None:
         return y.view(residual.shape), mean, rstd, h.view(residual.shape)
     if window:
@@ -244,11 +282,13 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, dres: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
                    branch_dtype: Optional[torch.dtype] = None, window: Optional[Sequence[int]] = None,
-                   launch: Optional[dict] = None):
+                   launch: Optional[dict] = None, post: bool = False):
     """-> (dx like x, dweight like weight, dbias like weight). For add_layer_norm (x is h): dres is
     h's gradient from its other use, added in; with `branch_dtype` also -> dbranch = dx * scale
     (the branch's gradient, a 4th result). `window` as in the forward: dy is read from window
-    layout, or (with branch_dtype) dbranch is returned in it."""
+    layout, or (with branch_dtype) dbranch is returned in it. With `post` (post_norm_add's
+    backward): x is the branch, dy h's gradient in the norm's output dtype, `scale` drop-path's; dx
+    (the branch's gradient) is returned in x's layout."""
     check_triton_device(x)
     C = x.shape[-1]
     M = x.numel() // C
@@ -278,7 +318,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
             dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, dres2, scale_flat, dbranch,
             M, C, rows_per_program, _rows_per_sample(M, scale),
             HAS_DRES=dres is not None, HAS_DBRANCH=branch_dtype is not None, HAS_SCALE=scale is not None,
-            **geometry, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+            POST=post, **geometry, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     out = dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
     if branch_dtype is None:
         return out
@@ -484,6 +524,97 @@ def merge_add_layer_norm(shortcut: torch.Tensor, windows: torch.Tensor, scale: O
     return _add_layer_norm(shortcut, windows, scale, weight, bias, eps, [H, W, windows.shape[1], shift_size])
 
 
+# ----------------------------------------------------------------------------- post-norm: LayerNorm, then add
+# Swin V2's res-post-norm blocks: h = shortcut + drop_path(LayerNorm(branch)).
+@torch.library.custom_op('swin::post_norm_add_fwd', mutates_args=())
+def _post_fwd_op(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor], weight: torch.Tensor,
+                 bias: torch.Tensor, eps: float, fp32_output: bool, window: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale, window=window,
+                          post=True)
+
+
+@_post_fwd_op.register_fake
+def _(shortcut, branch, scale, weight, bias, eps, fp32_output, window):
+    M = branch.numel() // branch.shape[-1]
+    h_dtype = torch.promote_types(shortcut.dtype, torch.float32 if fp32_output else branch.dtype)
+    return (shortcut.new_empty(shortcut.shape, dtype=h_dtype), branch.new_empty((M,), dtype=torch.float32),
+            branch.new_empty((M,), dtype=torch.float32))
+
+
+def _post_bwd(dy, branch, weight, mean, rstd, scale, window):
+    return layer_norm_bwd(dy, branch, weight, mean, rstd, scale=scale, window=window, post=True)
+
+
+@torch.library.custom_op('swin::post_norm_add_bwd', mutates_args=())
+def _post_bwd_op(dy: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                 rstd: torch.Tensor, scale: Optional[torch.Tensor], window: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _post_bwd(dy, branch, weight, mean, rstd, scale, window)
+
+
+@_post_bwd_op.register_fake
+def _(dy, branch, weight, mean, rstd, scale, window):
+    return branch.new_empty(branch.shape), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _post_save(ctx, shortcut, branch, scale, weight, mean, rstd, fp32_output, window):
+    ctx.save_for_backward(branch, weight, mean, rstd, scale)
+    ctx.shortcut_dtype = shortcut.dtype
+    ctx.y_dtype = torch.float32 if fp32_output else branch.dtype
+    ctx.window = window
+
+
+def _post_grads(ctx, dh, bwd):
+    branch, weight, mean, rstd, scale = ctx.saved_tensors
+    dbranch, dw, db = bwd(dh.to(ctx.y_dtype), branch, weight, mean, rstd, scale, ctx.window)
+    return dh.to(ctx.shortcut_dtype), dbranch, None, dw, db, None, None, None
+
+
+def _post_setup(ctx, inputs, output):
+    shortcut, branch, scale, weight, _, _, fp32_output, window = inputs
+    _post_save(ctx, shortcut, branch, scale, weight, output[1], output[2], fp32_output, window)
+
+
+_post_fwd_op.register_autograd(lambda ctx, dh, _dmean, _drstd: _post_grads(ctx, dh, _post_bwd_op),
+                               setup_context=_post_setup)
+
+
+class _PostNormAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shortcut, branch, scale, weight, bias, eps, fp32_output, window):
+        h, mean, rstd = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale,
+                                       window=window, post=True)
+        _post_save(ctx, shortcut, branch, scale, weight, mean, rstd, fp32_output, window)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        return _post_grads(ctx, dh, _post_bwd)
+
+
+def _post_norm_add(shortcut, branch, scale, weight, bias, eps, window):
+    fp32_output = _fp32_output(branch.device, branch.dtype)
+    if torch.compiler.is_compiling():
+        return _post_fwd_op(shortcut, branch, scale, weight, bias, float(eps), fp32_output, window)[0]
+    return _PostNormAdd.apply(shortcut, branch, scale, weight, bias, float(eps), fp32_output, window)
+
+
+def post_norm_add(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor],
+                  weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Fused `shortcut + LayerNorm(branch) * scale` (scale: drop-path's per-sample [B, 1, ...] or
+    None), rounded as the unfused ops under autocast round; the norm's output is never written."""
+    return _post_norm_add(shortcut, branch, scale, weight, bias, eps, [])
+
+
+def merge_post_norm_add(shortcut: torch.Tensor, windows: torch.Tensor, scale: Optional[torch.Tensor],
+                        weight: torch.Tensor, bias: torch.Tensor, eps: float, H: int, W: int,
+                        shift_size: int) -> torch.Tensor:
+    """Fused `post_norm_add(shortcut, window_merge(windows, H, W, shift_size), ...)`: the attention
+    output is read straight from window layout [B*nW, ws, ws, C]; its gradient is written back in it."""
+    return _post_norm_add(shortcut, windows, scale, weight, bias, eps, [H, W, windows.shape[1], shift_size])
+
+
 # ----------------------------------------------------------------------------- references of the window forms
 def layer_norm_partition_ref(x, weight, bias, eps, H, W, window_size, shift_size, layer_norm=layer_norm_ref,
                              window_partition=window_partition_ref):
@@ -498,6 +629,13 @@ def merge_add_layer_norm_ref(shortcut, windows, scale, weight, bias, eps, H, W, 
     """merge + reverse roll, then residual add + norm2, through the given implementations."""
     x = window_merge(windows, H, W, shift_size).view(shortcut.shape)
     return add_layer_norm(shortcut, x, scale, weight, bias, eps)
+
+
+def merge_post_norm_add_ref(shortcut, windows, scale, weight, bias, eps, H, W, shift_size,
+                            post_norm_add=post_norm_add_ref, window_merge=window_merge_ref):
+    """merge + reverse roll, then shortcut + LayerNorm(.) * scale, through the given implementations."""
+    x = window_merge(windows, H, W, shift_size).view(shortcut.shape)
+    return post_norm_add(shortcut, x, scale, weight, bias, eps)
 
 
 def _apex_layer_norm(x, weight, bias, eps=1e-5):
@@ -534,5 +672,18 @@ PARTITION_IMPLS = {
 MERGE_ADD_IMPLS = {
     'torch': merge_add_layer_norm_ref,
     'triton': merge_add_layer_norm if triton_available() else None,
+    'apex': None,
+}
+
+# Swin V2's post-norm residuals (--fused_layernorm; the merge form also with --fused_window_process)
+POST_IMPLS = {
+    'torch': post_norm_add_ref,
+    'triton': post_norm_add if triton_available() else None,
+    'apex': None,
+}
+
+MERGE_POST_IMPLS = {
+    'torch': merge_post_norm_add_ref,
+    'triton': merge_post_norm_add if triton_available() else None,
     'apex': None,
 }

@@ -27,7 +27,7 @@ from timm.layers import DropPath
 import kernels
 from kernels.window_attention import cosine_window_attention
 
-from .swin_transformer import Mlp, SwinBackbone, relative_position_index, shifted_window_mask
+from .swin_transformer import Mlp, SwinBackbone, drop_path_scale, relative_position_index, shifted_window_mask
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
 
@@ -176,6 +176,15 @@ class SwinTransformerBlockV2(nn.Module):
         shortcut = x
         windows = self.ops.window_partition(x.view(B, H, W, C), w, self.shift_size)   # B*nW, w, w, C
         attn_windows = self.attn(windows.view(-1, w * w, C), mask=self.attn_mask)       # B*nW, N, C
+        if self.ops.post_norm_add is not None:
+            # --fused_layernorm: merge (with --fused_window_process), norm1, drop-path and the residual
+            # add in one kernel each way; then norm2, drop-path and the add in another
+            n1, n2 = self.norm1, self.norm2
+            x = self.ops.merge_post_norm_add(shortcut, attn_windows.view(-1, w, w, C),
+                                             drop_path_scale(shortcut, self.drop_path), n1.weight, n1.bias, n1.eps,
+                                             H, W, self.shift_size)
+            return self.ops.post_norm_add(x, self.mlp(x), drop_path_scale(x, self.drop_path), n2.weight, n2.bias,
+                                          n2.eps)
         x = self.ops.window_merge(attn_windows.view(-1, w, w, C), H, W, self.shift_size)  # B, H, W, C
         x = shortcut + self.drop_path(self._norm(self.norm1, x.reshape(B, H * W, C)))
         return x + self.drop_path(self._norm(self.norm2, self.mlp(x)))
@@ -288,7 +297,7 @@ class SwinTransformerV2(SwinBackbone):
             raise TypeError(f'SwinTransformerV2 got unknown keyword arguments: {sorted(kwargs)}')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
                                      dense=fused_dense, window_attention=fused_attention, backend=kernel_backend,
-                                     tf32=tf32)
+                                     tf32=tf32, post_norm=True)
         if dict(self.ops.chosen).get('window_attention', 'torch') != 'torch' and window_size ** 2 > 256:
             raise kernels.KernelUnavailable(
                 f'--unfused_mha: the fused window attention holds windows of up to 16x16 tokens, this model\'s '

@@ -61,6 +61,10 @@ def test_opcheck_add_layer_norm():
     windows = torch.randn(3, 2, 2, 40, device=DEVICE, requires_grad=True)   # merge from window layout
     torch.library.opcheck(ln._add_fwd_op, (shortcut, windows, scale, w, b, 1e-5, False, [2, 2, 2, 1]),
                           test_utils=CHECKS)
+    # Swin V2's post-norm residual, plain and merging from window layout
+    torch.library.opcheck(ln._post_fwd_op, (shortcut, branch, scale, w, b, 1e-5, False, []), test_utils=CHECKS)
+    torch.library.opcheck(ln._post_fwd_op, (shortcut, windows, None, w, b, 1e-5, False, [2, 2, 2, 1]),
+                          test_utils=CHECKS)
 
 
 def test_opcheck_mlp_and_dense():
@@ -153,6 +157,14 @@ def test_eager_and_custom_op_paths_give_identical_gradients():
                           (x, branch, w, b), up)
         g.manual_seed(1)
         via_op = _grads_of(lambda a, c, w, b: ln._add_fwd_op(a, c, s, w, b, 1e-5, False, window)[:2],
+                           (x, branch, w, b), up)
+        _same(eager, via_op)
+    for branch, s, window in ((x, scale, []), (branch_windows, None, [6, 4, 2, 1])):
+        g.manual_seed(1)
+        eager = _grads_of(lambda a, c, w, b: ln._PostNormAdd.apply(a, c, s, w, b, 1e-5, False, window),
+                          (x, branch, w, b), up)
+        g.manual_seed(1)
+        via_op = _grads_of(lambda a, c, w, b: ln._post_fwd_op(a, c, s, w, b, 1e-5, False, window)[0],
                            (x, branch, w, b), up)
         _same(eager, via_op)
     x2 = torch.randn(10, 16, device=DEVICE)

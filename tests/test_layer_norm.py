@@ -249,3 +249,65 @@ def test_window_layout_rejects_bad_geometry_before_allocating():
     huge = torch.zeros(1, 49, 16, device=DEVICE).expand(2 ** 26, 49, 16)
     with pytest.raises(ValueError, match='at most 2\\*\\*31 - 1'):
         ln.layer_norm_partition(huge, w, b, 1e-5, 7, 7, 7, 0)
+
+
+# --------------------------------------------------------------------------- post-norm (Swin V2)
+POST_CASES = [  # (shape, shortcut dtype, branch dtype, drop-path scale?)
+    ((2, 49, 96), torch.float32, torch.float32, True),
+    ((3, 20, 100), torch.float16, torch.float16, True),
+    ((1, 33, 61), torch.bfloat16, torch.bfloat16, False),
+    ((2, 16, 192), torch.float32, torch.bfloat16, True),     # fp32 residual stream, half branch
+    ((5, 300, 24), torch.float32, torch.float32, True),      # many rows: several programs in the backward
+]
+
+
+@pytest.mark.parametrize('shape,sdtype,bdtype,with_scale', POST_CASES, ids=str)
+def test_post_norm_add_matches_float64(shape, sdtype, bdtype, with_scale):
+    """h = shortcut + LayerNorm(branch) * scale (V2's res-post-norm residual): h and the gradients of
+    shortcut, branch, weight and bias against float64 from the same rounded inputs; dropped samples
+    get no branch gradient and the shortcut's gradient is h's, untouched."""
+    g = torch.Generator().manual_seed(shape[1])
+    B, C = shape[0], shape[-1]
+    shortcut = torch.randn(*shape, generator=g).to(sdtype)
+    branch = (torch.randn(*shape, generator=g) * 3 + 1).to(bdtype)
+    scale = (torch.arange(B) % 2 == 0).to(bdtype).div_(0.9).view(B, 1, 1) if with_scale else None
+    w = (torch.randn(C, generator=g) * 0.5 + 1)
+    b = torch.randn(C, generator=g)
+    dh = torch.randn(*shape, generator=g).to(torch.promote_types(sdtype, bdtype))
+    dev = [t.detach().clone().to(DEVICE).requires_grad_() for t in (shortcut, branch, w, b)]
+    h = ln.post_norm_add(dev[0], dev[1], scale.to(DEVICE) if scale is not None else None, dev[2], dev[3])
+    assert h.dtype == torch.promote_types(sdtype, bdtype)
+    s64, b64, w64, bias64 = (t.double().requires_grad_() for t in (shortcut, branch, w, b))
+    h64 = s64 + F.layer_norm(b64, (C,), w64, bias64, 1e-5) * (scale.double() if scale is not None else 1.)
+    h64.backward(dh.double())
+    h.backward(dh.to(DEVICE))
+    tol = max(TOLERANCE[sdtype], TOLERANCE[bdtype])     # the norm's output is rounded to the branch's dtype
+    assert _rel(h, h64.detach()) < tol
+    for got, want, dtype in ((dev[0].grad, s64.grad, sdtype), (dev[1].grad, b64.grad, bdtype),
+                             (dev[2].grad, w64.grad, torch.float32), (dev[3].grad, bias64.grad, torch.float32)):
+        assert got.dtype == dtype
+        assert _rel(got, want) < max(TOLERANCE[dtype], tol) * 2
+    assert torch.equal(dev[0].grad.cpu(), dh.to(sdtype))
+    if with_scale:
+        assert torch.all(dev[1].grad[1::2] == 0), 'dropped samples get no branch gradient'
+
+
+@pytest.mark.parametrize('with_scale', [False, True], ids=['no_drop_path', 'drop_path'])
+@pytest.mark.parametrize('case', WINDOW_CASES, ids=str)
+def test_merge_post_norm_add_matches_the_unfolded_kernels(case, with_scale):
+    """V2's merge + norm1 + drop-path + residual folded into one kernel each way, against the window
+    merge followed by post_norm_add: the same bits (the same arithmetic, only the addressing differs)."""
+    from kernels import window_process as wp
+    B, H, W, C, ws, s, dtype = case
+    shortcut, w, b, g = _window_inputs(B, H, W, C, dtype, C + 2)
+    windows = (torch.randn(B * H * W // ws ** 2, ws, ws, C, generator=g) * 2).to(dtype).to(DEVICE)
+    scale = (torch.arange(B) % 2 == 1).to(dtype).div_(0.8).view(B, 1, 1).to(DEVICE) if with_scale else None
+    dh = torch.randn(B, H * W, C, generator=g).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (shortcut, windows, w, b)]
+    merged = wp.window_merge_ref(inputs[1], H, W, s).view(B, H * W, C)
+    want = ln.post_norm_add(inputs[0], merged, scale, inputs[2], inputs[3])
+    want_grads = _grads([want], [dh], inputs)
+    got = ln.merge_post_norm_add(inputs[0], inputs[1], scale, inputs[2], inputs[3], 1e-5, H, W, s)
+    _same(got, want)
+    for a, e in zip(_grads([got], [dh], inputs), want_grads):
+        _same(a, e)

@@ -78,6 +78,10 @@ def test_fused_flags_equal_reference(flags):
     assert {op for op, b in fused.ops.chosen if b == 'triton'} >= {
         {'fused_window_process': 'window_process', 'fused_layernorm': 'layer_norm', 'fused_mlp': 'mlp',
          'fused_dense': 'dense', 'fused_attention': 'window_attention'}[f] for f in flags}
+    if 'fused_layernorm' in flags:      # the post-norm residuals run as one kernel (with the merge folded in)
+        assert fused.ops.post_norm_add is not None and ('post_norm_add', 'triton') in fused.ops.chosen
+        folded = ('merge_post_norm_add', 'triton') in fused.ops.chosen
+        assert folded == ('fused_window_process' in flags)
     # V2's post-norms start at zero (every block the identity): perturb them, the biases, logit scales, cpb MLP
     assert_flags_match_reference(SwinTransformerV2, small, flags,
                                  lambda n, p: p.ndim == 1 or 'logit_scale' in n or 'cpb_mlp' in n, rtol=(1e-4, 1e-3))
@@ -188,3 +192,34 @@ def test_main_trains_resumes_and_evaluates_v2(demo_data, tmp_path):
     out = run_main(base + ['--output', str(tmp_path / 'd'), '--unfused_mha', '--opts', 'TRAIN.EPOCHS', '1']
                    + V2_OPTS + FAST)     # V2's cosine attention through the fused-attention path
     assert 'window_attention=' in out and set(epoch_losses(out)) == {0}
+
+
+def test_fused_post_norm_block_with_drop_path_equals_reference_block():
+    """A V2 block with drop-path 0.5 in training: the folded merge + norm1 + drop-path + residual and
+    norm2 + drop-path + residual kernels against upstream's ops, the same random draws in the same
+    order; output and every gradient."""
+    import kernels
+    from models.swin_transformer_v2 import SwinTransformerBlockV2
+    args = dict(dim=32, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2, drop_path=0.5)
+    torch.manual_seed(0)
+    ref = SwinTransformerBlockV2(**args).to(DEVICE)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ops = kernels.build_ops(window_process=True, layer_norm=True, backend='triton', post_norm=True)
+    fused = SwinTransformerBlockV2(**args, ops=ops).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 64, 32, device=DEVICE)
+    g = torch.randn(6, 64, 32, device=DEVICE)
+    outs = []
+    for block in (ref, fused):
+        block.train()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = block(xi)
+        out.backward(g)
+        outs.append((out.detach(), xi.grad, {n: p.grad for n, p in block.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+    for name, grad in outs[0][2].items():
+        torch.testing.assert_close(outs[1][2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
