@@ -1,6 +1,6 @@
 """Whole-model training and inference speed, side by side in one process (BENCH.md protocol).
 
-    python benchmarks/bench_train.py --model tiny [--only NAME ...]
+    python benchmarks/bench_train.py --model tiny|large|v2tiny|v2base [--only NAME ...]
 
 Training: batch 128, 224x224 synthetic inputs already on the GPU, full steps (forward, loss,
 backward, clip 5.0 with the loss scaler, AdamW step, zero_grad) through the same `Precision`
@@ -9,7 +9,9 @@ no_grad, 50 warm-up and 30 timed forwards (upstream's --throughput protocol).
 """
 import argparse
 import gc
+import os
 import time
+import types
 
 import torch
 
@@ -20,12 +22,22 @@ from cuda_graph import GraphedTrainStep
 from kernels._utils import apex_available
 from kernels.optimizers import FusedAdamW, build_apex_optimizer
 from models.swin_transformer import SwinTransformer
+from models.swin_transformer_v2 import SwinTransformerV2
 from optimizer import param_groups
 
 MODELS = {
     'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
     'large': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+    # Swin V2 (configs/swinv2/swinv2_tiny_patch4_window8_256.yaml, ..._base_patch4_window12_192_22k.yaml
+    # with a 1000-class head)
+    'v2tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2,
+                   img_size=256, window_size=8),
+    'v2base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
+                   img_size=192, window_size=12),
 }
+# a checkout of microsoft/Swin-Transformer (default: .upstream in this repository, git-ignored)
+UPSTREAM_DIR = os.environ.get('SWIN_UPSTREAM',
+                              os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.upstream'))
 ALL = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True)
 ALL5 = dict(ALL, fused_mlp=True, fused_dense=True)      # ALL plus the two GEMM-epilogue flags
 TIMM = {'tiny': 'swin_tiny_patch4_window7_224', 'large': 'swin_large_patch4_window7_224'}
@@ -86,6 +98,19 @@ TRAIN = [
     ('apex: auto = our kernels + apex dense: all flags + --fused_dense + --fused_adam + compile (CUDA graphs), '
      'O2 bf16', AUTO_APEX, 'O2', 'bfloat16', CG),
 ]
+# Swin V2 (--model v2tiny / v2base): upstream's own module (clamp fixed) beside ours, one process
+TRAIN_V2 = [
+    ('upstream V2 eager O1 fp16 (its code, clamp fixed)', 'upstream', 'O1', 'float16', False),
+    ('upstream V2 + compile, O1 bf16', 'upstream', 'O1', 'bfloat16', True),
+    ('reference eager O1 fp16 (upstream default)', {}, 'O1', 'float16', False),
+    ('all flags + --fused_adam eager, O2 bf16', ALL_ADAM, 'O2', 'bfloat16', False),
+    ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
+    ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', CG),
+]
+INFER_V2 = [
+    ('upstream V2 fp32 (its --throughput)', 'upstream', 'O0', 'float32', False),
+    ('all flags O3 bf16', ALL, 'O3', 'bfloat16', False),
+]
 INFER = [
     ('reference fp32 (upstream --throughput)', {}, 'O0', 'float32', False),
     ('reference O1 fp16', {}, 'O1', 'float16', False),
@@ -102,7 +127,27 @@ TINY_ONLY = {'reference eager O3 bf16 (pure bf16)', 'reference + compile (CUDA g
     name for name, flags, *_ in TRAIN if isinstance(flags, dict) and (flags.get('fold') is False or flags == WP_LN)}
 
 
+def _upstream_v2():
+    """Upstream's own SwinTransformerV2 class, loaded from its checkout at UPSTREAM_DIR with the one
+    fix it needs to run on a GPU: its logit-scale clamp passes a CPU tensor as the bound."""
+    path = os.path.join(UPSTREAM_DIR, 'models', 'swin_transformer_v2.py')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path}: set SWIN_UPSTREAM to a checkout of microsoft/Swin-Transformer')
+    source = open(path).read()
+    bug = 'max=torch.log(torch.tensor(1. / 0.01))'
+    assert source.count(bug) == 1, 'upstream changed: the clamp fix no longer applies'
+    module = types.ModuleType('upstream_swin_transformer_v2')
+    exec(compile(source.replace(bug, bug + '.item()'), path, 'exec'), module.__dict__)
+    return module.SwinTransformerV2
+
+
 def build(size, flags):
+    if flags == 'upstream':
+        kw = {k: v for k, v in MODELS[size].items()}
+        return _upstream_v2()(**kw)
+    if size.startswith('v2'):
+        model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend')}
+        return SwinTransformerV2(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'))
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
@@ -132,7 +177,8 @@ def train_row(size, name, flags, level, dtype, compile_, batch):
         optimizer = torch.optim.AdamW(param_groups(master, 0.05), lr=1e-4)
     step_model = _compiled(model, compile_)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))
+    side = MODELS[size].get('img_size', 224)
+    x = precision.cast_input(torch.randn(batch, 3, side, side, device='cuda'))
     y = torch.randint(0, 1000, (batch,), device='cuda')
     model.train()
 
@@ -164,7 +210,8 @@ def infer_row(size, name, flags, level, dtype, compile_, batch):
     model, _ = precision.prepare(build(size, flags).cuda())
     model.eval()
     run = _compiled(model, compile_)
-    x = precision.cast_input(torch.randn(batch, 3, 224, 224, device='cuda'))
+    side = MODELS[size].get('img_size', 224)
+    x = precision.cast_input(torch.randn(batch, 3, side, side, device='cuda'))
 
     def fwd():
         with precision.autocast():
@@ -185,7 +232,8 @@ def main():
     a = p.parse_args()
     env = environment()
     rows = []
-    jobs = [(train_row, r) for r in TRAIN] + ([] if a.skip_infer else [(infer_row, r) for r in INFER])
+    train, infer = (TRAIN_V2, INFER_V2) if a.model.startswith('v2') else (TRAIN, INFER)
+    jobs = [(train_row, r) for r in train] + ([] if a.skip_infer else [(infer_row, r) for r in infer])
     for fn, (name, flags, level, dtype, compile_) in jobs:
         if a.only and not any(s in name for s in a.only):
             continue
@@ -205,7 +253,8 @@ def main():
         torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
-    base = next((r['img/s'] for r in rows if r['config'].startswith('reference eager O1 fp16') and 'img/s' in r), None)
+    base = next((r['img/s'] for r in rows if r['config'].startswith(('reference eager O1 fp16', 'upstream V2 eager'))
+                 and 'img/s' in r), None)
     for r in rows:
         if base and r['mode'] == 'train' and 'img/s' in r:
             r['vs upstream default'] = r['img/s'] / base

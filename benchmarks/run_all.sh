@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|apex ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|apex|v2 ...]
 # (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -15,7 +15,10 @@ for part in $PARTS; do
     tests)   python3 -m pytest -q tests/test_window_process.py tests/test_window_attention.py \
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
-               tests/test_swinv2.py tests/test_swin_mlp.py 2>&1 | tail -8 ;;
+               tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py 2>&1 | tail -8 ;;
+    v2)      # Swin V2-T/256 and V2-B/192: upstream's own module (from $SWIN_UPSTREAM, default .upstream: a
+             # checkout of microsoft/Swin-Transformer; its clamp fixed in memory) beside ours, one process each
+             for m in v2tiny v2base; do python3 benchmarks/bench_train.py --model $m; done ;;
     apex)    # KERNEL_BACKEND apex: build apex from the source checkout in $APEX_SRC (default .apex) into
              # .apex_site unless it is importable, then its tests, its ops beside ours, and whole-model rows
              if ! python3 -c "import apex.optimizers, apex.normalization, apex.fused_dense" 2>/dev/null; then
