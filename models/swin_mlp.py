@@ -21,7 +21,7 @@ from timm.layers import DropPath
 
 import kernels
 
-from .swin_transformer import Mlp, PatchMerging, SwinBackbone, drop_path_scale
+from .swin_transformer import Mlp, PatchMerging, SwinBackbone, drop_path_scale, fit_window
 
 
 class SwinMLPBlock(nn.Module):
@@ -35,13 +35,8 @@ class SwinMLPBlock(nn.Module):
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
+        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
         self.mlp_ratio = mlp_ratio
-        if min(self.input_resolution) <= self.window_size:
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
-        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
         w, s = self.window_size, self.shift_size
         self.padding = (w - s, s, w - s, s)                                   # left, right, top, bottom
         self.ops = ops or kernels.Ops()

@@ -140,6 +140,15 @@ class WindowAttention(nn.Module):
         return flops
 
 
+def fit_window(resolution: Sequence[int], window_size: int, shift_size: int) -> tuple:
+    """-> (window, shift) of a block on a map of `resolution`: where one window covers the map there
+    is no shift and the window shrinks to the map (upstream's rule)."""
+    if min(resolution) <= window_size:
+        return min(resolution), 0
+    assert 0 <= shift_size < window_size, 'shift_size must be in [0, window_size)'
+    return window_size, shift_size
+
+
 def drop_path_scale(x: torch.Tensor, drop_path: nn.Module) -> Optional[torch.Tensor]:
     """timm's drop_path as its per-sample factor [B, 1, ...] (None where it is the identity), drawn
     exactly as timm draws it, so `x * scale` equals `drop_path(x)` and consumes the same random
@@ -166,14 +175,8 @@ class SwinTransformerBlock(nn.Module):
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
+        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
         self.mlp_ratio = mlp_ratio
-        if min(self.input_resolution) <= self.window_size:
-            # One window covers the map: no shift, and the window shrinks to the map.
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
-        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
         # Built alone (as upstream's block can be), fused_window_process picks the fused shuffles;
         # inside a SwinTransformer the model's `ops` bundle, resolved once for every flag, decides.
         self.ops = ops or kernels.build_ops(window_process=fused_window_process)
@@ -227,7 +230,9 @@ class SwinTransformerBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbourhood -> concat (x0,x1,x2,x3 at offsets (0,0),(1,0),(0,1),(1,1)) -> norm -> 4C->2C."""
+    """2x2 neighbourhood -> concat (x0,x1,x2,x3 at offsets (0,0),(1,0),(0,1),(1,1)) -> norm -> 4C->2C.
+    NORM_FIRST False (Swin V2's PatchMergingV2): reduce 4C->2C first, then norm over 2C."""
+    NORM_FIRST = True
 
     def __init__(self, input_resolution: Sequence[int], dim: int, norm_layer=nn.LayerNorm,
                  ops: Optional[kernels.Ops] = None):
@@ -235,7 +240,7 @@ class PatchMerging(nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.dim = dim
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(4 * dim)
+        self.norm = norm_layer(4 * dim if self.NORM_FIRST else 2 * dim)
         self.ops = ops or kernels.Ops()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,15 +252,20 @@ class PatchMerging(nn.Module):
         x = x.view(B, H // 2, 2, W // 2, 2, C)
         # (h-offset, w-offset) order (0,0),(1,0),(0,1),(1,1): w-offset outer, as upstream's cat.
         x = x.permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2 * W // 2, 4 * C)  # B, H/2*W/2, 4C
-        x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
-        return self.ops.linear(x, self.reduction.weight, None)
+        if self.NORM_FIRST:
+            x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        x = self.ops.linear(x, self.reduction.weight, None)                 # B, H/2*W/2, 2C
+        if not self.NORM_FIRST:
+            x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        return x
 
     def extra_repr(self) -> str:
         return f'input_resolution={self.input_resolution}, dim={self.dim}'
 
     def flops(self) -> int:
         H, W = self.input_resolution
-        return H * W * self.dim + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
+        norm = H * W * self.dim if self.NORM_FIRST else H * W * self.dim // 2
+        return norm + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
 
 
 class BasicLayer(nn.Module):

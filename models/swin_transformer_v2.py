@@ -27,7 +27,8 @@ from timm.layers import DropPath
 import kernels
 from kernels.window_attention import cosine_window_attention
 
-from .swin_transformer import Mlp, SwinBackbone, drop_path_scale, relative_position_index, shifted_window_mask
+from .swin_transformer import (Mlp, PatchMerging, SwinBackbone, drop_path_scale, fit_window, relative_position_index,
+                               shifted_window_mask)
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
 
@@ -141,14 +142,8 @@ class SwinTransformerBlockV2(nn.Module):
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
+        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
         self.mlp_ratio = mlp_ratio
-        if min(self.input_resolution) <= self.window_size:
-            # One window covers the map: no shift, and the window shrinks to the map.
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
-        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
         self.ops = ops or kernels.Ops()
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttentionV2(dim, (self.window_size, self.window_size), num_heads, qkv_bias, attn_drop,
@@ -201,35 +196,9 @@ class SwinTransformerBlockV2(nn.Module):
         return flops + 2 * H * W * self.dim * self.dim * self.mlp_ratio   # mlp
 
 
-class PatchMergingV2(nn.Module):
+class PatchMergingV2(PatchMerging):
     """2x2 neighbourhood -> concat (as V1) -> 4C->2C reduction -> norm over 2C."""
-
-    def __init__(self, input_resolution: Sequence[int], dim: int, norm_layer=nn.LayerNorm,
-                 ops: Optional[kernels.Ops] = None):
-        super().__init__()
-        self.input_resolution = tuple(input_resolution)
-        self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(2 * dim)
-        self.ops = ops or kernels.Ops()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, H*W, C] -> [B, H/2*W/2, 2C]."""
-        H, W = self.input_resolution
-        B, L, C = x.shape
-        assert L == H * W, 'input feature has wrong size'
-        assert H % 2 == 0 and W % 2 == 0, f'x size ({H}*{W}) are not even.'
-        x = x.view(B, H // 2, 2, W // 2, 2, C)
-        x = x.permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2 * W // 2, 4 * C)  # x0, x1, x2, x3 as V1
-        x = self.ops.linear(x, self.reduction.weight, None)                 # B, H/2*W/2, 2C
-        return self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
-
-    def extra_repr(self) -> str:
-        return f'input_resolution={self.input_resolution}, dim={self.dim}'
-
-    def flops(self) -> int:
-        H, W = self.input_resolution
-        return (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim + H * W * self.dim // 2
+    NORM_FIRST = False
 
 
 class BasicLayerV2(nn.Module):
