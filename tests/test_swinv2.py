@@ -223,3 +223,47 @@ def test_fused_post_norm_block_with_drop_path_equals_reference_block():
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
     for name, grad in outs[0][2].items():
         torch.testing.assert_close(outs[1][2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('ft', ['swinv2_base_patch4_window12to16_192to256_22kto1k_ft.yaml',
+                                'swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml'])
+def test_pretrained_22k_window12_into_the_shipped_finetune_configs(tmp_path, ft):
+    """The shipped pair of configs, as a user runs them: a 22k model of
+    swinv2_base_patch4_window12_192_22k.yaml (shrunk in width and depth by --opts; windows, image
+    sizes and pretrained-window settings as shipped) loaded with --pretrained into the 12to16 / 12to24
+    fine-tune config: every weight lands, the coordinate tables are rebuilt for the new windows from
+    PRETRAINED_WINDOW_SIZES, the head maps 21841 -> 1000, and the model runs at its new resolution."""
+    import logging
+    from config import get_config
+    from models import build_model
+    from utils import imagenet_22k_to_1k_indices, load_pretrained
+    shrink = ['MODEL.SWINV2.EMBED_DIM', '32', 'MODEL.SWINV2.DEPTHS', '[2, 2, 2, 2]']
+    pre_cfg = get_config(argparse.Namespace(       # 21841 classes: what the 22k dataset sets at run time
+        cfg=os.path.join(ROOT, 'configs/swinv2/swinv2_base_patch4_window12_192_22k.yaml'),
+        opts=shrink + ['MODEL.NUM_CLASSES', '21841']))
+    assert pre_cfg.DATA.DATASET == 'imagenet22K' and pre_cfg.MODEL.SWINV2.WINDOW_SIZE == 12
+    pre = _perturbed(build_model(pre_cfg))
+    torch.save({'model': pre.state_dict()}, tmp_path / 'pre22k.pth')
+    cfg = get_config(argparse.Namespace(cfg=os.path.join(ROOT, 'configs/swinv2', ft),
+                                        opts=shrink + ['MODEL.PRETRAINED', str(tmp_path / 'pre22k.pth')]))
+    window, size = cfg.MODEL.SWINV2.WINDOW_SIZE, cfg.DATA.IMG_SIZE
+    assert (window, size) in ((16, 256), (24, 384)) and cfg.MODEL.NUM_CLASSES == 1000
+    model = build_model(cfg)
+    load_pretrained(cfg, model, logging.getLogger('test'))
+    sd, psd = model.state_dict(), pre.state_dict()
+    for k, v in psd.items():
+        if 'relative_coords_table' in k or 'relative_position_index' in k or 'attn_mask' in k or k.startswith('head.'):
+            continue
+        assert torch.equal(sd[k], v), k
+    pretrained = cfg.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES
+    for i, layer in enumerate(model.layers):
+        attn = layer.blocks[0].attn
+        w = attn.window_size[0]
+        assert w == min(window, size // 4 // 2 ** i)
+        assert torch.equal(sd[f'layers.{i}.blocks.0.attn.relative_coords_table'],
+                           relative_coords_table(w, pretrained[i]))
+    assert torch.equal(sd['head.weight'], psd['head.weight'][imagenet_22k_to_1k_indices()])
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
