@@ -20,8 +20,9 @@ The rules that make that true:
 - mixup/cutmix, the host-side sampling of the loader and the loss read-back stay outside the graph.
 
 Needs a fused optimizer (--fused_adam or --optim fused_lamb: they never sync the host) and a CUDA
-device; gradient accumulation, DDP and --compile are refused with the reason (the first two are not
-implemented yet, and --compile has its own CUDA graphs: EXTRA.COMPILE_MODE reduce-overhead).
+device; gradient accumulation, DDP, --use-checkpoint and --compile are refused with the reason (the
+first three are not implemented yet, and --compile has its own CUDA graphs: EXTRA.COMPILE_MODE
+reduce-overhead).
 """
 from typing import Callable, Optional, Tuple
 
@@ -45,6 +46,9 @@ def check_cuda_graph_config(config, device: torch.device, optimizer, distributed
         why = 'does not support TRAIN.ACCUMULATION_STEPS > 1 yet: use --accumulation-steps 1'
     elif distributed:
         why = 'does not support DDP yet: run without it on one GPU, or use --compile on several'
+    elif config.TRAIN.USE_CHECKPOINT:
+        why = ('does not support --use-checkpoint (activation checkpointing saves and restores the RNG '
+               'state on the host, which a capture cannot contain): drop one of the two')
     elif config.COMPILE:
         why = ('and --compile are two ways to the same end: use one (--compile with '
                'EXTRA.COMPILE_MODE reduce-overhead captures CUDA graphs of its own)')

@@ -28,6 +28,7 @@ def test_refusals_name_the_reason():
              (_config(), cuda, plain, False, '--fused_adam'),
              (_config('TRAIN.ACCUMULATION_STEPS', '2'), cuda, fused, False, 'ACCUMULATION_STEPS'),
              (_config(), cuda, fused, True, 'DDP'),
+             (_config('TRAIN.USE_CHECKPOINT', 'True'), cuda, fused, False, 'use-checkpoint'),
              (_config('COMPILE', 'True'), cuda, fused, False, 'reduce-overhead')]
     for config, device, opt, dist, match in cases:
         with pytest.raises(ConfigError, match=match):
