@@ -94,10 +94,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
         self.softmax = nn.Softmax(dim=-1)
-        self.ops = ops or kernels.Ops()
-        if self.ops.window_attention is not None and attn_drop > 0:
-            raise ValueError(f"--unfused_mha (fused window attention) needs attention dropout 0, "
-                             f"got {attn_drop}: turn the flag off or the dropout off")
+        self.ops = attention_ops(ops, attn_drop)
 
     def relative_position_bias(self) -> torch.Tensor:
         """[heads, N, N] bias gathered from the table (once per step, shared by all windows)."""
@@ -119,11 +116,7 @@ class WindowAttention(nn.Module):
             q, k, v = qkv[0], qkv[1], qkv[2]                              # B*nW, heads, N, hd
             attn = (q * self.scale) @ k.transpose(-2, -1)                 # B*nW, heads, N, N
             attn = attn + bias.unsqueeze(0)
-            if mask is not None:
-                nW = mask.shape[0]
-                attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, self.num_heads, N, N)
-            attn = self.attn_drop(self.softmax(attn))
+            attn = self.attn_drop(self.softmax(add_window_mask(attn, mask)))
             x = (attn @ v).transpose(1, 2).reshape(B_, N, C)              # B*nW, N, C
         x = self.ops.linear(x, self.proj.weight, self.proj.bias)
         return self.proj_drop(x)
@@ -138,6 +131,24 @@ class WindowAttention(nn.Module):
         flops += self.num_heads * N * N * (self.dim // self.num_heads)    # attn @ v
         flops += N * self.dim * self.dim                                  # proj
         return flops
+
+
+def attention_ops(ops: Optional[kernels.Ops], attn_drop: float) -> kernels.Ops:
+    """An attention module's ops (upstream's by default); the fused attention has no dropout."""
+    ops = ops or kernels.Ops()
+    if ops.window_attention is not None and attn_drop > 0:
+        raise ValueError(f"--unfused_mha (fused window attention) needs attention dropout 0, "
+                         f"got {attn_drop}: turn the flag off or the dropout off")
+    return ops
+
+
+def add_window_mask(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """attn [B*nW, heads, N, N] + the shifted-window mask [nW, N, N] of each window (None: as is)."""
+    if mask is None:
+        return attn
+    nW, N = mask.shape[0], mask.shape[-1]
+    heads = attn.shape[1]
+    return (attn.view(-1, nW, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, N, N)
 
 
 def fit_window(resolution: Sequence[int], window_size: int, shift_size: int) -> tuple:

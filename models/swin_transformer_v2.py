@@ -27,8 +27,8 @@ from timm.layers import DropPath
 import kernels
 from kernels.window_attention import cosine_window_attention
 
-from .swin_transformer import (Mlp, PatchMerging, SwinBackbone, drop_path_scale, fit_window, relative_position_index,
-                               shifted_window_mask)
+from .swin_transformer import (Mlp, PatchMerging, SwinBackbone, add_window_mask, attention_ops, drop_path_scale,
+                               fit_window, relative_position_index, shifted_window_mask)
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
 
@@ -81,10 +81,7 @@ class WindowAttentionV2(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.softmax = nn.Softmax(dim=-1)
-        self.ops = ops or kernels.Ops()
-        if self.ops.window_attention is not None and attn_drop > 0:
-            raise ValueError(f"--unfused_mha (fused window attention) needs attention dropout 0, "
-                             f"got {attn_drop}: turn the flag off or the dropout off")
+        self.ops = attention_ops(ops, attn_drop)
 
     def relative_position_bias(self) -> torch.Tensor:
         """[heads, N, N]: 16 * sigmoid of the cpb MLP's table, gathered by the relative index."""
@@ -111,11 +108,7 @@ class WindowAttentionV2(nn.Module):
         # a Python float as the bound: upstream's CPU tensor there fails on CUDA
         attn = attn * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
         attn = attn + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            nW = mask.shape[0]
-            attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
+        attn = self.attn_drop(self.softmax(add_window_mask(attn, mask)))
         x = (attn @ v).transpose(1, 2).reshape(B_, N, C)                  # B*nW, N, C
         return self.proj_drop(self.ops.linear(x, self.proj.weight, self.proj.bias))
 
