@@ -71,6 +71,17 @@ if triton_available():
         return tl.where(t < 1.0, near, tl.where(t < 2.0, far, 0.0))
 
     @triton.jit
+    def _window(n_in, n_out, out_start, idx):
+        """The source taps of output positions idx (of n_out, offset out_start) resampling n_in
+        pixels: (centre, first tap, end, 1 / filter stretch); the filter widens when shrinking."""
+        scale = n_in.to(tl.float32) / n_out.to(tl.float32)
+        support = 2.0 * tl.maximum(scale, 1.0)
+        center = scale * ((idx + out_start).to(tl.float32) + 0.5)
+        lo = tl.maximum(tl.floor(center - support + 0.5), 0.0)
+        hi = tl.minimum(tl.floor(center + support + 0.5), n_in.to(tl.float32))
+        return center, lo, hi, 1.0 / tl.maximum(scale, 1.0)
+
+    @triton.jit
     def _horizontal_kernel(src_ptr, meta_ptr, tmp_ptr, max_h, max_taps,
                            S: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
         """tmp[b, c, y, x] for the box's rows y and output columns x of the window."""
@@ -88,13 +99,8 @@ if triton_available():
         w = tl.load(m + 6)
         out_w = tl.load(m + 8)
         out_left = tl.load(m + 10)
-        scale = w.to(tl.float32) / out_w.to(tl.float32)
-        support = 2.0 * tl.maximum(scale, 1.0)
-        inv = 1.0 / tl.maximum(scale, 1.0)
         xs = tl.arange(0, BLOCK_S)
-        center = scale * ((xs + out_left).to(tl.float32) + 0.5)
-        lo = tl.maximum(tl.floor(center - support + 0.5), 0.0)
-        hi = tl.minimum(tl.floor(center + support + 0.5), w.to(tl.float32))
+        center, lo, hi, inv = _window(w, out_w, out_left, xs)
         ys = pid_y * ROWS + tl.arange(0, ROWS)
         row_ok = ys < h
         col_ok = xs < S
@@ -123,16 +129,11 @@ if triton_available():
         h = tl.load(m + 5)
         out_h = tl.load(m + 7)
         out_top = tl.load(m + 9)
-        scale = h.to(tl.float32) / out_h.to(tl.float32)
-        support = 2.0 * tl.maximum(scale, 1.0)
-        inv = 1.0 / tl.maximum(scale, 1.0)
         ys = pid_y * ROWS + tl.arange(0, ROWS)
         xs = tl.arange(0, BLOCK_S)
         row_ok = ys < S
         col_ok = xs < S
-        center = scale * ((ys + out_top).to(tl.float32) + 0.5)
-        lo = tl.maximum(tl.floor(center - support + 0.5), 0.0)
-        hi = tl.minimum(tl.floor(center + support + 0.5), h.to(tl.float32))
+        center, lo, hi, inv = _window(h, out_h, out_top, ys)
         base = tmp_ptr + pid_bc.to(tl.int64) * max_h * S
         acc = tl.zeros((ROWS, BLOCK_S), dtype=tl.float32)
         wsum = tl.zeros((ROWS,), dtype=tl.float32)
