@@ -48,28 +48,10 @@ def run_pipelines(args):
         subprocess.run([sys.executable, '-m', 'data.jpeg_folder', '--out', data, '--demo-shapes', '--size', '224',
                         '--train-per-class', '200', '--val-per-class', '50'], cwd=ROOT, check=True)
     procs = []
-    t0 = time.time()
-    for name in PIPELINE_VARIANTS:
+    for name, (extra, opts) in PIPELINE_VARIANTS.items():
         for seed in (0, 1):
-            extra, opts = PIPELINE_VARIANTS[name]
-            tag = f'{_slug(name)}_seed{seed}'
-            cmd = [sys.executable, 'main.py', '--cfg', CFG, '--data-path', data, '--output', args.out, '--tag', tag] + \
-                extra + ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3',
-                         'EXTRA.TENSORBOARD', str(_has_tensorboard())] + opts
-            log = open(os.path.join(args.out, f'{tag}.out'), 'w')
-            env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES=str(len(procs) % args.gpus))
-            procs.append((name, seed, tag, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                                            stderr=subprocess.STDOUT)))
-    rows = []
-    for name, seed, tag, p in procs:
-        p.wait()
-        print(f'{name} seed {seed}: exit {p.returncode} ({time.time() - t0:.0f} s)', flush=True)
-        rows += read_curves(os.path.join(args.out, 'swin_micro_shapes10', tag), name, seed)
-    with open(os.path.join(args.out, 'convergence_pipeline.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=['variant', 'seed', 'epoch', 'train_loss', 'val_acc1'])
-        w.writeheader()
-        w.writerows(rows)
-    summarize(rows)
+            procs.append(_start(args, data, name, seed, extra, opts, gpus=str(len(procs) % args.gpus)))
+    _finish(args, procs, 'convergence_pipeline.csv')
 
 
 def _slug(name: str) -> str:
@@ -79,34 +61,43 @@ def _slug(name: str) -> str:
 def run(args):
     data = os.path.join(args.out, 'shapes10')
     subprocess.run([sys.executable, '-m', 'data.demo_dataset', '--out', data], cwd=ROOT, check=True)
-    procs, port = [], 29600
     jobs = [(name, seed) for seed in (0, 1) for name in VARIANTS]
     jobs = [j for j in jobs if not (VARIANTS[j[0]][1] > 1 and j[1] == 1)]   # DDP once
     jobs = [j for j in jobs if not args.only or j[0] in args.only]
+    procs = []
     for i, (name, seed) in enumerate(jobs):
         extra, nproc = VARIANTS[name]
-        tag = f'{_slug(name)}_seed{seed}'
-        env = dict(os.environ, PYTHONUNBUFFERED='1')
         if nproc > 1:
-            env['CUDA_VISIBLE_DEVICES'] = ','.join(str(g) for g in range(nproc))
             launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-                        '--master_port', str(port + i)]
+                        '--master_port', str(29600 + i)]
+            procs.append(_start(args, data, name, seed, extra, launcher=launcher,
+                                gpus=','.join(str(g) for g in range(nproc))))
         else:
-            env['CUDA_VISIBLE_DEVICES'] = str(i % args.gpus)
-            launcher = [sys.executable]
-        cmd = launcher + ['main.py', '--cfg', CFG, '--data-path', data, '--output', args.out, '--tag', tag] + \
-            extra + ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3',
-                     'EXTRA.TENSORBOARD', str(_has_tensorboard())]
-        log = open(os.path.join(args.out, f'{tag}.out'), 'w')
-        procs.append((name, seed, tag, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+            procs.append(_start(args, data, name, seed, extra, gpus=str(i % args.gpus)))
+    _finish(args, procs, 'convergence.csv')
+
+
+def _start(args, data, name, seed, extra, opts=(), launcher=None, gpus='0'):
+    """One main.py run of variant `name` in the background, logged to <out>/<tag>.out."""
+    tag = f'{_slug(name)}_seed{seed}'
+    cmd = (launcher or [sys.executable]) + ['main.py', '--cfg', CFG, '--data-path', data, '--output', args.out,
+                                            '--tag', tag] + extra + \
+        ['--opts', 'TRAIN.EPOCHS', str(args.epochs), 'SEED', str(seed), 'DATA.NUM_WORKERS', '3',
+         'EXTRA.TENSORBOARD', str(_has_tensorboard())] + list(opts)
+    env = dict(os.environ, PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES=gpus)
+    log = open(os.path.join(args.out, f'{tag}.out'), 'w')
+    return name, seed, tag, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(args, procs, csv_name: str) -> None:
+    """Wait for the runs, then write every curve to <out>/<csv_name> and print the summary."""
     t0 = time.time()
+    rows = []
     for name, seed, tag, p in procs:
         p.wait()
         print(f'{name} seed {seed}: exit {p.returncode} ({time.time() - t0:.0f} s)', flush=True)
-    rows = []
-    for name, seed, tag, _ in procs:
         rows += read_curves(os.path.join(args.out, 'swin_micro_shapes10', tag), name, seed)
-    with open(os.path.join(args.out, 'convergence.csv'), 'w', newline='') as f:
+    with open(os.path.join(args.out, csv_name), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=['variant', 'seed', 'epoch', 'train_loss', 'val_acc1'])
         w.writeheader()
         w.writerows(rows)
