@@ -11,17 +11,17 @@ Flags: --fused_layernorm (every LayerNorm, and the residual add + norm2 as one k
 --fused_window_process (the partition and merge, unshifted: the shift is the padding), --fused_dense,
 --fused_mlp. --unfused_mha is refused: Swin-MLP has no attention.
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath
 
 import kernels
 
-from .swin_transformer import Mlp, PatchMerging, SwinBackbone, drop_path_scale, fit_window
+from .swin_transformer import Mlp, PatchMerging, Stage, SwinBackbone, drop_path_scale, fit_window
 
 
 class SwinMLPBlock(nn.Module):
@@ -91,35 +91,18 @@ class SwinMLPBlock(nn.Module):
         return flops + 2 * H * W * self.dim * self.dim * self.mlp_ratio   # channel MLP
 
 
-class BasicLayerMLP(nn.Module):
-    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge."""
+class BasicLayerMLP(Stage):
+    """A Swin-MLP stage (upstream's BasicLayer in its Swin-MLP file)."""
 
     def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int, window_size: int,
                  mlp_ratio: float = 4., drop: float = 0., drop_path=0., norm_layer=nn.LayerNorm, downsample=None,
                  use_checkpoint: bool = False, ops: Optional[kernels.Ops] = None):
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.depth = depth
-        self.use_checkpoint = use_checkpoint
         ops = ops or kernels.Ops()
-        self.blocks = nn.ModuleList([
-            SwinMLPBlock(dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
-                         shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, drop=drop,
-                         drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                         norm_layer=norm_layer, ops=ops)
-            for i in range(depth)])
-        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=norm_layer, ops=ops)
-                           if downsample is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = checkpoint.checkpoint(blk, x, use_reentrant=False) if self.use_checkpoint else blk(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-    def flops(self) -> int:
-        flops = sum(blk.flops() for blk in self.blocks)
-        return flops + (self.downsample.flops() if self.downsample is not None else 0)
+        make_block = functools.partial(
+            SwinMLPBlock, dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+            mlp_ratio=mlp_ratio, drop=drop, norm_layer=norm_layer, ops=ops)
+        super().__init__(dim, input_resolution, depth, window_size, make_block, drop_path, norm_layer, downsample,
+                         use_checkpoint, ops)
 
 
 class SwinMLP(SwinBackbone):

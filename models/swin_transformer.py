@@ -5,6 +5,7 @@ Every fused op is looked up once at build time in `kernels` (an `ops` bundle han
 blocks); with every flag off the forward is upstream's sequence of PyTorch ops. No flag adds,
 removes or renames a parameter or buffer: a checkpoint saved with any flags loads with any other.
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -279,28 +280,21 @@ class PatchMerging(nn.Module):
         return norm + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
 
 
-class BasicLayer(nn.Module):
-    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge."""
+class Stage(nn.Module):
+    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge. The
+    block comes from `make_block(shift_size=..., drop_path=...)` (V1, V2 and Swin-MLP differ only there)."""
 
-    def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int,
-                 window_size: int, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+    def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, window_size: int, make_block,
                  drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint: bool = False,
-                 fused_window_process: bool = False, ops: Optional[kernels.Ops] = None):
+                 ops: Optional[kernels.Ops] = None):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
         self.depth = depth
         self.use_checkpoint = use_checkpoint
-        ops = ops or kernels.build_ops(window_process=fused_window_process)     # see SwinTransformerBlock
         self.blocks = nn.ModuleList([
-            SwinTransformerBlock(
-                dim=dim, input_resolution=input_resolution, num_heads=num_heads,
-                window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                norm_layer=norm_layer, fused_window_process=fused_window_process, ops=ops)
+            make_block(shift_size=0 if i % 2 == 0 else window_size // 2,
+                       drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path)
             for i in range(depth)])
         self.downsample = (downsample(input_resolution, dim=dim, norm_layer=norm_layer, ops=ops)
                            if downsample is not None else None)
@@ -319,6 +313,23 @@ class BasicLayer(nn.Module):
     def flops(self) -> int:
         flops = sum(blk.flops() for blk in self.blocks)
         return flops + (self.downsample.flops() if self.downsample is not None else 0)
+
+
+class BasicLayer(Stage):
+    """A Swin V1 stage (upstream's BasicLayer)."""
+
+    def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int,
+                 window_size: int, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+                 drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint: bool = False,
+                 fused_window_process: bool = False, ops: Optional[kernels.Ops] = None):
+        ops = ops or kernels.build_ops(window_process=fused_window_process)     # see SwinTransformerBlock
+        make_block = functools.partial(
+            SwinTransformerBlock, dim=dim, input_resolution=input_resolution, num_heads=num_heads,
+            window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop,
+            attn_drop=attn_drop, norm_layer=norm_layer, fused_window_process=fused_window_process, ops=ops)
+        super().__init__(dim, input_resolution, depth, window_size, make_block, drop_path, norm_layer, downsample,
+                         use_checkpoint, ops)
 
 
 class PatchEmbed(nn.Module):

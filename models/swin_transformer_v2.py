@@ -15,19 +15,19 @@ Read top-down: attention -> block -> merging -> stage -> model. Fused ops come f
 attention kernel with the cosine normalisation and per-head scale folded into q and k
 (kernels/window_attention.py, `cosine_window_attention`); windows up to 16.
 """
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath
 
 import kernels
 from kernels.window_attention import cosine_window_attention
 
-from .swin_transformer import (Mlp, PatchMerging, SwinBackbone, add_window_mask, attention_ops, drop_path_scale,
+from .swin_transformer import (Mlp, PatchMerging, Stage, SwinBackbone, add_window_mask, attention_ops, drop_path_scale,
                                fit_window, relative_position_index, shifted_window_mask)
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
@@ -194,34 +194,20 @@ class PatchMergingV2(PatchMerging):
     NORM_FIRST = False
 
 
-class BasicLayerV2(nn.Module):
-    """One stage: `depth` blocks alternating shift 0 and window // 2, then an optional merge."""
+class BasicLayerV2(Stage):
+    """A Swin V2 stage (upstream's BasicLayer in its V2 file)."""
 
     def __init__(self, dim: int, input_resolution: Sequence[int], depth: int, num_heads: int, window_size: int,
                  mlp_ratio: float = 4., qkv_bias: bool = True, drop: float = 0., attn_drop: float = 0.,
                  drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint: bool = False,
                  pretrained_window_size: int = 0, ops: Optional[kernels.Ops] = None):
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.depth = depth
-        self.use_checkpoint = use_checkpoint
         ops = ops or kernels.Ops()
-        self.blocks = nn.ModuleList([
-            SwinTransformerBlockV2(
-                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
-                shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                drop=drop, attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                norm_layer=norm_layer, pretrained_window_size=pretrained_window_size, ops=ops)
-            for i in range(depth)])
-        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=norm_layer, ops=ops)
-                           if downsample is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = checkpoint.checkpoint(blk, x, use_reentrant=False) if self.use_checkpoint else blk(x)
-        return self.downsample(x) if self.downsample is not None else x
+        make_block = functools.partial(
+            SwinTransformerBlockV2, dim=dim, input_resolution=input_resolution, num_heads=num_heads,
+            window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
+            norm_layer=norm_layer, pretrained_window_size=pretrained_window_size, ops=ops)
+        super().__init__(dim, input_resolution, depth, window_size, make_block, drop_path, norm_layer, downsample,
+                         use_checkpoint, ops)
 
     def _init_respostnorm(self) -> None:
         """The post-norms start at zero: each block starts as the identity."""
@@ -229,13 +215,6 @@ class BasicLayerV2(nn.Module):
             for norm in (blk.norm1, blk.norm2):
                 nn.init.constant_(norm.bias, 0)
                 nn.init.constant_(norm.weight, 0)
-
-    def extra_repr(self) -> str:
-        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
-
-    def flops(self) -> int:
-        flops = sum(blk.flops() for blk in self.blocks)
-        return flops + (self.downsample.flops() if self.downsample is not None else 0)
 
 
 class SwinTransformerV2(SwinBackbone):
