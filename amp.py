@@ -145,3 +145,51 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._scaler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- FP8 (--fp8, torchao)
+# The Linear layers whose GEMMs run in float8 (torchao's dynamic scaling; the weights, their
+# gradients and the checkpoint stay in the run's precision): attention qkv and proj, the MLP, the
+# patch-merging reduction. The head and V2's small cpb MLP stay in bf16; so does any layer whose
+# dimensions are not multiples of 16 (the float8 GEMMs need them).
+FP8_LAYERS = ('qkv', 'proj', 'fc1', 'fc2', 'reduction')
+
+
+def fp8_layer(module: torch.nn.Module, name: str) -> bool:
+    """Whether the Linear at `name` runs in FP8."""
+    return (isinstance(module, torch.nn.Linear) and name.split('.')[-1] in FP8_LAYERS
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def check_fp8(config, device: torch.device) -> None:
+    """Refuse --fp8, at start and with the reason, where it cannot run as documented."""
+    from config import ConfigError, amp_opt_level
+    why = None
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:      # missing, or built for another torch
+        why = f'needs torchao (pip install torchao; import failed: {type(e).__name__}: {e})'
+    if why is None and device.type != 'cuda':
+        why = 'needs an NVIDIA GPU with float8 tensor cores (Hopper or newer); it is refused on the CPU'
+    elif why is None and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        why = f'needs float8 tensor cores (compute capability 8.9 or newer); this GPU is {major}.{minor}'
+    elif why is None and not (amp_opt_level(config) == 'O2' and config.AMP_DTYPE == 'bfloat16'):
+        why = 'runs on top of O2 bf16 (fp32 master weights): add --amp-opt-level O2 --amp-dtype bfloat16'
+    elif why is None and (config.FUSED_MLP or config.FUSED_DENSE):
+        why = 'cannot run the GEMMs of --fused_mlp / --fused_dense (they are our own bf16 GEMMs): drop those'
+    if why:
+        raise ConfigError(f'--fp8 {why}')
+
+
+def enable_fp8(model: torch.nn.Module, recipe: str = 'tensorwise', emulate: bool = False) -> list:
+    """Swap the FP8 layers (fp8_layer) for torchao's float8 Linear, sharing their parameters (the
+    state dict is unchanged); -> their names. emulate: torchao's reference arithmetic (tests on the CPU)."""
+    import dataclasses
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    fp8_config = Float8LinearConfig.from_recipe_name(recipe)
+    if emulate:
+        fp8_config = dataclasses.replace(fp8_config, emulate=True)
+    chosen = [name for name, m in model.named_modules() if fp8_layer(m, name)]
+    convert_to_float8_training(model, config=fp8_config, module_filter_fn=lambda m, name: fp8_layer(m, name))
+    return chosen

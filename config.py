@@ -150,6 +150,7 @@ _C.AMP_DTYPE = 'float16'              # 'float16' or 'bfloat16'
 _C.KERNEL_BACKEND = 'auto'            # 'auto', 'triton', 'apex', 'torch'
 _C.COMPILE = False                    # torch.compile the model
 _C.CUDA_GRAPH = False                 # capture the whole training step as a CUDA graph (cuda_graph.py)
+_C.FP8 = False                        # float8 GEMMs in qkv / proj / MLP / reduction (torchao; amp.py)
 
 # ----------------------------------------------------------------------------- other keys of ours
 _C.EXTRA = CN()
@@ -159,6 +160,7 @@ _C.EXTRA.MAX_NONFINITE_STEPS = 10     # consecutive non-finite losses before the
 _C.EXTRA.TF32 = False                 # allow TF32 matmuls at O0 (off, as in PyTorch)
 _C.EXTRA.NUM_CLASSES_FROM_DATA = True  # NUM_CLASSES follows the dataset unless set explicitly
 _C.EXTRA.TENSORBOARD = False         # also write scalars to <output>/tensorboard (rank 0)
+_C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorwise, rowwise, rowwise_with_gw_hp
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -272,6 +274,8 @@ def update_config(config: CN, args: Any) -> None:
         config.COMPILE = True
     if _arg(args, 'cuda_graph'):
         config.CUDA_GRAPH = True
+    if _arg(args, 'fp8'):
+        config.FP8 = True
 
     # The old launcher passes --local_rank; torchrun sets LOCAL_RANK.
     local_rank = _arg(args, 'local_rank')
@@ -312,6 +316,7 @@ def _validate(config: CN) -> None:
     checks = [
         ('AMP_OPT_LEVEL', config.AMP_OPT_LEVEL, ('',) + AMP_OPT_LEVELS),
         ('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES),
+        ('EXTRA.FP8_RECIPE', config.EXTRA.FP8_RECIPE, ('tensorwise', 'rowwise', 'rowwise_with_gw_hp')),
         ('KERNEL_BACKEND', config.KERNEL_BACKEND, KERNEL_BACKENDS),
         ('DATA.CACHE_MODE', config.DATA.CACHE_MODE, ('no', 'full', 'part')),
         ('DATA.PIPELINE', config.DATA.PIPELINE, ('pil', 'gpu')),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import AverageMeter, accuracy
 
-from amp import Precision
+from amp import Precision, check_fp8, enable_fp8
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
 from cuda_graph import GraphedTrainStep, check_cuda_graph_config
@@ -80,6 +80,8 @@ def parse_option(argv=None):
     p.add_argument('--kernel-backend', type=str, choices=list(KERNEL_BACKENDS),
                    help='implementation of the fused flags: auto, triton, apex or torch')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--fp8', action='store_true',
+                   help='float8 GEMMs in the attention, MLP and merge Linears (torchao; Hopper+, O2 bf16)')
     p.add_argument('--cuda-graph', action='store_true', dest='cuda_graph',
                    help='capture the whole training step as a CUDA graph (eager kernels, no compile; '
                         'needs a fused optimizer)')
@@ -133,6 +135,8 @@ def best_accuracy_in(output_dir: str) -> float:
 
 def main(config, logger=None):
     device = init_distributed(config)
+    if config.FP8:
+        check_fp8(config, device)             # before anything is read or written
     seed = config.SEED + rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -164,6 +168,13 @@ def main(config, logger=None):
     if pretrained_ckpt is not None:
         load_pretrained(config, model, logger, checkpoint=pretrained_ckpt)
         del pretrained_ckpt
+    if config.FP8:
+        fp8 = enable_fp8(model, config.EXTRA.FP8_RECIPE)
+        logger.info(f'--fp8 ({config.EXTRA.FP8_RECIPE}): {len(fp8)} Linear layers in float8 '
+                    f'({", ".join(sorted({n.split(".")[-1] for n in fp8}))}); the rest in bf16')
+        if not (config.COMPILE or config.CUDA_GRAPH):
+            logger.warning('--fp8 without --compile: its scaling and casts run as separate kernels; '
+                           'FP8 is meant to be used with --compile')
     model_without_ddp, master = precision.prepare(model)
     if precision.level == 'O3' and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
         logger.warning('O3 trains in pure half precision without fp32 master weights: '

@@ -1,6 +1,6 @@
 """Whole-model training and inference speed, side by side in one process (BENCH.md protocol).
 
-    python benchmarks/bench_train.py --model tiny|large|v2tiny|v2base [--only NAME ...]
+    python benchmarks/bench_train.py --model tiny|base|large|v2tiny|v2base [--only NAME ...]
 
 Training: batch 128, 224x224 synthetic inputs already on the GPU, full steps (forward, loss,
 backward, clip 5.0 with the loss scaler, AdamW step, zero_grad) through the same `Precision`
@@ -17,7 +17,7 @@ import torch
 
 from common import cuda_time_ms, environment, write_results
 
-from amp import Precision
+from amp import Precision, enable_fp8
 from cuda_graph import GraphedTrainStep
 from kernels._utils import apex_available
 from kernels.optimizers import FusedAdamW, build_apex_optimizer
@@ -28,6 +28,7 @@ from optimizer import param_groups
 MODELS = {
     'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
     'large': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+    'base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
     # Swin V2 (configs/swinv2/swinv2_tiny_patch4_window8_256.yaml, ..._base_patch4_window12_192_22k.yaml
     # with a 1000-class head)
     'v2tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2,
@@ -85,6 +86,12 @@ TRAIN = [
     ('--unfused_mha + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ATTN, **ADAM), 'O2', 'bfloat16', CG),
     ('reference + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ADAM, 'O2', 'bfloat16', GRAPH),
     ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
+    ('--fp8 (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL_ADAM, fp8='tensorwise'),
+     'O2', 'bfloat16', CG),
+    ('--fp8 (rowwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL_ADAM, fp8='rowwise'),
+     'O2', 'bfloat16', CG),
+    ('--fp8 (tensorwise) + all flags + --fused_adam eager, O2 bf16', dict(ALL_ADAM, fp8='tensorwise'), 'O2',
+     'bfloat16', False),
     ('apex: --fused_layernorm --fused_dense --fused_adam, O2 bf16', APEX_OPS, 'O2', 'bfloat16', False),
     ('ours: --fused_layernorm --fused_dense --fused_adam, O2 bf16', OURS_OPS, 'O2', 'bfloat16', False),
     ('apex: earlier fork config (all flags, apex ops where apex has one), O2 fp16', APEX_FORK, 'O2', 'float16',
@@ -151,9 +158,12 @@ def build(size, flags):
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
-    model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend')}
-    return SwinTransformer(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'),
-                           fold_window_norm=flags.get('fold', True))
+    model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend', 'fp8')}
+    model = SwinTransformer(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'),
+                            fold_window_norm=flags.get('fold', True))
+    if flags.get('fp8'):
+        enable_fp8(model, flags['fp8'])
+    return model
 
 
 def _compiled(model, compile_):
@@ -244,6 +254,8 @@ def main():
             continue
         if name.startswith('apex') and not apex_available('apex.optimizers'):
             continue          # apex not built here (python build_apex.py)
+        if name.startswith('--fp8') and not apex_available('torchao.float8'):
+            continue          # torchao not installed here (optional)
         try:
             row = fn(a.model, name, flags, level, dtype, compile_, a.batch)
         except Exception as e:   # report, keep measuring the rest

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|apex|v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|apex|v2|fp8 ...]
 # (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -16,6 +16,10 @@ for part in $PARTS; do
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
                tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py 2>&1 | tail -8 ;;
+    fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16, Swin-T / B / L
+             for m in tiny base large; do
+               python3 benchmarks/bench_train.py --model $m --skip-infer --only "all flags + --fused_adam eager, O2 bf16" \
+                 "all flags + --fused_adam + compile (CUDA graphs), O2 bf16" "--fp8"; done ;;
     v2)      # Swin V2-T/256 and V2-B/192: upstream's own module (from $SWIN_UPSTREAM, default .upstream: a
              # checkout of microsoft/Swin-Transformer; its clamp fixed in memory) beside ours, one process each
              for m in v2tiny v2base; do python3 benchmarks/bench_train.py --model $m; done ;;

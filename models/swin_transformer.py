@@ -39,6 +39,18 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int) -> to
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
+_OWN_BIAS = object()
+
+
+def dense(ops: kernels.Ops, module: nn.Linear, x: torch.Tensor, bias=_OWN_BIAS) -> torch.Tensor:
+    """`module`'s Linear (with `bias` instead of its own where given) through the ops bundle. A module
+    swapped for an FP8 Linear (amp.enable_fp8) runs its own forward, with any outside bias added."""
+    if type(module) is not nn.Linear:
+        y = module(x)
+        return y if bias is _OWN_BIAS or bias is None else y + bias.to(y.dtype)
+    return ops.linear(x, module.weight, module.bias if bias is _OWN_BIAS else bias)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU (exact) -> dropout -> fc2 -> dropout; fused as one op under --fused_mlp."""
 
@@ -60,8 +72,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ops.mlp is not None:
             return self.ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        x = self.drop(self.act(self.ops.linear(x, self.fc1.weight, self.fc1.bias)))
-        return self.drop(self.ops.linear(x, self.fc2.weight, self.fc2.bias))
+        x = self.drop(self.act(dense(self.ops, self.fc1, x)))
+        return self.drop(dense(self.ops, self.fc2, x))
 
 
 class WindowAttention(nn.Module):
@@ -106,7 +118,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B*nW, N, C]; mask: [nW, N, N] (0 or -100) or None. Returns [B*nW, N, C]."""
         B_, N, C = x.shape
-        qkv = self.ops.linear(x, self.qkv.weight, self.qkv.bias)          # B*nW, N, 3C
+        qkv = dense(self.ops, self.qkv, x)                                # B*nW, N, 3C
         if self.ops.window_attention is not None:
             x = self.ops.window_attention(qkv, self.relative_position_bias_table,
                                           self.relative_position_index, mask, self.num_heads,
@@ -119,8 +131,7 @@ class WindowAttention(nn.Module):
             attn = attn + bias.unsqueeze(0)
             attn = self.attn_drop(self.softmax(add_window_mask(attn, mask)))
             x = (attn @ v).transpose(1, 2).reshape(B_, N, C)              # B*nW, N, C
-        x = self.ops.linear(x, self.proj.weight, self.proj.bias)
-        return self.proj_drop(x)
+        return self.proj_drop(dense(self.ops, self.proj, x))
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}'
@@ -266,7 +277,7 @@ class PatchMerging(nn.Module):
         x = x.permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2 * W // 2, 4 * C)  # B, H/2*W/2, 4C
         if self.NORM_FIRST:
             x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
-        x = self.ops.linear(x, self.reduction.weight, None)                 # B, H/2*W/2, 2C
+        x = dense(self.ops, self.reduction, x)                              # B, H/2*W/2, 2C
         if not self.NORM_FIRST:
             x = self.ops.layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
         return x
@@ -436,7 +447,7 @@ class SwinBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         if isinstance(self.head, nn.Linear):
-            return self.ops.linear(x, self.head.weight, self.head.bias)
+            return dense(self.ops, self.head, x)
         return self.head(x)
 
     def flops(self) -> int:

@@ -27,8 +27,8 @@ from timm.layers import DropPath
 import kernels
 from kernels.window_attention import cosine_window_attention
 
-from .swin_transformer import (Mlp, PatchMerging, Stage, SwinBackbone, add_window_mask, attention_ops, drop_path_scale,
-                               fit_window, relative_position_index, shifted_window_mask)
+from .swin_transformer import (Mlp, PatchMerging, Stage, SwinBackbone, add_window_mask, attention_ops, dense,
+                               drop_path_scale, fit_window, relative_position_index, shifted_window_mask)
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
 
@@ -96,12 +96,12 @@ class WindowAttentionV2(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = self.ops.linear(x, self.qkv.weight, qkv_bias)              # B*nW, N, 3C
+        qkv = dense(self.ops, self.qkv, x, qkv_bias)                      # B*nW, N, 3C
         if self.ops.window_attention is not None:     # --unfused_mha: V1's kernel with V2's inputs
             table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)      # once per step
             x = cosine_window_attention(qkv, self.logit_scale, table, self.relative_position_index, mask,
                                         self.num_heads, attention=self.ops.window_attention)
-            return self.proj_drop(self.ops.linear(x, self.proj.weight, self.proj.bias))
+            return self.proj_drop(dense(self.ops, self.proj, x))
         qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]                                  # B*nW, heads, N, hd
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)   # B*nW, heads, N, N
@@ -110,7 +110,7 @@ class WindowAttentionV2(nn.Module):
         attn = attn + self.relative_position_bias().unsqueeze(0)
         attn = self.attn_drop(self.softmax(add_window_mask(attn, mask)))
         x = (attn @ v).transpose(1, 2).reshape(B_, N, C)                  # B*nW, N, C
-        return self.proj_drop(self.ops.linear(x, self.proj.weight, self.proj.bias))
+        return self.proj_drop(dense(self.ops, self.proj, x))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, '
