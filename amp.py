@@ -163,23 +163,28 @@ def fp8_layer(module: torch.nn.Module, name: str) -> bool:
 
 def check_fp8(config, device: torch.device) -> None:
     """Refuse --fp8, at start and with the reason, where it cannot run as documented."""
-    from config import ConfigError, amp_opt_level
-    why = None
+    from config import ConfigError
+    why = _fp8_refusal(config, device)
+    if why:
+        raise ConfigError(f'--fp8 {why}')
+
+
+def _fp8_refusal(config, device: torch.device) -> Optional[str]:
+    from config import amp_opt_level
     try:
         import torchao.float8  # noqa: F401
     except Exception as e:      # missing, or built for another torch
-        why = f'needs torchao (pip install torchao; import failed: {type(e).__name__}: {e})'
-    if why is None and device.type != 'cuda':
-        why = 'needs an NVIDIA GPU with float8 tensor cores (Hopper or newer); it is refused on the CPU'
-    elif why is None and torch.cuda.get_device_capability(device) < (8, 9):
+        return f'needs torchao (pip install torchao; import failed: {type(e).__name__}: {e})'
+    if device.type != 'cuda':
+        return 'needs an NVIDIA GPU with float8 tensor cores (Hopper or newer); it is refused on the CPU'
+    if torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
-        why = f'needs float8 tensor cores (compute capability 8.9 or newer); this GPU is {major}.{minor}'
-    elif why is None and not (amp_opt_level(config) == 'O2' and config.AMP_DTYPE == 'bfloat16'):
-        why = 'runs on top of O2 bf16 (fp32 master weights): add --amp-opt-level O2 --amp-dtype bfloat16'
-    elif why is None and (config.FUSED_MLP or config.FUSED_DENSE):
-        why = 'cannot run the GEMMs of --fused_mlp / --fused_dense (they are our own bf16 GEMMs): drop those'
-    if why:
-        raise ConfigError(f'--fp8 {why}')
+        return f'needs float8 tensor cores (compute capability 8.9 or newer); this GPU is {major}.{minor}'
+    if not (amp_opt_level(config) == 'O2' and config.AMP_DTYPE == 'bfloat16'):
+        return 'runs on top of O2 bf16 (fp32 master weights): add --amp-opt-level O2 --amp-dtype bfloat16'
+    if config.FUSED_MLP or config.FUSED_DENSE:
+        return 'cannot run the GEMMs of --fused_mlp / --fused_dense (they are our own bf16 GEMMs): drop those'
+    return None
 
 
 def enable_fp8(model: torch.nn.Module, recipe: str = 'tensorwise', emulate: bool = False) -> list:
@@ -191,5 +196,5 @@ def enable_fp8(model: torch.nn.Module, recipe: str = 'tensorwise', emulate: bool
     if emulate:
         fp8_config = dataclasses.replace(fp8_config, emulate=True)
     chosen = [name for name, m in model.named_modules() if fp8_layer(m, name)]
-    convert_to_float8_training(model, config=fp8_config, module_filter_fn=lambda m, name: fp8_layer(m, name))
+    convert_to_float8_training(model, config=fp8_config, module_filter_fn=fp8_layer)
     return chosen

@@ -89,12 +89,12 @@ def get_impl(op: str, backend: str = 'auto'):
     if chosen == 'apex':
         if entry.apex_module is None:      # apex has no such op, or not upstream's math: ours stands in
             chosen = 'triton' if torch.cuda.is_available() or triton_interpret() else 'torch'
-            if op not in ('norm_partition', 'merge_add_norm'):
+            if op in ('window_process', 'window_attention', 'add_layer_norm', 'mlp'):    # the folds: composed
                 logger.info(f'{flag} under KERNEL_BACKEND apex: {entry.apex_note}; ours ({chosen}) stands in')
         elif not apex_available(entry.apex_module):
             raise KernelUnavailable(
                 f"{flag} with KERNEL_BACKEND apex needs {entry.apex_module}, which is not importable here: "
-                f"build NVIDIA apex with `python tools/build_apex.py`, or use KERNEL_BACKEND auto")
+                f"build NVIDIA apex with `python build_apex.py /path/to/apex`, or use KERNEL_BACKEND auto")
     impl = entry.impls.get(chosen)
     if impl is None:
         why = ('triton is not importable' if chosen == 'triton' and not triton_available()
