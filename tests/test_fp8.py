@@ -101,3 +101,15 @@ def test_fp8_model_tracks_the_bf16_model():
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert rel(p.grad, ref_grads[name].grad) < 0.25, (name, rel(p.grad, ref_grads[name].grad))
+
+
+@needs_torchao
+def test_fp8_model_has_no_graph_breaks():
+    """--fp8 is meant for --compile: dynamo traces the swapped layers (and our dense() dispatch)
+    without a break."""
+    from models.swin_transformer import SwinTransformer
+    model = SwinTransformer(**SMALL)
+    enable_fp8(model, emulate=True)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
