@@ -8,6 +8,7 @@ class main.py uses; 10 warm-up steps, then 30 timed between CUDA events. Inferen
 no_grad, 50 warm-up and 30 timed forwards (upstream's --throughput protocol).
 """
 import argparse
+import functools
 import gc
 import os
 import time
@@ -150,8 +151,7 @@ def _upstream_v2():
 
 def build(size, flags):
     if flags == 'upstream':
-        kw = {k: v for k, v in MODELS[size].items()}
-        return _upstream_v2()(**kw)
+        return _upstream_v2()(**MODELS[size])
     if size.startswith('v2'):
         model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend')}
         return SwinTransformerV2(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'))
@@ -200,16 +200,17 @@ def train_row(size, name, flags, level, dtype, compile_, batch):
         precision.step(optimizer, master.parameters(), 5.0)
         precision.zero_grad(optimizer, model)
 
-    if compile_ == GRAPH:
+    if compile_ == GRAPH:                    # 3 eager warm-up calls, then replays of one captured step
         graphed = GraphedTrainStep(model, criterion, optimizer, precision, 5.0)
-        step = lambda: graphed(x, y)     # noqa: E731  (3 eager warm-up calls, then replays)
-
+        run = functools.partial(graphed, x, y)
+    else:
+        run = step
     t0 = time.time()
-    step()                                   # compilation / autotune stays out of the timing
+    run()                                    # compilation / autotune stays out of the timing
     torch.cuda.synchronize()
     first = time.time() - t0
     torch.cuda.reset_peak_memory_stats()
-    ms = cuda_time_ms(step, warmup=10, iters=30)
+    ms = cuda_time_ms(run, warmup=10, iters=30)
     return {'mode': 'train', 'config': name, 'img/s': batch / ms * 1e3, 'ms/step': ms,
             'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30, 'first_step_s': first}
 

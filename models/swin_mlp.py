@@ -21,10 +21,10 @@ from timm.layers import DropPath
 
 import kernels
 
-from .swin_transformer import Mlp, PatchMerging, Stage, SwinBackbone, drop_path_scale, fit_window
+from .swin_transformer import Mlp, PatchMerging, Stage, SwinBackbone, drop_path_scale, WindowBlock
 
 
-class SwinMLPBlock(nn.Module):
+class SwinMLPBlock(WindowBlock):
     """Spatial MLP over (shifted, padded) windows and a channel MLP, each with a pre-norm and a
     drop-path residual."""
 
@@ -32,11 +32,7 @@ class SwinMLPBlock(nn.Module):
                  shift_size: int = 0, mlp_ratio: float = 4., drop: float = 0., drop_path: float = 0.,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm, ops: Optional[kernels.Ops] = None):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.num_heads = num_heads
-        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
-        self.mlp_ratio = mlp_ratio
+        self._geometry(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio)
         w, s = self.window_size, self.shift_size
         self.padding = (w - s, s, w - s, s)                                   # left, right, top, bottom
         self.ops = ops or kernels.Ops()
@@ -76,10 +72,6 @@ class SwinMLPBlock(nn.Module):
         x, y = self.ops.add_layer_norm(shortcut, branch, drop_path_scale(shortcut, self.drop_path),
                                        self.norm2.weight, self.norm2.bias, self.norm2.eps)
         return x + self.drop_path(self.mlp(y))
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
-                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
     def flops(self) -> int:
         """Upstream's count."""

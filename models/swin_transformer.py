@@ -186,7 +186,24 @@ def drop_path_scale(x: torch.Tensor, drop_path: nn.Module) -> Optional[torch.Ten
     return scale
 
 
-class SwinTransformerBlock(nn.Module):
+class WindowBlock(nn.Module):
+    """What every (shifted-)window block shares: its geometry, under upstream's window-fitting
+    rule, and its repr. V1, V2 and Swin-MLP blocks subclass it."""
+
+    def _geometry(self, dim: int, input_resolution: Sequence[int], num_heads: int, window_size: int,
+                  shift_size: int, mlp_ratio: float) -> None:
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
+        self.mlp_ratio = mlp_ratio
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+
+class SwinTransformerBlock(WindowBlock):
     """(Shifted-)window attention and MLP, each with a pre-norm and a drop-path residual."""
 
     def __init__(self, dim: int, input_resolution: Sequence[int], num_heads: int, window_size: int = 7,
@@ -195,11 +212,7 @@ class SwinTransformerBlock(nn.Module):
                  drop_path: float = 0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
                  fused_window_process: bool = False, ops: Optional[kernels.Ops] = None):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.num_heads = num_heads
-        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
-        self.mlp_ratio = mlp_ratio
+        self._geometry(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio)
         # Built alone (as upstream's block can be), fused_window_process picks the fused shuffles;
         # inside a SwinTransformer the model's `ops` bundle, resolved once for every flag, decides.
         self.ops = ops or kernels.build_ops(window_process=fused_window_process)
@@ -237,10 +250,6 @@ class SwinTransformerBlock(nn.Module):
         x, y = self.ops.merge_add_norm(shortcut, attn_windows, drop_path_scale(shortcut, self.drop_path),
                                        self.norm2.weight, self.norm2.bias, self.norm2.eps, H, W, self.shift_size)
         return x + self.drop_path(self.mlp(y))
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
-                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
     def flops(self) -> int:
         H, W = self.input_resolution

@@ -28,7 +28,7 @@ import kernels
 from kernels.window_attention import cosine_window_attention
 
 from .swin_transformer import (Mlp, PatchMerging, Stage, SwinBackbone, add_window_mask, attention_ops, dense,
-                               drop_path_scale, fit_window, relative_position_index, shifted_window_mask)
+                               drop_path_scale, relative_position_index, shifted_window_mask, WindowBlock)
 
 LOGIT_SCALE_MAX = math.log(1. / 0.01)       # exp(logit_scale) is clamped at 100
 
@@ -124,7 +124,7 @@ class WindowAttentionV2(nn.Module):
         return flops + N * self.dim * self.dim
 
 
-class SwinTransformerBlockV2(nn.Module):
+class SwinTransformerBlockV2(WindowBlock):
     """(Shifted-)window cosine attention and MLP, each followed by its norm (res-post-norm)."""
 
     def __init__(self, dim: int, input_resolution: Sequence[int], num_heads: int, window_size: int = 7,
@@ -132,11 +132,7 @@ class SwinTransformerBlockV2(nn.Module):
                  attn_drop: float = 0., drop_path: float = 0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
                  pretrained_window_size: int = 0, ops: Optional[kernels.Ops] = None):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.num_heads = num_heads
-        self.window_size, self.shift_size = fit_window(self.input_resolution, window_size, shift_size)
-        self.mlp_ratio = mlp_ratio
+        self._geometry(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio)
         self.ops = ops or kernels.Ops()
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttentionV2(dim, (self.window_size, self.window_size), num_heads, qkv_bias, attn_drop,
@@ -176,10 +172,6 @@ class SwinTransformerBlockV2(nn.Module):
         x = self.ops.window_merge(attn_windows.view(-1, w, w, C), H, W, self.shift_size)  # B, H, W, C
         x = shortcut + self.drop_path(self._norm(self.norm1, x.reshape(B, H * W, C)))
         return x + self.drop_path(self._norm(self.norm2, self.mlp(x)))
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
-                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
     def flops(self) -> int:
         H, W = self.input_resolution
