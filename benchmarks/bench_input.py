@@ -11,9 +11,11 @@ pipelines: each pipeline alone, as main.py builds it (data.build_loader), images
 gputime:   GPU kernel time of our train transform per batch of 128 (torch.profiler, the sum of
            every kernel's time, nvJPEG's included), beside the Swin-T step it must hide under.
 main:      main.py training Swin-T with the best flags (all flags, --fused_adam, O2 bf16, compile
-           with CUDA graphs) for one epoch on the folder (--data-pipeline gpu and pil) and on in-memory
-           synthetic inputs; img/s as main.py logs it (from step 10). Then bench_train.py's row for
-           the same configuration (the harness, synthetic inputs, no data loading at all).
+           with CUDA graphs; or --cuda-graph in place of --compile: PIPELINE:DATA:graph) for one epoch on
+           the folder (--data-pipeline gpu and pil) and on in-memory synthetic inputs; img/s as main.py
+           logs it (from step 10).
+harness:   bench_train.py's row for the same configuration (synthetic inputs on the GPU, no data
+           loading at all).
 """
 import argparse
 import json
@@ -120,32 +122,39 @@ def gpu_time(root: str, batches: int = 10) -> dict:
             'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
 
 
-def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int) -> dict:
+def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> dict:
+    """step: 'compile' (torch.compile with CUDA graphs) or 'graph' (--cuda-graph: the eager step captured)."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False']
+    flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
                  'EXTRA.SYNTHETIC_VAL_SIZE', '1024', 'MODEL.NUM_CLASSES', '100']
     cmd = [sys.executable, 'main.py', '--cfg', TINY, '--data-path', root, '--data-pipeline', pipeline,
-           '--output', '/tmp/bench_input_out', '--tag', f'{pipeline}_{int(synthetic)}'] + BEST + ['--opts'] + opts
+           '--output', '/tmp/bench_input_out', '--tag', f'{pipeline}_{int(synthetic)}_{step}'
+           ] + flags + ['--opts'] + opts
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
     m = re.search(r'\(([\d.]+) images/s from step (\d+)', out)
     if p.returncode != 0 or not m:
         print(out[-3000:])
-    return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'workers': workers,
+    return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
+            'workers': workers,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
 
 
-def harness() -> dict:
-    cmd = [sys.executable, 'benchmarks/bench_train.py', '--model', 'tiny', '--only',
-           'all flags + --fused_adam + compile (CUDA graphs), O2 bf16', '--skip-infer']
+HARNESS_ROWS = {'compile': 'all flags + --fused_adam + compile (CUDA graphs), O2 bf16',
+                'graph': 'all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16'}
+
+
+def harness(step: str) -> dict:
+    cmd = [sys.executable, 'benchmarks/bench_train.py', '--model', 'tiny', '--only', HARNESS_ROWS[step], '--skip-infer']
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     m = re.search(r"'img/s': ([\d.]+)", p.stdout)
     rate = float(m.group(1)) if m else None
-    return {'part': 'harness', 'pipeline': '-', 'data': 'synthetic on GPU', 'workers': 0, 'img/s': rate,
+    return {'part': 'harness', 'pipeline': '-', 'data': 'synthetic on GPU', 'step': step, 'workers': 0, 'img/s': rate,
             'output_tail': (p.stdout + p.stderr)[-1500:], 'rc': p.returncode}
 
 
@@ -160,7 +169,9 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP], STEP compile (default) or graph')
+    p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
+                   help='the bench_train.py rows of the harness part')
     a = p.parse_args()
     rows = []
     info = make_folder(a.root, a.images, a.val_images, a.unique)
@@ -180,18 +191,19 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data = run.split(':')
+            pipeline, data, step = (run.split(':') + ['compile'])[:3]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images))
+                                a.images, step))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'harness' in a.parts:
-        rows.append(harness())
-        print(rows[-1]['output_tail'], flush=True)
+        for step in a.harness_steps:
+            rows.append(harness(step))
+            print(rows[-1]['output_tail'], flush=True)
     env = environment()
     env['cpu_cores'] = cores
     env['folder'] = info
-    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'workers', 'pin_memory', 'img/s',
-                                                 'ms_per_batch', 'rc'], env))
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers', 'pin_memory',
+                                                 'img/s', 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ for part in $PARTS; do
     tests)   python3 -m pytest -q tests/test_window_process.py tests/test_window_attention.py \
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
-               tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py 2>&1 | tail -8 ;;
+               tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py tests/test_fp8.py 2>&1 | tail -8 ;;
     fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16, Swin-T / B / L
              for m in tiny base large; do
                python3 benchmarks/bench_train.py --model $m --skip-infer --only "all flags + --fused_adam eager, O2 bf16" \

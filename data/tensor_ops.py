@@ -7,9 +7,9 @@ chain of ops stays on the uint8 grid. The per-op notes say how Pillow computes i
 (tests/test_gpu_pipeline.py) compare each op with Pillow at fixed arguments.
 
 Resampling: crop + resize is kernels/crop_resize.py (antialiased bicubic, a = -0.5, as Pillow, in
-float); the affine ops (rotate, shear, translate) use grid_sample's bicubic (a = -0.75) where Pillow
-uses a = -0.5 without antialiasing. Both differ from Pillow by about a level; the tests state the
-tolerance.
+float: within a level of Pillow's fixed-point result); the affine ops (rotate, shear, translate) are
+kernels/affine_resample.py, Pillow's own math (bicubic a = -1 without antialiasing, truncated). The
+tests state the tolerances.
 """
 import math
 
@@ -150,23 +150,15 @@ def affine_coefficients(op: str, arg: float, w: int, h: int) -> list:
 
 
 def affine(x: torch.Tensor, matrix: torch.Tensor, fill) -> torch.Tensor:
-    """Image.transform(AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor=fill) for a batch:
-    output pixel (i, j), at continuous position (u, v) = (j + 0.5, i + 0.5), takes the input at
-    (a u + b v + c, d u + e v + f); positions outside the input get `fill` (per channel).
-    matrix: [n, 6]."""
-    n, _, h, w = x.shape
-    dev = x.device
-    u = torch.arange(w, device=dev, dtype=torch.float32) + 0.5
-    v = torch.arange(h, device=dev, dtype=torch.float32) + 0.5
-    m = matrix.float().reshape(n, 6, 1, 1)
-    xin = m[:, 0] * u[None, None, :] + m[:, 1] * v[None, :, None] + m[:, 2]     # n, h, w
-    yin = m[:, 3] * u[None, None, :] + m[:, 4] * v[None, :, None] + m[:, 5]
-    grid = torch.stack((xin * (2.0 / w) - 1, yin * (2.0 / h) - 1), dim=-1)     # n, h, w, 2
-    out = F.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False)
-    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=dev).reshape(1, -1, 1, 1)
-    out = torch.floor(out + 0.5).clamp_(0, 255)
-    return torch.where(inside[:, None], out, fill_t)
+    """Image.transform(AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor=fill) for a batch, Pillow's
+    math (cubic a = -1, truncation; kernels/affine_resample.py): output pixel (i, j), at continuous
+    position (u, v) = (j + 0.5, i + 0.5), takes the input at (a u + b v + c, d u + e v + f);
+    positions outside the input get `fill` (per channel). matrix: [n, 6]. One Triton launch on the
+    GPU; the float64 reference elsewhere."""
+    from kernels.affine_resample import affine_resample, affine_resample_ref
+    if x.is_cuda:
+        return affine_resample(x, matrix, fill)
+    return affine_resample_ref(x, matrix, fill)
 
 
 def crop_padded(img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:

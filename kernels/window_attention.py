@@ -168,7 +168,10 @@ if triton_available():
             v = tl.load(qkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :], mask=kv_mask, other=0.)
             dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            for m_blk in tl.static_range(NUM_M):
+            # a loop, not unrolled: at window 12 (3 query blocks, head dim 64) the unrolled backward took
+            # minutes to compile in fp32 (ieee dots) and 30 s in bf16; as a loop 34 s and 6.5 s (sm_90
+            # target, compiled on a 2-core CPU box). Window 7 has one query block either way.
+            for m_blk in range(NUM_M):
                 rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = rows < N
                 rd_mask = row_ok[:, None] & d_ok[None, :]
@@ -233,10 +236,13 @@ BWD_PROGRAMS_PER_SM = 8
 
 def _blocks(N: int, d: int):
     block_n = max(16, next_power_of_2(N))
-    block_m = min(block_n, 64)
+    block_d = max(16, next_power_of_2(d))
+    # head dim 128: 64-row query blocks overflow sm_90's 227 KB of shared memory in the backward (Triton
+    # 3.6 on an H200: 254 KB in bf16; fp32 more); with 32-row blocks fp32 runs there. Swin's head dim is 32.
+    block_m = min(block_n, 32 if block_d >= 128 else 64)
     num_m = (N + block_m - 1) // block_m
     num_warps = 4 if block_n <= 64 else 8
-    return block_m, block_n, max(16, next_power_of_2(d)), num_m, num_warps
+    return block_m, block_n, block_d, num_m, num_warps
 
 
 def _n_groups(B_: int, heads: int, device: torch.device) -> int:

@@ -131,8 +131,16 @@ def test_cosine_attention_kernel_matches_float64(case, dtype):
     tol = COSINE_TOL[dtype]
     rel = lambda a, b: ((a.double().cpu() - b).norm() / b.norm()).item()      # noqa: E731
     assert rel(out, ref) < tol, ('out', rel(out, ref))
-    for name, a, b in zip(('qkv', 'logit_scale', 'table'), got_in, ref_in):
-        assert rel(a.grad, b.grad) < 4 * tol, (name, rel(a.grad, b.grad))
+    # the same math in PyTorch at the same dtype: half precision's own error on the reductions (the
+    # logit-scale gradient sums N * N products per window) bounds what the kernel can be asked for
+    same = [t.detach().to(DEVICE, dtype if i == 0 else torch.float32).requires_grad_() for i, t in enumerate(ref_in)]
+    with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        same_out = wa.cosine_window_attention_ref(same[0], same[1], same[2], index.to(DEVICE),
+                                                  mask.float().to(DEVICE) if mask is not None else None, heads)
+    same_out.backward(dout.to(DEVICE, same_out.dtype))
+    for name, a, b, c in zip(('qkv', 'logit_scale', 'table'), got_in, ref_in, same):
+        assert rel(a.grad, b.grad) < max(4 * tol, 2 * rel(c.grad, b.grad)), (name, rel(a.grad, b.grad),
+                                                                             rel(c.grad, b.grad))
     assert got_in[1].grad[0].item() == 0 and ref_in[1].grad[0].item() == 0
 
 
