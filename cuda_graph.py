@@ -17,12 +17,16 @@ The rules that make that true:
   in eager steps;
 - the first WARMUP steps run eagerly (lazy initialisation: Triton compiles, cuBLAS handles, the
   optimizer's state and tables) on a side stream, as capture requires; they are real training steps;
-- mixup/cutmix, the host-side sampling of the loader and the loss read-back stay outside the graph.
+- mixup/cutmix, the host-side sampling of the loader and the loss read-back stay outside the graph;
+- gradient accumulation (TRAIN.ACCUMULATION_STEPS = k): a cycle of k micro-steps is up to three
+  graphs, as the eager loop runs it: the first zeroes the gradients, each back-propagates loss / k
+  into them, the last steps the optimizer. The graphs share one memory pool (they run one after
+  the other on one stream, and their outputs are copied out before the next replay), so the
+  activations are held once, not once per graph.
 
 Needs a fused optimizer (--fused_adam or --optim fused_lamb: they never sync the host) and a CUDA
-device; gradient accumulation, DDP, --use-checkpoint and --compile are refused with the reason (the
-first three are not implemented yet, and --compile has its own CUDA graphs: EXTRA.COMPILE_MODE
-reduce-overhead).
+device; DDP, --use-checkpoint and --compile are refused with the reason (the first two are not
+implemented, and --compile has its own CUDA graphs: EXTRA.COMPILE_MODE reduce-overhead).
 """
 from typing import Callable, Optional, Tuple
 
@@ -42,8 +46,6 @@ def check_cuda_graph_config(config, device: torch.device, optimizer, distributed
     elif not is_fused(optimizer):
         why = ('needs a fused optimizer that never syncs the host: add --fused_adam '
                '(or --optim fused_lamb)')
-    elif config.TRAIN.ACCUMULATION_STEPS > 1:
-        why = 'does not support TRAIN.ACCUMULATION_STEPS > 1 yet: use --accumulation-steps 1'
     elif distributed:
         why = 'does not support DDP yet: run without it on one GPU, or use --compile on several'
     elif config.TRAIN.USE_CHECKPOINT:
@@ -58,16 +60,19 @@ def check_cuda_graph_config(config, device: torch.device, optimizer, distributed
 
 class GraphedTrainStep:
     """step(x, y) -> (loss, finite, grad norm) as fresh device tensors (no host sync), one whole
-    training step, captured after WARMUP eager steps and replayed from then on."""
+    training step, captured after WARMUP eager steps and replayed from then on. With gradient
+    accumulation, step(x, y, first=..., update=...) is one micro-step: `first` zeroes the
+    gradients before it, `update` steps the optimizer after it (the grad norm is a placeholder
+    zero without it); `accum` divides the loss before the backward."""
 
     def __init__(self, model: torch.nn.Module, criterion: Callable, optimizer, precision,
-                 clip_grad: Optional[float], warmup: int = WARMUP):
+                 clip_grad: Optional[float], warmup: int = WARMUP, accum: int = 1):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
-        self.precision, self.clip_grad, self.warmup = precision, clip_grad, warmup
-        self.graph = None
-        self.eager_left = warmup
+        self.precision, self.clip_grad, self.warmup, self.accum = precision, clip_grad, warmup, accum
+        self.graphs, self.outs = {}, {}          # by (first, update): the micro-step kinds
+        self.eager_left = warmup * accum         # micro-steps
         self.shapes = None
-        self.captures = 0               # how many times a graph was captured (tests, log)
+        self.captures = 0               # how many graphs were captured (tests, log)
         holders = precision.grad_holders(optimizer)
         self.device = holders[0].device
         for p in holders:               # gradients live for the whole run: allocated once, zeroed in-graph
@@ -77,40 +82,52 @@ class GraphedTrainStep:
         self.hparams = torch.empty((len(optimizer.param_groups), 4), dtype=torch.float64, device=self.device)
         self.side = torch.cuda.Stream(self.device)
 
-    def _step(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step itself, on the static buffers: what is captured, and what warm-up runs."""
-        torch._foreach_zero_(self.grads)
+    @property
+    def graph(self):
+        """The one-step graph when there is no accumulation (None before the capture)."""
+        return self.graphs.get((True, True))
+
+    def _step(self, first: bool, update: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The micro-step itself, on the static buffers: what is captured, and what warm-up runs."""
+        if first:
+            torch._foreach_zero_(self.grads)
         with self.precision.autocast():
             out = self.model(self.x)
         loss = self.criterion(out.float(), self.y)
         finite = torch.isfinite(loss.detach()).float().reshape(1)
-        self.precision.backward(loss)
-        norm = self.precision.step(self.optimizer, None, self.clip_grad, hparams=self.hparams)
+        self.precision.backward(loss / self.accum if self.accum > 1 else loss)
+        if update:
+            norm = self.precision.step(self.optimizer, None, self.clip_grad, hparams=self.hparams)
+        else:
+            norm = torch.zeros((), device=self.device)
         return loss.detach(), finite, norm
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, first: bool = True, update: bool = True):
+        kind = (first, update)
         shapes = (x.shape, x.dtype, y.shape, y.dtype)
         if shapes != self.shapes:             # first call, or a batch of another shape: start over
-            self.graph, self.shapes = None, shapes
+            self.graphs, self.outs, self.shapes = {}, {}, shapes
             self.x, self.y = torch.empty_like(x), torch.empty_like(y)
             self.eager_left = max(self.eager_left, 1)
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         # this step's hyperparameters, ordered before the step on the stream that runs it
         self.hparams.copy_(self.optimizer.hparams_rows(), non_blocking=True)
-        if self.graph is None and self.eager_left > 0:
+        if kind not in self.graphs and self.eager_left > 0:
             self.eager_left -= 1
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                result = self._step()
+                result = self._step(first, update)
             torch.cuda.current_stream().wait_stream(self.side)
             return tuple(t.clone() for t in result)
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
+        if kind not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            pool = next(iter(self.graphs.values())).pool() if self.graphs else None
             torch.cuda.synchronize()
             # thread_local: the input pipeline's threads may use CUDA while this thread captures
-            with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
-                self.out = self._step()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode='thread_local'):
+                self.outs[kind] = self._step(first, update)
+            self.graphs[kind] = graph
             self.captures += 1
-        self.graph.replay()
-        return tuple(t.clone() for t in self.out)    # the next replay overwrites the static outputs
+        self.graphs[kind].replay()
+        return tuple(t.clone() for t in self.outs[kind])   # the next replay overwrites the static outputs

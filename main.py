@@ -243,7 +243,8 @@ def main(config, logger=None):
         set_rng_state(resumed_rng)
     graphed = None
     if config.CUDA_GRAPH:
-        graphed = GraphedTrainStep(model, criterion, optimizer, precision, config.TRAIN.CLIP_GRAD)
+        graphed = GraphedTrainStep(model, criterion, optimizer, precision, config.TRAIN.CLIP_GRAD,
+                                   accum=config.TRAIN.ACCUMULATION_STEPS)
         logger.info(f'--cuda-graph: the training step is captured after {graphed.warmup} eager steps')
     logger.info('Start training')
     start_time = time.time()
@@ -318,13 +319,16 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             samples, targets = mixup_fn(samples, targets)
         samples = precision.cast_input(samples)
         if graphed is not None:
-            # forward, backward and the fused optimizer in one replay; the loss is read a step late
-            loss, finite, grad_norm = graphed(samples, targets)
+            # forward, backward and (on a cycle's last micro-step) the fused optimizer in one replay;
+            # the loss is read a step late
+            update = (idx + 1) % accum == 0
+            loss, finite, grad_norm = graphed(samples, targets, first=idx % accum == 0, update=update)
             if pending is not None:
                 settle(*pending)
             pending = (idx, loss, finite, targets.size(0))
-            lr_scheduler.step_update(epoch * steps_per_epoch + idx + 1)
-            grad_norms.append(grad_norm)
+            if update:
+                lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
+                grad_norms.append(grad_norm)
         else:
             update = (idx + 1) % accum == 0
             # Non-final micro-steps accumulate locally: no all-reduce until the last one.

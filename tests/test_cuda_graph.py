@@ -26,7 +26,6 @@ def test_refusals_name_the_reason():
     cuda = torch.device('cuda')
     cases = [(_config(), torch.device('cpu'), fused, False, 'needs a CUDA GPU'),
              (_config(), cuda, plain, False, '--fused_adam'),
-             (_config('TRAIN.ACCUMULATION_STEPS', '2'), cuda, fused, False, 'ACCUMULATION_STEPS'),
              (_config(), cuda, fused, True, 'DDP'),
              (_config('TRAIN.USE_CHECKPOINT', 'True'), cuda, fused, False, 'use-checkpoint'),
              (_config('COMPILE', 'True'), cuda, fused, False, 'reduce-overhead')]
@@ -34,6 +33,7 @@ def test_refusals_name_the_reason():
         with pytest.raises(ConfigError, match=match):
             check_cuda_graph_config(config, device, opt, dist)
     check_cuda_graph_config(_config(), cuda, fused, False)      # what it accepts
+    check_cuda_graph_config(_config('TRAIN.ACCUMULATION_STEPS', '3'), cuda, fused, False)
 
 
 def test_main_refuses_cuda_graph_on_the_cpu(demo_data, tmp_path):
@@ -45,8 +45,9 @@ def test_main_refuses_cuda_graph_on_the_cpu(demo_data, tmp_path):
     assert 'error: --cuda-graph needs a CUDA GPU' in out and 'Traceback' not in out
 
 
-def _run(level, dtype, graphed, batches, flags):
-    """N training steps of a small Swin from fixed weights; -> (losses, grad norms, master weights)."""
+def _run(level, dtype, graphed, batches, flags, accum=1):
+    """N training micro-steps of a small Swin from fixed weights, the optimizer stepping every
+    `accum` of them as main.py does; -> (losses, grad norms, master weights, the graphed step)."""
     from amp import Precision
     from kernels.optimizers import FusedAdamW
     from models.swin_transformer import SwinTransformer
@@ -60,23 +61,26 @@ def _run(level, dtype, graphed, batches, flags):
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     model.train()
     torch.manual_seed(1)          # the same drop-path draws from here on, in both runs
-    step = GraphedTrainStep(model, criterion, optimizer, precision, 5.0) if graphed else None
+    step = GraphedTrainStep(model, criterion, optimizer, precision, 5.0, accum=accum) if graphed else None
     losses, norms = [], []
     for i, (x, y) in enumerate(batches):
-        for g in optimizer.param_groups:          # a schedule: the rate changes every step
-            g['lr'] = 1e-3 * (1 + i) / len(batches)
+        first, update = i % accum == 0, (i + 1) % accum == 0
+        for g in optimizer.param_groups:          # a schedule: the rate changes every optimizer step
+            g['lr'] = 1e-3 * (1 + i // accum) / len(batches)
         x = precision.cast_input(x)
         if graphed:
-            loss, _, norm = step(x, y)
+            loss, _, norm = step(x, y, first=first, update=update)
         else:
-            precision.zero_grad(optimizer, model)
+            if first:
+                precision.zero_grad(optimizer, model)
             with precision.autocast():
                 out = model(x)
             loss = criterion(out.float(), y)
-            precision.backward(loss)
-            norm = precision.step(optimizer, master.parameters(), 5.0)
+            precision.backward(loss / accum if accum > 1 else loss)
+            norm = precision.step(optimizer, master.parameters(), 5.0) if update else None
         losses.append(loss.item())
-        norms.append(float(norm))
+        if update:
+            norms.append(float(norm))
     return losses, norms, [p.detach().clone() for p in master.parameters()], step
 
 
@@ -110,6 +114,20 @@ def _same_run(graphed, eager):
 
 
 @needs_cuda
+@pytest.mark.parametrize('accum', [2, 3])
+def test_graphed_accumulation_equals_eager_accumulation(accum):
+    """TRAIN.ACCUMULATION_STEPS 2 and 3 (3: a first, a middle and a last micro-step graph, sharing one
+    memory pool), drop-path on, all flags at O2 bf16: 3 optimizer steps run eagerly (the warm-up,
+    3 x accum micro-steps), then 3 replayed, against the eager loop: the same losses, norms and weights."""
+    flags = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True)
+    batches = _batches(6 * accum)
+    eager = _run('O2', 'bfloat16', False, batches, flags, accum)
+    graphed = _run('O2', 'bfloat16', True, batches, flags, accum)
+    assert graphed[3].captures == min(accum, 3) and graphed[3].graph is None
+    _same_run(graphed, eager)
+
+
+@needs_cuda
 def test_a_new_batch_shape_is_captured_again():
     sizes = [8, 8, 8, 8, 8, 6, 6, 6, 8, 8]
     batches = _batches(len(sizes), sizes)
@@ -120,11 +138,12 @@ def test_a_new_batch_shape_is_captured_again():
 
 
 @needs_cuda
-def test_main_with_cuda_graph_trains_like_eager(demo_data, tmp_path):
+@pytest.mark.parametrize('accum', [1, 2])
+def test_main_with_cuda_graph_trains_like_eager(demo_data, tmp_path, accum):
     from test_train import DEMO_CFG, FAST, epoch_losses, run_main
     base = ['--cfg', DEMO_CFG, '--data-path', demo_data, '--fused_adam', '--fused_layernorm',
             '--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16']
-    opts = ['--opts', 'TRAIN.EPOCHS', '2'] + FAST
+    opts = ['--accumulation-steps', str(accum), '--opts', 'TRAIN.EPOCHS', '2'] + FAST
     eager = run_main(base + ['--output', str(tmp_path / 'eager')] + opts)
     graphed = run_main(base + ['--output', str(tmp_path / 'graph'), '--cuda-graph'] + opts)
     assert 'captured after' in graphed
