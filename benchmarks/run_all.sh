@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|apex|v2|fp8 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|input-graph|apex|v2|fp8 ...]
 # (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-tiny}; shift || true
-PARTS=${*:-tests kernels optim host train main}
+PARTS=${*:-tests tests2 kernels optim host train main}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv,noheader || true
 for part in $PARTS; do
   case $part in
-    tests)   python3 -m pytest -q tests/test_window_process.py tests/test_window_attention.py \
+    # the GPU tests in two parts that each fit a 10-minute call (Triton compiles every kernel variant)
+    tests)   python3 -m pytest -q -rf tests/test_window_process.py tests/test_window_attention.py \
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
-               tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py tests/test_fp8.py 2>&1 | tail -8 ;;
+               2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20 ;;
+    tests2)  python3 -m pytest -q -rf tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py \
+               tests/test_fp8.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20 ;;
     fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16, Swin-T / B / L
              for m in tiny base large; do
                python3 benchmarks/bench_train.py --model $m --skip-infer --only "all flags + --fused_adam eager, O2 bf16" \
@@ -42,6 +45,9 @@ for part in $PARTS; do
              python3 benchmarks/bench_input.py --parts folder pipelines gputime ;;
     input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
              python3 benchmarks/bench_input.py --parts folder main harness ;;
+    input-graph) # the same with --cuda-graph in place of --compile
+             python3 benchmarks/bench_input.py --images 13000 --val-images 1024 --parts folder main harness \
+               --main-runs gpu:synthetic:graph gpu:jpeg:graph --harness-steps graph ;;
     kernels) python3 benchmarks/bench_kernels.py ;;
     optim)   python3 benchmarks/bench_optim.py ;;
     host)    python3 benchmarks/launch_overhead.py ;;
