@@ -313,7 +313,9 @@ def test_batched_train_transform_matches_pil_recipe(jpeg_data):
             ref = _pil_reference(img, row, raw.recipe)
             diffs.append(((got - ref).abs() * 255 * 0.226).mean().item())      # back to ~pixel units
     assert len(seen - {-1}) >= 12, sorted(seen)
-    assert np.median(diffs) < 1.0 and max(diffs) < 4.0, (np.median(diffs), max(diffs))
+    # mean |diff| per image in pixel levels, measured on the CPU: median 0.21, worst 0.52 (with
+    # grid_sample's affine ops, before Pillow's own transform: 0.26 and 0.81)
+    assert np.median(diffs) < 0.3 and max(diffs) < 0.7, (np.median(diffs), max(diffs))
 
 
 def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
