@@ -11,8 +11,9 @@ computes, for output pixel (i, j):
            -(|t|^3 - 5|t|^2 + 8|t| - 4) for 1 <= |t| < 2
     stored as uint8 by truncation toward zero after clipping to 0..255 (Pillow's Geometry.c).
 torch's grid_sample has only a = -0.75 and rounds: about one level off on photos, and sharper
-edges lost. Here the reference computes Pillow's math in float64; the kernel in float32 (the same
-values but where rounding puts a sum on the other side of an integer).
+edges lost. Here the reference computes Pillow's math in float64; the kernel takes positions in
+float64 and sums in float32 (the same values but where rounding puts a sum on the other side of an
+integer).
 
 Tensors follow data.tensor_ops: float32 [n, 3, H, W] holding whole numbers 0..255, matrix [n, 6]
 (a..f per image), fill: 3 numbers.
@@ -80,8 +81,8 @@ if triton_available():
         i = offs // W
         j = offs % W
         mrow = m_ptr + b * 6
-        u = j.to(tl.float32) + 0.5
-        v = i.to(tl.float32) + 0.5
+        u = j.to(tl.float64) + 0.5              # positions in float64, as Pillow: the inside test and
+        v = i.to(tl.float64) + 0.5              # the tap choice match its own; the weights in float32
         xin = tl.load(mrow) * u + tl.load(mrow + 1) * v + tl.load(mrow + 2)
         yin = tl.load(mrow + 3) * u + tl.load(mrow + 4) * v + tl.load(mrow + 5)
         inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
@@ -89,8 +90,8 @@ if triton_available():
         ys = tl.minimum(tl.maximum(yin - 0.5, -3.0), H + 2.0)
         x0 = tl.floor(xs)
         y0 = tl.floor(ys)
-        dx = xs - x0
-        dy = ys - y0
+        dx = (xs - x0).to(tl.float32)
+        dy = (ys - y0).to(tl.float32)
         x0i = x0.to(tl.int32)
         y0i = y0.to(tl.int32)
         for c in tl.static_range(3):
@@ -111,8 +112,8 @@ if triton_available():
 
 # ----------------------------------------------------------------------------- launcher
 def affine_resample(x: torch.Tensor, matrix: torch.Tensor, fill, out: torch.Tensor = None) -> torch.Tensor:
-    """The Triton kernel: as affine_resample_ref (float32 coordinates and sums). x: float32
-    [n, 3, H, W] contiguous; matrix: [n, 6] float32 on x's device."""
+    """The Triton kernel: as affine_resample_ref (float64 positions, float32 sums). x: float32
+    [n, 3, H, W]; matrix: [n, 6] on x's device."""
     check_triton_device(x)
     if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f'affine_resample takes float32 [n, 3, H, W] images, got {x.dtype} {list(x.shape)}')
@@ -121,5 +122,5 @@ def affine_resample(x: torch.Tensor, matrix: torch.Tensor, fill, out: torch.Tens
     out = torch.empty_like(x) if out is None else out
     fill_t = torch.as_tensor(fill, dtype=torch.float32).to(x.device, non_blocking=True)
     block = 1024
-    _affine_kernel[(n, triton.cdiv(h * w, block))](x, matrix.float().contiguous(), fill_t, out, h, w, BLOCK=block)
+    _affine_kernel[(n, triton.cdiv(h * w, block))](x, matrix.double().contiguous(), fill_t, out, h, w, BLOCK=block)
     return out
