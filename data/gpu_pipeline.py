@@ -313,7 +313,7 @@ class DeviceTransform:
             names = [OPS[i] if i != SKIPPED else None for i in ids]
             geo = [i for i, n in enumerate(names) if n in _GEOMETRIC]
             if geo:
-                m = torch.tensor([T.affine_coefficients(names[i], args[i], S_w, S_h) for i in geo], dtype=torch.float32)
+                m = torch.tensor([T.affine_coefficients(names[i], args[i], S_w, S_h) for i in geo], dtype=torch.float64)
                 idx = torch.tensor(geo).to(self.device, non_blocking=True)
                 x[idx] = T.affine(x[idx], m.to(self.device, non_blocking=True), self.fill)
             table = [i for i, n in enumerate(names) if n in _TABLE]
@@ -334,7 +334,7 @@ class DeviceTransform:
         S_h, S_w = x.shape[2], x.shape[3]
         a = arg.tolist()
         if op in _GEOMETRIC:
-            m = torch.tensor([T.affine_coefficients(op, v, S_w, S_h) for v in a], dtype=torch.float32)
+            m = torch.tensor([T.affine_coefficients(op, v, S_w, S_h) for v in a], dtype=torch.float64)
             return T.affine(x, m.to(x.device), self.fill)
         if op in _TABLE:
             return T.lookup(x, torch.from_numpy(np.stack([T.lookup_table(op, v) for v in a])).to(x.device))
