@@ -132,7 +132,8 @@ def test_affine_op_is_close_to_pillow(photo_224, name, arg):
     fn = {'rotate': aa.rotate, 'shear_x': aa.shear_x, 'shear_y': aa.shear_y,
           'translate_x_rel': aa.translate_x_rel, 'translate_y_rel': aa.translate_y_rel}[name]
     ref = _tensor(fn(photo_224, arg, fillcolor=aa_fill(), resample=Image.BICUBIC))
-    out = _transform().apply(name, _tensor(photo_224)[None].to(DEVICE), torch.tensor([arg], device=DEVICE))[0].cpu()
+    level = torch.tensor([arg], dtype=torch.float64, device=DEVICE)     # the pipeline's parameters are float64
+    out = _transform().apply(name, _tensor(photo_224)[None].to(DEVICE), level)[0].cpu()
     diff = (out - ref).abs()
     # Pillow's math: equal but where float rounding puts a sum on the other side of an integer
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (name, diff.max(), (diff > 0).float().mean())
