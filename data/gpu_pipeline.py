@@ -222,6 +222,23 @@ def collate_raw(batch):
 _GEOMETRIC, _TABLE = set(T.AFFINE_OPS), set(T.TABLE_OPS)
 
 
+class _Plan:
+    """Host-side segments of one flat buffer, uploaded in one copy: add() returns a segment's slice."""
+
+    def __init__(self):
+        self.parts, self.size = [], 0
+
+    def add(self, values) -> slice:
+        a = np.asarray(values).reshape(-1)
+        self.parts.append(a)
+        self.size += a.size
+        return slice(self.size - a.size, self.size)
+
+    def upload(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        host = torch.from_numpy(np.concatenate(self.parts)) if self.parts else torch.empty(0)
+        return host.to(dtype).to(device, non_blocking=True)
+
+
 class DeviceTransform:
     """A raw batch -> (normalised float32 images [B, 3, S, S], labels), on `device`, in two
     stages: `decode` (nvJPEG) and `finish` (crop + resize, flip, RandAugment, normalise, erase)."""
@@ -303,29 +320,41 @@ class DeviceTransform:
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Flip, then each RandAugment layer. Within a layer every image gets its own op; ops are
         grouped so that a layer costs a few batched launches: one affine resample for all the
-        geometric ops, one table lookup for all the per-pixel ops, and one call per other op."""
-        flip = params[:, FLIP].to(self.device, non_blocking=True).bool()
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        geometric ops, one table lookup for all the per-pixel ops, and one call per other op.
+        The batch's whole plan (which images each group takes, and their arguments, tables and
+        affine coefficients) is built on the host and reaches the device in two copies: one
+        pageable copy costs about as much host time as a launch, and there were about 40 a batch."""
         S_h, S_w = x.shape[2], x.shape[3]
+        index, value = _Plan(), _Plan()
+        flip = index.add(params[:, FLIP].nonzero().flatten().tolist())
+        groups = []            # (layer, kind, op, images, values)
         for layer in range(self.recipe.layers):
             col = PROGRAM + 2 * layer
             ids, args = params[:, col].long().tolist(), params[:, col + 1].tolist()
             names = [OPS[i] if i != SKIPPED else None for i in ids]
             geo = [i for i, n in enumerate(names) if n in _GEOMETRIC]
             if geo:
-                m = torch.tensor([T.affine_coefficients(names[i], args[i], S_w, S_h) for i in geo], dtype=torch.float64)
-                idx = torch.tensor(geo).to(self.device, non_blocking=True)
-                x[idx] = T.affine(x[idx], m.to(self.device, non_blocking=True), self.fill)
+                coef = [c for i in geo for c in T.affine_coefficients(names[i], args[i], S_w, S_h)]
+                groups.append(('affine', None, index.add(geo), value.add(coef)))
             table = [i for i, n in enumerate(names) if n in _TABLE]
             if table:
-                luts = torch.from_numpy(np.stack([T.lookup_table(names[i], args[i]) for i in table]))
-                idx = torch.tensor(table).to(self.device, non_blocking=True)
-                x[idx] = T.lookup(x[idx], luts.to(self.device, non_blocking=True))
+                luts = np.concatenate([T.lookup_table(names[i], args[i]) for i in table])
+                groups.append(('lookup', None, index.add(table), value.add(luts)))
             for op in sorted({n for n in names if n is not None} - _GEOMETRIC - _TABLE):
                 sel = [i for i, n in enumerate(names) if n == op]
-                idx = torch.tensor(sel).to(self.device, non_blocking=True)
-                arg = torch.tensor([args[i] for i in sel]).to(self.device, non_blocking=True)
-                x[idx] = getattr(T, op)(x[idx], arg)
+                groups.append(('op', op, index.add(sel), value.add([args[i] for i in sel])))
+        idx_dev, val_dev = index.upload(torch.int64, self.device), value.upload(torch.float64, self.device)
+        if flip.stop > flip.start:
+            f = idx_dev[flip]
+            x[f] = x[f].flip(-1)
+        for kind, op, images, values in groups:
+            idx, val = idx_dev[images], val_dev[values]
+            if kind == 'affine':
+                x[idx] = T.affine(x[idx], val.view(-1, 6), self.fill)
+            elif kind == 'lookup':
+                x[idx] = T.lookup(x[idx], val.view(-1, 256).float())       # the tables are whole numbers
+            else:
+                x[idx] = getattr(T, op)(x[idx], val)
         return x
 
     def apply(self, op: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
