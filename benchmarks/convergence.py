@@ -7,7 +7,10 @@ a real `main.py` training run on the generated shapes dataset; curves come from 
 model at patch 4 / window 7, upstream's default RandAugment and random erasing (mixup off, so that
 the small model learns in a short run), each pipeline with seeds 0 and 1.
 
-    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] [--set pipeline]   # GPU machine
+`--set v2`: the micro model as Swin V2 (same dims, MODEL.TYPE swinv2), flags off vs all flags +
+fused AdamW at O2 bf16, seeds 0 and 1, on the demo's shapes.
+
+    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] [--set pipeline|v2]   # GPU machine
     python benchmarks/convergence.py plot --out DIR                                              # anywhere
 """
 import argparse
@@ -42,16 +45,35 @@ PIPELINE_VARIANTS = {   # name: (extra main.py args, extra --opts)
 }
 
 
+V2_MICRO = ['MODEL.TYPE', 'swinv2', 'MODEL.SWINV2.PATCH_SIZE', '2', 'MODEL.SWINV2.EMBED_DIM', '48',
+            'MODEL.SWINV2.DEPTHS', '[2, 2]', 'MODEL.SWINV2.NUM_HEADS', '[3, 6]', 'MODEL.SWINV2.WINDOW_SIZE', '4']
+V2_VARIANTS = {   # name: (extra main.py args, extra --opts)
+    'V2 flags off, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'], V2_MICRO),
+    'V2 all flags + fused_adam, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'] + FLAGS, V2_MICRO),
+}
+
+
+def run_set(args, variants: dict, data: str, csv_name: str) -> None:
+    """Each variant with seeds 0 and 1, spread over the GPUs."""
+    procs = []
+    for name, (extra, opts) in variants.items():
+        for seed in (0, 1):
+            procs.append(_start(args, data, name, seed, extra, opts, gpus=str(len(procs) % args.gpus)))
+    _finish(args, procs, csv_name)
+
+
+def run_v2(args):
+    data = os.path.join(args.out, 'shapes10')
+    subprocess.run([sys.executable, '-m', 'data.demo_dataset', '--out', data], cwd=ROOT, check=True)
+    run_set(args, V2_VARIANTS, data, 'convergence_v2.csv')
+
+
 def run_pipelines(args):
     data = os.path.join(args.out, 'shapes224')
     if not os.path.isdir(data):
         subprocess.run([sys.executable, '-m', 'data.jpeg_folder', '--out', data, '--demo-shapes', '--size', '224',
                         '--train-per-class', '200', '--val-per-class', '50'], cwd=ROOT, check=True)
-    procs = []
-    for name, (extra, opts) in PIPELINE_VARIANTS.items():
-        for seed in (0, 1):
-            procs.append(_start(args, data, name, seed, extra, opts, gpus=str(len(procs) % args.gpus)))
-    _finish(args, procs, 'convergence_pipeline.csv')
+    run_set(args, PIPELINE_VARIANTS, data, 'convergence_pipeline.csv')
 
 
 def _slug(name: str) -> str:
@@ -192,14 +214,15 @@ def main():
     p.add_argument('--gpus', type=int, default=2)
     p.add_argument('--png', default=None)
     p.add_argument('--only', nargs='*', default=None, help='variant names to run (default: all)')
-    p.add_argument('--set', choices=['model', 'pipeline'], default='model',
-                   help='model: flags / precision / DDP variants; pipeline: PIL vs gpu input pipeline on JPEGs')
+    p.add_argument('--set', choices=['model', 'pipeline', 'v2'], default='model',
+                   help='model: flags / precision / DDP variants; pipeline: PIL vs gpu input pipeline on JPEGs; '
+                        'v2: the micro model as Swin V2, flags off vs on')
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.action == 'plot':
         plot(a)
     else:
-        run_pipelines(a) if a.set == 'pipeline' else run(a)
+        {'model': run, 'pipeline': run_pipelines, 'v2': run_v2}[a.set](a)
 
 
 if __name__ == '__main__':
