@@ -31,7 +31,11 @@ so q is replaced by tau_h * normalize(q), k by normalize(k), the table by 16 sig
 kernel runs with scale 1. Those three are PyTorch ops (one pass over q and k, fused by inductor
 under --compile); their backward -- to q, k, logit_scale (zero where clamped) and T -- is autograd's.
 
-Limits: N <= 256 (windows up to 16), head_dim 16..128; fp32/fp16/bf16 with fp32 accumulation
+Windows above 256 tokens (Swin V2's window 24: N = 576) take the keys in blocks of 64: the forward
+keeps a running max and sum (online softmax), the backward walks the key blocks per window and
+sums dQ in an fp32 scratch it owns; smaller windows load all keys at once, as before.
+
+Limits: N <= 1024 (windows up to 32), head_dim 16..128; fp32/fp16/bf16 with fp32 accumulation
 (fp32 inputs use IEEE fp32 products, not TF32: the flag never changes the math); no attention
 dropout (rejected at model build). Offsets are int64 and the grid is 1-D (no 65535 limit).
 """
@@ -66,8 +70,8 @@ def _check(qkv, table, index, mask, num_heads):
     if C3 % (3 * num_heads):
         raise ValueError(f'qkv width {C3} is not 3 x heads ({num_heads}) x head_dim')
     d = C3 // 3 // num_heads
-    if N > 256:
-        raise ValueError(f'fused window attention supports windows of up to 256 tokens, got {N}')
+    if N > 1024:
+        raise ValueError(f'fused window attention supports windows of up to 1024 tokens, got {N}')
     if not 16 <= d <= 128:
         raise ValueError(f'fused window attention supports head_dim 16..128, got {d}')
     if table.shape[1] != num_heads or index.shape != (N, N):
@@ -98,9 +102,9 @@ if triton_available():
     @triton.jit
     def _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
                 HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, ROWS_PAD: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-        """S = q k^T * scale + (B + M) for one (window, head, query block); -inf on padded keys.
-        Returns (S, q, k)."""
+                COLS_PAD: tl.constexpr):
+        """S = q k^T * scale + (B + M) for one (window, head, query block, key block); -inf on
+        padded keys. Returns (S, q, k)."""
         row_ok = rows < N
         col_ok = cols < N
         d_ok = d_idx < HEAD_DIM
@@ -110,10 +114,10 @@ if triton_available():
         k = tl.load(qkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.)
         s = _dot(q, tl.trans(k), DOT_MODE) * scale
-        # bias + mask of this window's type and head: one padded fp32 tile [ROWS_PAD, BLOCK_N],
+        # bias + mask of this window's type and head: one padded fp32 tile [ROWS_PAD, COLS_PAD],
         # shared by every image (L2-resident); padding keeps rows 16-byte aligned and loads unmasked
-        bm_tile = bm_ptr + ((b % n_bm) * n_heads + h) * (ROWS_PAD * BLOCK_N)
-        s += tl.load(bm_tile + rows[:, None] * BLOCK_N + cols[None, :])
+        bm_tile = bm_ptr + ((b % n_bm) * n_heads + h) * (ROWS_PAD * COLS_PAD)
+        s += tl.load(bm_tile + rows[:, None] * COLS_PAD + cols[None, :])
         s = tl.where(col_ok[None, :], s, float('-inf'))
         return s, q, k
 
@@ -121,8 +125,8 @@ if triton_available():
     def _window_attention_fwd_kernel(
         qkv_ptr, bm_ptr, out_ptr, lse_ptr,
         N, C, n_heads, n_bm, scale,
-        HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
-        NUM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         m_blk = pid % NUM_M
@@ -130,16 +134,36 @@ if triton_available():
         h = bh % n_heads
         b = bh // n_heads
         rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
         d_idx = tl.arange(0, BLOCK_D)
-        s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                          HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
-        m = tl.max(s, axis=1)
-        p = tl.exp(s - m[:, None])
-        l = tl.sum(p, axis=1)
-        v = tl.load(qkv_ptr + b * N * 3 * C + 2 * C + h * HEAD_DIM + cols[:, None] * 3 * C + d_idx[None, :],
-                    mask=(cols < N)[:, None] & (d_idx < HEAD_DIM)[None, :], other=0.)
-        o = _dot(p.to(v.dtype), v, DOT_MODE) / l[:, None]
+        v_base = qkv_ptr + b * N * 3 * C + 2 * C + h * HEAD_DIM
+        if NUM_K == 1:
+            cols = tl.arange(0, BLOCK_N)
+            s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                              HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
+            m = tl.max(s, axis=1)
+            p = tl.exp(s - m[:, None])
+            l = tl.sum(p, axis=1)
+            v = tl.load(v_base + cols[:, None] * 3 * C + d_idx[None, :],
+                        mask=(cols < N)[:, None] & (d_idx < HEAD_DIM)[None, :], other=0.)
+            o = _dot(p.to(v.dtype), v, DOT_MODE) / l[:, None]
+        else:
+            # keys in NUM_K blocks: a running max m and sum l, the output rescaled as m grows
+            m = tl.full((BLOCK_M,), float('-inf'), tl.float32)
+            l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for kb in range(NUM_K):
+                cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+                s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                  HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_base + cols[:, None] * 3 * C + d_idx[None, :],
+                            mask=(cols < N)[:, None] & (d_idx < HEAD_DIM)[None, :], other=0.)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_MODE)
+                m = m_new
+            o = acc / l[:, None]
         row_ok = rows < N
         tl.store(out_ptr + b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (d_idx < HEAD_DIM)[None, :])
@@ -147,78 +171,97 @@ if triton_available():
 
     @triton.jit
     def _window_attention_bwd_kernel(
-        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr,
+        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr, dq_acc_ptr,
         B_, N, C, n_heads, n_bm, scale, n_groups,
-        HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr,
-        NUM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # Program (group g, head h) walks windows g, g + n_groups, ... for head h.
+        # Program (group g, head h) walks windows g, g + n_groups, ... for head h. With NUM_K key
+        # blocks it walks them per window, summing dQ in fp32 in dq_acc ([B_, N, C]; its rows of
+        # head h belong to this program alone), then writes dQ once.
         pid = tl.program_id(0).to(tl.int64)
         h = pid % n_heads
         g = pid // n_heads
-        cols = tl.arange(0, BLOCK_N)
         d_idx = tl.arange(0, BLOCK_D)
-        col_ok = cols < N
         d_ok = d_idx < HEAD_DIM
-        kv_mask = col_ok[:, None] & d_ok[None, :]
         dbias_base = dbias_ptr + (g * n_heads + h) * N * N
         dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # used when NUM_M == 1
         for b in range(g, B_, n_groups):
             base = b * N * 3 * C + h * HEAD_DIM
-            v = tl.load(qkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :], mask=kv_mask, other=0.)
-            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            # a loop, not unrolled: at window 12 (3 query blocks, head dim 64) the unrolled backward took
-            # minutes to compile in fp32 (ieee dots) and 30 s in bf16; as a loop 34 s and 6.5 s (sm_90
-            # target, compiled on a 2-core CPU box). Window 7 has one query block either way.
-            for m_blk in range(NUM_M):
-                rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_ok = rows < N
-                rd_mask = row_ok[:, None] & d_ok[None, :]
-                s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                  HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
-                lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
-                p = tl.exp(s - lse[:, None])
-                p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
-                o_off = b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :]
-                do = tl.load(dout_ptr + o_off, mask=rd_mask, other=0.)
-                o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
-                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)   # D_i = rowsum(dO * O)
-                dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_MODE)
-                dp = _dot(do, tl.trans(v), DOT_MODE)
-                ds = p * (dp - delta[:, None])                          # dL/dS, fp32
-                dq = _dot(ds.to(k.dtype), k, DOT_MODE) * scale
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_MODE) * scale
-                tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
-                         dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
-                if NUM_M == 1:
-                    dbias_acc += ds
-                else:
-                    # This program alone owns its slice of the buffer: read-add-write, no atomics.
-                    rc = rows[:, None] * N + cols[None, :]
-                    tile_ok = row_ok[:, None] & col_ok[None, :]
-                    cur = tl.load(dbias_base + rc, mask=tile_ok, other=0.)
-                    tl.store(dbias_base + rc, cur + ds, mask=tile_ok)
-                    tl.debug_barrier()
-            tl.store(dqkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
-                     dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
-            tl.store(dqkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :],
-                     dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+            for kb in range(NUM_K):
+                cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                kv_mask = col_ok[:, None] & d_ok[None, :]
+                v = tl.load(qkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :], mask=kv_mask, other=0.)
+                dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+                dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+                # a loop, not unrolled: at window 12 (3 query blocks, head dim 64) the unrolled backward took
+                # minutes to compile in fp32 (ieee dots) and 30 s in bf16; as a loop 34 s and 6.5 s (sm_90
+                # target, compiled on a 2-core CPU box). Window 7 has one query block either way.
+                for m_blk in range(NUM_M):
+                    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                    row_ok = rows < N
+                    rd_mask = row_ok[:, None] & d_ok[None, :]
+                    s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                      HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                    lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
+                    p = tl.exp(s - lse[:, None])
+                    p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
+                    o_off = b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :]
+                    do = tl.load(dout_ptr + o_off, mask=rd_mask, other=0.)
+                    o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
+                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)   # D_i = rowsum(dO * O)
+                    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_MODE)
+                    dp = _dot(do, tl.trans(v), DOT_MODE)
+                    ds = p * (dp - delta[:, None])                          # dL/dS, fp32
+                    dq = _dot(ds.to(k.dtype), k, DOT_MODE) * scale
+                    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_MODE) * scale
+                    if NUM_K == 1:
+                        tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
+                                 dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
+                    else:
+                        acc_ptrs = dq_acc_ptr + o_off
+                        if kb > 0:
+                            dq += tl.load(acc_ptrs, mask=rd_mask, other=0.)
+                        tl.store(acc_ptrs, dq, mask=rd_mask)
+                        tl.debug_barrier()
+                    if NUM_M == 1:
+                        dbias_acc += ds
+                    else:
+                        # This program alone owns its slice of the buffer: read-add-write, no atomics.
+                        rc = rows[:, None] * N + cols[None, :]
+                        tile_ok = row_ok[:, None] & col_ok[None, :]
+                        cur = tl.load(dbias_base + rc, mask=tile_ok, other=0.)
+                        tl.store(dbias_base + rc, cur + ds, mask=tile_ok)
+                        tl.debug_barrier()
+                tl.store(dqkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
+                         dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+                tl.store(dqkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :],
+                         dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+            if NUM_K > 1:
+                for m_blk in range(NUM_M):
+                    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                    rd_mask = (rows < N)[:, None] & d_ok[None, :]
+                    dq = tl.load(dq_acc_ptr + b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :],
+                                 mask=rd_mask, other=0.)
+                    tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
+                             dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
         if NUM_M == 1:
             rows = tl.arange(0, BLOCK_M)
+            cols = tl.arange(0, BLOCK_N)
             tl.store(dbias_base + rows[:, None] * N + cols[None, :], dbias_acc,
-                     mask=(rows < N)[:, None] & col_ok[None, :])
+                     mask=(rows < N)[:, None] & (cols < N)[None, :])
 
 
 def _bias_mask(table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
-               rows_pad: int, block_n: int) -> torch.Tensor:
-    """[nW or 1, heads, rows_pad, block_n] fp32: the gathered bias plus each window type's mask,
+               rows_pad: int, cols_pad: int) -> torch.Tensor:
+    """[nW or 1, heads, rows_pad, cols_pad] fp32: the gathered bias plus each window type's mask,
     zero-padded, built once per call (Swin-T stage 1: 3 MB) so that the kernel reads one aligned,
     L2-resident tile per (window, head) instead of gathering index, table and mask itself."""
     N = index.shape[0]
     bias = table.float()[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)   # heads, N, N
     bm = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.float().unsqueeze(1)
-    out = bm.new_zeros((bm.shape[0], bm.shape[1], rows_pad, block_n))
+    out = bm.new_zeros((bm.shape[0], bm.shape[1], rows_pad, cols_pad))
     out[:, :, :N, :N] = bm
     return out
 
@@ -235,19 +278,30 @@ BWD_PROGRAMS_PER_SM = 8
 
 
 def _blocks(N: int, d: int):
-    block_n = max(16, next_power_of_2(N))
+    """-> (block_m, block_n, block_d, num_m, num_k, num_warps): query blocks of block_m rows; the
+    keys in one block of block_n (N <= 256) or in num_k blocks of 64 (larger windows)."""
+    num_k, block_n = (1, max(16, next_power_of_2(N))) if N <= 256 else ((N + 63) // 64, 64)
     block_d = max(16, next_power_of_2(d))
     # head dim 128: 64-row query blocks overflow sm_90's 227 KB of shared memory in the backward (Triton
     # 3.6 on an H200: 254 KB in bf16; fp32 more); with 32-row blocks fp32 runs there. Swin's head dim is 32.
-    block_m = min(block_n, 32 if block_d >= 128 else 64)
+    block_m = min(block_n * num_k, 32 if block_d >= 128 else 64)
     num_m = (N + block_m - 1) // block_m
     num_warps = 4 if block_n <= 64 else 8
-    return block_m, block_n, block_d, num_m, num_warps
+    return block_m, block_n, block_d, num_m, num_k, num_warps
 
 
-def _n_groups(B_: int, heads: int, device: torch.device) -> int:
-    """Windows per backward program: enough programs to fill the GPU several times over."""
-    return max(1, min(B_, (BWD_PROGRAMS_PER_SM * sm_count(device) + heads - 1) // heads))
+# dS partial sums of the tiled path (windows above 256 tokens) are [groups, heads, N, N] fp32: at
+# window 24 that is 5.3 MB a (group, head), so the groups are capped to keep the buffer near this
+DBIAS_BUDGET_BYTES = 256 << 20
+
+
+def _n_groups(B_: int, heads: int, device: torch.device, N: int, num_k: int) -> int:
+    """Window groups of the backward (one program per group and head): enough programs to fill the
+    GPU several times over; fewer for the tiled path, whose per-group dS buffers are large."""
+    groups = (BWD_PROGRAMS_PER_SM * sm_count(device) + heads - 1) // heads
+    if num_k > 1:
+        groups = min(groups, DBIAS_BUDGET_BYTES // (heads * N * N * 4))
+    return max(1, min(B_, groups))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -260,14 +314,14 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
     qkv = qkv.contiguous()
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
-    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
-    bm = _bias_mask(table, index, mask, num_m * block_m, block_n)
+    block_m, block_n, block_d, num_m, num_k, num_warps = _blocks(N, d)
+    bm = _bias_mask(table, index, mask, num_m * block_m, num_k * block_n)
     grid = (B_ * num_heads * num_m,)
     if B_:
         _window_attention_fwd_kernel[grid](
             qkv, bm, out, lse, N, C, num_heads, bm.shape[0], float(scale),
-            HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
-            NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     return out, lse, bm
 
 
@@ -279,19 +333,20 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     B_, N, C3 = qkv.shape
     d = C3 // 3 // num_heads
     qkv, dout = qkv.contiguous(), dout.contiguous()
-    block_m, block_n, block_d, num_m, num_warps = _blocks(N, d)
-    n_groups = _n_groups(B_, num_heads, qkv.device)
+    block_m, block_n, block_d, num_m, num_k, num_warps = _blocks(N, d)
+    n_groups = _n_groups(B_, num_heads, qkv.device, N, num_k)
     dqkv = torch.empty_like(qkv)
+    dq_acc = torch.empty((B_, N, C3 // 3), dtype=torch.float32, device=qkv.device) if num_k > 1 else dqkv
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes; and with no
     # windows no program runs, so the table's gradient must come out zero).
     alloc = torch.zeros if num_m > 1 or B_ == 0 else torch.empty
     dbias_partial = alloc((n_groups, num_heads, N, N), dtype=torch.float32, device=qkv.device)
     if B_:
         _window_attention_bwd_kernel[(n_groups * num_heads,)](
-            qkv, bm, out, lse, dout, dqkv, dbias_partial,
+            qkv, bm, out, lse, dout, dqkv, dbias_partial, dq_acc,
             B_, N, C3 // 3, num_heads, bm.shape[0], float(scale), n_groups,
-            HEAD_DIM=d, DOT_MODE=_dot_mode(qkv),
-            NUM_M=num_m, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
     # Scatter to the table rows through the index: a one-hot matmul, deterministic.
     onehot = F.one_hot(index.reshape(-1).long(), table_rows).to(torch.float32)      # N*N, rows
@@ -309,10 +364,10 @@ def _fwd_op(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: O
 @_fwd_op.register_fake
 def _(qkv, table, index, mask, num_heads, scale):
     B_, N, C3 = qkv.shape
-    block_m, block_n, _, num_m, _ = _blocks(N, C3 // 3 // num_heads)
+    block_m, block_n, _, num_m, num_k, _ = _blocks(N, C3 // 3 // num_heads)
     n_bm = mask.shape[0] if mask is not None else 1
     return (qkv.new_empty((B_, N, C3 // 3)), qkv.new_empty((B_, num_heads, N), dtype=torch.float32),
-            qkv.new_empty((n_bm, num_heads, num_m * block_m, block_n), dtype=torch.float32))
+            qkv.new_empty((n_bm, num_heads, num_m * block_m, num_k * block_n), dtype=torch.float32))
 
 
 @torch.library.custom_op('swin::window_attention_bwd', mutates_args=())

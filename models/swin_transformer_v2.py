@@ -231,9 +231,9 @@ class SwinTransformerV2(SwinBackbone):
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
                                      dense=fused_dense, window_attention=fused_attention, backend=kernel_backend,
                                      tf32=tf32, post_norm=True)
-        if dict(self.ops.chosen).get('window_attention', 'torch') != 'torch' and window_size ** 2 > 256:
+        if dict(self.ops.chosen).get('window_attention', 'torch') != 'torch' and window_size ** 2 > 1024:
             raise kernels.KernelUnavailable(
-                f'--unfused_mha: the fused window attention holds windows of up to 16x16 tokens, this model\'s '
+                f'--unfused_mha: the fused window attention holds windows of up to 32x32 tokens, this model\'s '
                 f'are {window_size}x{window_size}: turn the flag off for this config (the other flags apply)')
         self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
                          mlp_ratio, num_classes)
