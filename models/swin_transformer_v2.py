@@ -13,7 +13,7 @@ Read top-down: attention -> block -> merging -> stage -> model. Fused ops come f
 `kernels.Ops` bundle as V1's: --fused_window_process (shift + partition, merge + shift),
 --fused_layernorm (every LayerNorm), --fused_dense, --fused_mlp, and --unfused_mha: V1's fused
 attention kernel with the cosine normalisation and per-head scale folded into q and k
-(kernels/window_attention.py, `cosine_window_attention`); windows up to 16.
+(kernels/window_attention.py, `cosine_window_attention`); windows up to 32.
 """
 import functools
 import math
@@ -213,7 +213,7 @@ class SwinTransformerV2(SwinBackbone):
     """Swin Transformer V2, keyword-compatible with upstream's class.
 
     Our keyword switches (all off by default): `fused_window_process`, `fused_layernorm`,
-    `fused_mlp`, `fused_dense`, `fused_attention` (--unfused_mha; windows up to 16), resolved through
+    `fused_mlp`, `fused_dense`, `fused_attention` (--unfused_mha; windows up to 32), resolved through
     `kernels` for `kernel_backend`.
     """
 
