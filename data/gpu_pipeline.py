@@ -327,7 +327,7 @@ class DeviceTransform:
         S_h, S_w = x.shape[2], x.shape[3]
         index, value = _Plan(), _Plan()
         flip = index.add(params[:, FLIP].nonzero().flatten().tolist())
-        groups = []            # (layer, kind, op, images, values)
+        groups = []            # (kind, op, slice of its images, slice of its values)
         for layer in range(self.recipe.layers):
             col = PROGRAM + 2 * layer
             ids, args = params[:, col].long().tolist(), params[:, col + 1].tolist()
