@@ -95,7 +95,7 @@ class GraphedTrainStep:
             out = self.model(self.x)
         loss = self.criterion(out.float(), self.y)
         finite = torch.isfinite(loss.detach()).float().reshape(1)
-        self.precision.backward(loss / self.accum if self.accum > 1 else loss)
+        self.precision.backward(loss / self.accum)                 # as main.py's eager loop
         if update:
             norm = self.precision.step(self.optimizer, None, self.clip_grad, hparams=self.hparams)
         else:

@@ -111,8 +111,7 @@ if triton_available():
             plane = x_ptr + (b * 3 + c) * H * W
             acc = _cubic_k(_row(plane, y0i - 1, x0i, H, W, ok, dx), _row(plane, y0i, x0i, H, W, ok, dx),
                            _row(plane, y0i + 1, x0i, H, W, ok, dx), _row(plane, y0i + 2, x0i, H, W, ok, dx), dy)
-            val = tl.minimum(tl.maximum(acc, 0.0), 255.0)
-            val = tl.where(val >= 0, tl.floor(val), 0.0)                    # truncation (val >= 0)
+            val = tl.floor(tl.minimum(tl.maximum(acc, 0.0), 255.0))        # truncation: val >= 0 here
             val = tl.where(inside, val.to(tl.float32), tl.load(fill_ptr + c))
             tl.store(out_ptr + (b * 3 + c) * H * W + offs, val, mask=ok)
 

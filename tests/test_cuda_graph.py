@@ -76,7 +76,7 @@ def _run(level, dtype, graphed, batches, flags, accum=1):
             with precision.autocast():
                 out = model(x)
             loss = criterion(out.float(), y)
-            precision.backward(loss / accum if accum > 1 else loss)
+            precision.backward(loss / accum)
             norm = precision.step(optimizer, master.parameters(), 5.0) if update else None
         losses.append(loss.item())
         if update:
