@@ -10,15 +10,18 @@ PARTS=${*:-tests tests2 kernels optim host train main}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv,noheader || true
+# pytest-xdist, where installed, spreads the tests over processes: the GPU tests' time is mostly Triton
+# compiling each kernel variant on the host's cores
+XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n ${PYTEST_WORKERS:-12}"
 for part in $PARTS; do
   case $part in
     # the GPU tests in two parts that each fit a 10-minute call (Triton compiles every kernel variant)
-    tests)   python3 -m pytest -q -rf tests/test_window_process.py tests/test_window_attention.py \
+    tests)   python3 -m pytest -q -rf $XDIST --durations=8 tests/test_window_process.py tests/test_window_attention.py \
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
-               2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20 ;;
-    tests2)  python3 -m pytest -q -rf tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py \
-               tests/test_fp8.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20 ;;
+               2>&1 | tee "$OUT/pytest_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
+    tests2)  python3 -m pytest -q -rf $XDIST --durations=8 tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py \
+               tests/test_fp8.py 2>&1 | tee "$OUT/pytest_tests2.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
     fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16, Swin-T / B / L
              for m in tiny base large; do
                python3 benchmarks/bench_train.py --model $m --skip-infer --only "all flags + --fused_adam eager, O2 bf16" \

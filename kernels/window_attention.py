@@ -27,9 +27,12 @@ Swin V2's scaled cosine attention (`cosine_window_attention`) runs through the s
 differences from V1 are parameters of the inputs, not of the kernel. Per head h with
 tau_h = exp(min(logit_scale_h, log 100)):
   S = tau_h * normalize(q) normalize(k)^T + 16 sigmoid(T)[index] + M
-so q is replaced by tau_h * normalize(q), k by normalize(k), the table by 16 sigmoid(T), and the
-kernel runs with scale 1. Those three are PyTorch ops (one pass over q and k, fused by inductor
-under --compile); their backward -- to q, k, logit_scale (zero where clamped) and T -- is autograd's.
+so q is replaced by normalize(q), k by normalize(k), the table by 16 sigmoid(T), and the kernel
+takes tau as a per-head scale in place of the one scalar. Normalisation and sigmoid are PyTorch ops
+(one pass over q and k, fused by inductor under --compile) whose backward is autograd's; the
+kernel's backward also returns dL/dtau_h = sum dS * (q k^T), summed from the fp32 dS. (Folding tau
+into q instead would take tau's gradient from dQ rounded to bf16, a sum that cancels: 12% off in a
+bf16 test where upstream's autocast math is 1% off.)
 
 Windows above 256 tokens (Swin V2's window 24: N = 576) take the keys in blocks of 64: the forward
 keeps a running max and sum (online softmax), the backward walks the key blocks per window and
@@ -104,7 +107,7 @@ if triton_available():
                 HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, ROWS_PAD: tl.constexpr,
                 COLS_PAD: tl.constexpr):
         """S = q k^T * scale + (B + M) for one (window, head, query block, key block); -inf on
-        padded keys. Returns (S, q, k)."""
+        padded keys. Returns (S, q k^T, q, k)."""
         row_ok = rows < N
         col_ok = cols < N
         d_ok = d_idx < HEAD_DIM
@@ -113,33 +116,36 @@ if triton_available():
                     mask=row_ok[:, None] & d_ok[None, :], other=0.)
         k = tl.load(qkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.)
-        s = _dot(q, tl.trans(k), DOT_MODE) * scale
+        qk = _dot(q, tl.trans(k), DOT_MODE)
+        s = qk * scale
         # bias + mask of this window's type and head: one padded fp32 tile [ROWS_PAD, COLS_PAD],
         # shared by every image (L2-resident); padding keeps rows 16-byte aligned and loads unmasked
         bm_tile = bm_ptr + ((b % n_bm) * n_heads + h) * (ROWS_PAD * COLS_PAD)
         s += tl.load(bm_tile + rows[:, None] * COLS_PAD + cols[None, :])
         s = tl.where(col_ok[None, :], s, float('-inf'))
-        return s, q, k
+        return s, qk, q, k
 
     @triton.jit
     def _window_attention_fwd_kernel(
-        qkv_ptr, bm_ptr, out_ptr, lse_ptr,
+        qkv_ptr, bm_ptr, out_ptr, lse_ptr, head_scale_ptr,
         N, C, n_heads, n_bm, scale,
         HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_SCALE: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         m_blk = pid % NUM_M
         bh = pid // NUM_M
         h = bh % n_heads
         b = bh // n_heads
+        if HEAD_SCALE:                                      # Swin V2: tau_h in place of the one scale
+            scale = tl.load(head_scale_ptr + h)
         rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
         d_idx = tl.arange(0, BLOCK_D)
         v_base = qkv_ptr + b * N * 3 * C + 2 * C + h * HEAD_DIM
         if NUM_K == 1:
             cols = tl.arange(0, BLOCK_N)
-            s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                              HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
+            s, _, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                 HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
             m = tl.max(s, axis=1)
             p = tl.exp(s - m[:, None])
             l = tl.sum(p, axis=1)
@@ -153,8 +159,8 @@ if triton_available():
             acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             for kb in range(NUM_K):
                 cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-                s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                  HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                s, _, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                     HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 alpha = tl.exp(m - m_new)
                 p = tl.exp(s - m_new[:, None])
@@ -171,10 +177,10 @@ if triton_available():
 
     @triton.jit
     def _window_attention_bwd_kernel(
-        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr, dq_acc_ptr,
-        B_, N, C, n_heads, n_bm, scale, n_groups,
+        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr, dq_acc_ptr, head_scale_ptr,
+        dscale_ptr, B_, N, C, n_heads, n_bm, scale, n_groups,
         HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_SCALE: tl.constexpr,
     ):
         # Program (group g, head h) walks windows g, g + n_groups, ... for head h. With NUM_K key
         # blocks it walks them per window, summing dQ in fp32 in dq_acc ([B_, N, C]; its rows of
@@ -186,6 +192,11 @@ if triton_available():
         d_ok = d_idx < HEAD_DIM
         dbias_base = dbias_ptr + (g * n_heads + h) * N * N
         dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # used when NUM_M == 1
+        # HEAD_SCALE: S = tau_h q k^T + ..., so dL/dtau_h = sum dS * (q k^T), summed here in fp32 from
+        # the fp32 dS (as upstream's autograd does), not from a rounded dQ
+        dscale_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if HEAD_SCALE:
+            scale = tl.load(head_scale_ptr + h)
         for b in range(g, B_, n_groups):
             base = b * N * 3 * C + h * HEAD_DIM
             for kb in range(NUM_K):
@@ -202,8 +213,8 @@ if triton_available():
                     rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
                     row_ok = rows < N
                     rd_mask = row_ok[:, None] & d_ok[None, :]
-                    s, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                      HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                    s, qk, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                          HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
                     lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
                     p = tl.exp(s - lse[:, None])
                     p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
@@ -214,6 +225,8 @@ if triton_available():
                     dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_MODE)
                     dp = _dot(do, tl.trans(v), DOT_MODE)
                     ds = p * (dp - delta[:, None])                          # dL/dS, fp32
+                    if HEAD_SCALE:
+                        dscale_acc += tl.sum(ds * qk, axis=1)         # padded rows / keys: ds = 0
                     dq = _dot(ds.to(k.dtype), k, DOT_MODE) * scale
                     dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_MODE) * scale
                     if NUM_K == 1:
@@ -246,6 +259,8 @@ if triton_available():
                                  mask=rd_mask, other=0.)
                     tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
                              dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
+        if HEAD_SCALE:
+            tl.store(dscale_ptr + pid, tl.sum(dscale_acc))
         if NUM_M == 1:
             rows = tl.arange(0, BLOCK_M)
             cols = tl.arange(0, BLOCK_N)
@@ -305,12 +320,22 @@ def _n_groups(B_: int, heads: int, device: torch.device, N: int, num_k: int) -> 
 
 
 # ----------------------------------------------------------------------------- launchers
+def _head_scale(head_scale: Optional[torch.Tensor], num_heads: int) -> Optional[torch.Tensor]:
+    if head_scale is None:
+        return None
+    if head_scale.numel() != num_heads:
+        raise ValueError(f'head_scale has {head_scale.numel()} values for {num_heads} heads')
+    return head_scale.detach().reshape(num_heads).float().contiguous()
+
+
 def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-                         mask: Optional[torch.Tensor], num_heads: int, scale: float):
+                         mask: Optional[torch.Tensor], num_heads: int, scale: float,
+                         head_scale: Optional[torch.Tensor] = None):
     """-> (out [B_, N, C], lse [B_, heads, N] fp32, bm: the padded bias+mask tiles, kept for the
-    backward so it is built once a step)."""
+    backward so it is built once a step). head_scale ([heads], Swin V2's tau) replaces `scale`."""
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
+    hs = _head_scale(head_scale, num_heads)
     qkv = qkv.contiguous()
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
@@ -319,17 +344,19 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
     grid = (B_ * num_heads * num_m,)
     if B_:
         _window_attention_fwd_kernel[grid](
-            qkv, bm, out, lse, N, C, num_heads, bm.shape[0], float(scale),
+            qkv, bm, out, lse, hs if hs is not None else lse, N, C, num_heads, bm.shape[0], float(scale),
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, num_warps=num_warps)
     return out, lse, bm
 
 
 def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
-                         table_rows: int):
-    """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable [table_rows, heads] fp32). `bm` is the forward's."""
+                         table_rows: int, head_scale: Optional[torch.Tensor] = None):
+    """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable [table_rows, heads] fp32, dhead_scale: [heads] fp32
+    with head_scale, else empty). `bm` is the forward's."""
     check_triton_device(qkv)
+    hs = _head_scale(head_scale, num_heads)
     B_, N, C3 = qkv.shape
     d = C3 // 3 // num_heads
     qkv, dout = qkv.contiguous(), dout.contiguous()
@@ -341,28 +368,32 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     # windows no program runs, so the table's gradient must come out zero).
     alloc = torch.zeros if num_m > 1 or B_ == 0 else torch.empty
     dbias_partial = alloc((n_groups, num_heads, N, N), dtype=torch.float32, device=qkv.device)
+    dscale_partial = torch.zeros((n_groups if hs is not None else 0, num_heads), dtype=torch.float32,
+                                 device=qkv.device)
     if B_:
         _window_attention_bwd_kernel[(n_groups * num_heads,)](
-            qkv, bm, out, lse, dout, dqkv, dbias_partial, dq_acc,
+            qkv, bm, out, lse, dout, dqkv, dbias_partial, dq_acc, hs if hs is not None else lse, dscale_partial,
             B_, N, C3 // 3, num_heads, bm.shape[0], float(scale), n_groups,
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, num_warps=num_warps)
     dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
+    dscale = dscale_partial.sum(0) if hs is not None else dscale_partial.new_zeros(0)
     # Scatter to the table rows through the index: a one-hot matmul, deterministic.
     onehot = F.one_hot(index.reshape(-1).long(), table_rows).to(torch.float32)      # N*N, rows
     dtable = onehot.T @ dbias.permute(1, 2, 0).reshape(N * N, num_heads)             # rows, heads
-    return dqkv, dtable
+    return dqkv, dtable, dscale
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op('swin::window_attention_fwd', mutates_args=())
 def _fwd_op(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
-            num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return window_attention_fwd(qkv, table, index, mask, num_heads, scale)
+            num_heads: int, scale: float, head_scale: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return window_attention_fwd(qkv, table, index, mask, num_heads, scale, head_scale)
 
 
 @_fwd_op.register_fake
-def _(qkv, table, index, mask, num_heads, scale):
+def _(qkv, table, index, mask, num_heads, scale, head_scale=None):
     B_, N, C3 = qkv.shape
     block_m, block_n, _, num_m, num_k, _ = _blocks(N, C3 // 3 // num_heads)
     n_bm = mask.shape[0] if mask is not None else 1
@@ -373,31 +404,34 @@ def _(qkv, table, index, mask, num_heads, scale):
 @torch.library.custom_op('swin::window_attention_bwd', mutates_args=())
 def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
             out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
-            table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return window_attention_bwd(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows)
+            table_rows: int, head_scale: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return window_attention_bwd(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows, head_scale)
 
 
 @_bwd_op.register_fake
-def _(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows):
-    return qkv.new_empty(qkv.shape), qkv.new_empty((table_rows, num_heads), dtype=torch.float32)
+def _(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows, head_scale=None):
+    return (qkv.new_empty(qkv.shape), qkv.new_empty((table_rows, num_heads), dtype=torch.float32),
+            qkv.new_empty((num_heads if head_scale is not None else 0,), dtype=torch.float32))
 
 
 # Compiled code calls the custom ops; eager code calls _WindowAttention (custom-op dispatch costs
 # more than these launches in an eager step). Both save the same tensors and run the same `_grads`.
-def _save(ctx, qkv, table, index, num_heads, scale, out, lse, bm):
-    ctx.save_for_backward(qkv, bm, index, out, lse)
+def _save(ctx, qkv, table, index, num_heads, scale, head_scale, out, lse, bm):
+    ctx.save_for_backward(qkv, bm, index, out, lse, head_scale)
     ctx.num_heads, ctx.scale, ctx.table_rows, ctx.table_dtype = num_heads, scale, table.shape[0], table.dtype
 
 
 def _grads(ctx, dout, bwd):
-    qkv, bm, index, out, lse = ctx.saved_tensors
-    dqkv, dtable = bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows)
-    return dqkv, dtable.to(ctx.table_dtype), None, None, None, None
+    qkv, bm, index, out, lse, head_scale = ctx.saved_tensors
+    dqkv, dtable, dscale = bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows, head_scale)
+    dhead = None if head_scale is None else dscale.view(head_scale.shape).to(head_scale.dtype)
+    return dqkv, dtable.to(ctx.table_dtype), None, None, None, None, dhead
 
 
 def _setup(ctx, inputs, output):
-    qkv, table, index, _, num_heads, scale = inputs
-    _save(ctx, qkv, table, index, num_heads, scale, *output)
+    qkv, table, index, _, num_heads, scale, head_scale = inputs
+    _save(ctx, qkv, table, index, num_heads, scale, head_scale, *output)
 
 
 _fwd_op.register_autograd(lambda ctx, dout, _dlse, _dbm: _grads(ctx, dout, _bwd_op), setup_context=_setup)
@@ -405,9 +439,9 @@ _fwd_op.register_autograd(lambda ctx, dout, _dlse, _dbm: _grads(ctx, dout, _bwd_
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, table, index, mask, num_heads, scale):
-        out, lse, bm = window_attention_fwd(qkv, table, index, mask, num_heads, scale)
-        _save(ctx, qkv, table, index, num_heads, scale, out, lse, bm)
+    def forward(ctx, qkv, table, index, mask, num_heads, scale, head_scale):
+        out, lse, bm = window_attention_fwd(qkv, table, index, mask, num_heads, scale, head_scale)
+        _save(ctx, qkv, table, index, num_heads, scale, head_scale, out, lse, bm)
         return out
 
     @staticmethod
@@ -416,11 +450,13 @@ class _WindowAttention(torch.autograd.Function):
 
 
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-                     mask: Optional[torch.Tensor], num_heads: int, scale: float) -> torch.Tensor:
-    """Fused, differentiable window attention (see the module docstring): [B_, N, 3C] -> [B_, N, C]."""
+                     mask: Optional[torch.Tensor], num_heads: int, scale: float,
+                     head_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused, differentiable window attention (see the module docstring): [B_, N, 3C] -> [B_, N, C].
+    head_scale: a differentiable scale per head ([heads]) in place of `scale` (Swin V2's tau)."""
     if torch.compiler.is_compiling():
-        return _fwd_op(qkv, table, index, mask, num_heads, float(scale))[0]
-    return _WindowAttention.apply(qkv, table, index, mask, num_heads, float(scale))
+        return _fwd_op(qkv, table, index, mask, num_heads, float(scale), head_scale)[0]
+    return _WindowAttention.apply(qkv, table, index, mask, num_heads, float(scale), head_scale)
 
 
 # ----------------------------------------------------------------------------- Swin V2
@@ -446,15 +482,20 @@ def cosine_window_attention(qkv: torch.Tensor, logit_scale: torch.Tensor, table:
                             index: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int,
                             attention=None) -> torch.Tensor:
     """Swin V2's attention through a V1 attention implementation (`attention`: the fused kernel by
-    default, or window_attention_ref): the cosine normalisation and per-head scale go into q and k,
-    16 sigmoid(.) into the table (see the module docstring)."""
+    default, or window_attention_ref): q and k normalised, 16 sigmoid(.) as the table, and the per-head
+    scale tau passed to the fused kernel, which returns its gradient from the fp32 dS (see the module
+    docstring); any other implementation gets tau folded into q."""
     B_, N, C3 = qkv.shape
     q, k, v = qkv.view(B_, N, 3, num_heads, C3 // 3 // num_heads).unbind(2)        # B_, N, heads, d
-    tau = torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp().view(num_heads, 1)
-    q = (F.normalize(q.float(), dim=-1) * tau).to(qkv.dtype)
+    tau = torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp().view(num_heads)
+    fused = attention is None or attention is window_attention
+    q = F.normalize(q.float(), dim=-1)
+    q = (q if fused else q * tau.view(num_heads, 1)).to(qkv.dtype)
     k = F.normalize(k.float(), dim=-1).to(qkv.dtype)
     qkv = torch.stack((q, k, v), dim=2).view(B_, N, C3)
-    return (attention or window_attention)(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0)
+    if fused:
+        return window_attention(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0, head_scale=tau)
+    return attention(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0)
 
 
 # apex has no matching op: 'apex' uses ours.

@@ -105,7 +105,7 @@ def test_tf32_is_the_callers_choice_not_the_process_flag():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(256, 512, generator=g).cuda()
     b = torch.randn(512, 192, generator=g).cuda()
-    exact = a.double() @ b.double()
+    exact = (a.double() @ b.double()).cpu()
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -232,8 +232,11 @@ def test_fused_post_norm_block_with_drop_path_equals_reference_block():
         outs.append((out.detach(), xi.grad, {n: p.grad for n, p in block.named_parameters()}))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+    # parameter gradients normwise: the cpb MLP's sum over every window's dS cancels, so elementwise
+    # rtol fails on its near-zero entries from fp32 reordering alone (~3e-7 normwise on the CPU)
     for name, grad in outs[0][2].items():
-        torch.testing.assert_close(outs[1][2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        err = ((outs[1][2][name] - grad).norm() / grad.norm()).item()
+        assert err < 1e-5, (name, err)
 
 
 @pytest.mark.parametrize('ft', ['swinv2_base_patch4_window12to16_192to256_22kto1k_ft.yaml',
