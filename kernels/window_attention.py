@@ -15,7 +15,7 @@ at window 7, 3 MB for Swin-T stage 1, L2-resident) and kept for the backward, so
 aligned tile instead of gathering index, table and mask per window.
 
 Backward (recompute S and P from lse):
-  dV = P^T dO;   dP = dO V^T;   D_i = sum_j P_ij dP_ij = sum_d dO_id O_id
+  dV = P^T dO;   dP = dO V^T;   D_i = sum_j P_ij dP_ij   (fp32 P and dP; = sum_d dO_id O_id, used in fp32)
   dS = P * (dP - D);   dQ = dS K * scale;   dK = dS^T Q * scale;   dB[h] = sum_b dS[b, h]
 dQ, dK, dV are written straight into one [B_, N, 3C] tensor, the qkv projection's layout.
 dB is deterministic: each program owns a strided group of windows and accumulates dS for them
@@ -177,7 +177,7 @@ if triton_available():
 
     @triton.jit
     def _window_attention_bwd_kernel(
-        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr, dq_acc_ptr, head_scale_ptr,
+        qkv_ptr, bm_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, dbias_ptr, dq_acc_ptr, delta_ptr, head_scale_ptr,
         dscale_ptr, B_, N, C, n_heads, n_bm, scale, n_groups,
         HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_SCALE: tl.constexpr,
@@ -199,6 +199,25 @@ if triton_available():
             scale = tl.load(head_scale_ptr + h)
         for b in range(g, B_, n_groups):
             base = b * N * 3 * C + h * HEAD_DIM
+            if NUM_K > 1 and DOT_MODE != 1:
+                # D_i = sum_j P_ij dP_ij over every key block first (a pass of two dots), into delta
+                # (its rows of (b, h) belong to this program alone)
+                for m_blk in range(NUM_M):
+                    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                    row_ok = rows < N
+                    lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
+                    do = tl.load(dout_ptr + b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :],
+                                 mask=row_ok[:, None] & d_ok[None, :], other=0.)
+                    delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    for kb in range(NUM_K):
+                        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+                        s, _, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
+                                             HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                        v = tl.load(qkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :],
+                                    mask=(cols < N)[:, None] & d_ok[None, :], other=0.)
+                        delta += tl.sum(tl.exp(s - lse[:, None]) * _dot(do, tl.trans(v), DOT_MODE), axis=1)
+                    tl.store(delta_ptr + (b * n_heads + h) * N + rows, delta, mask=row_ok)
+                tl.debug_barrier()
             for kb in range(NUM_K):
                 cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                 col_ok = cols < N
@@ -220,10 +239,20 @@ if triton_available():
                     p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
                     o_off = b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :]
                     do = tl.load(dout_ptr + o_off, mask=rd_mask, other=0.)
-                    o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
-                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)   # D_i = rowsum(dO * O)
                     dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_MODE)
                     dp = _dot(do, tl.trans(v), DOT_MODE)
+                    # D_i: half-precision inputs take sum_j P_ij dP_ij from the fp32 P and dP, as the
+                    # softmax's own backward (sum_j dS_ij = 0); rowsum(dO * O) with O rounded to half is
+                    # not, and its error does not cancel in V2's logit-scale gradient (bf16 window 24:
+                    # 7% off vs 2.5%; fp16 2.6% vs 0.05%). fp32 inputs take rowsum(dO * O): O is exact
+                    # there, and the P recomputed from lse is the less accurate side (2.5x less error).
+                    if DOT_MODE == 1:
+                        o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
+                        delta = tl.sum(do * o, axis=1)
+                    elif NUM_K == 1:
+                        delta = tl.sum(p * dp, axis=1)
+                    else:
+                        delta = tl.load(delta_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
                     ds = p * (dp - delta[:, None])                          # dL/dS, fp32
                     if HEAD_SCALE:
                         dscale_acc += tl.sum(ds * qk, axis=1)         # padded rows / keys: ds = 0
@@ -364,6 +393,8 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     n_groups = _n_groups(B_, num_heads, qkv.device, N, num_k)
     dqkv = torch.empty_like(qkv)
     dq_acc = torch.empty((B_, N, C3 // 3), dtype=torch.float32, device=qkv.device) if num_k > 1 else dqkv
+    delta = (torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
+             if num_k > 1 and qkv.dtype != torch.float32 else lse)
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes; and with no
     # windows no program runs, so the table's gradient must come out zero).
     alloc = torch.zeros if num_m > 1 or B_ == 0 else torch.empty
@@ -372,7 +403,7 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
                                  device=qkv.device)
     if B_:
         _window_attention_bwd_kernel[(n_groups * num_heads,)](
-            qkv, bm, out, lse, dout, dqkv, dbias_partial, dq_acc, hs if hs is not None else lse, dscale_partial,
+            qkv, bm, out, lse, dout, dqkv, dbias_partial, dq_acc, delta, hs if hs is not None else lse, dscale_partial,
             B_, N, C3 // 3, num_heads, bm.shape[0], float(scale), n_groups,
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, num_warps=num_warps)

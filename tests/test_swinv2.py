@@ -141,9 +141,12 @@ def test_cosine_attention_kernel_matches_float64(case, dtype):
         same_out = wa.cosine_window_attention_ref(same[0], same[1], same[2], index.to(DEVICE),
                                                   mask.float().to(DEVICE) if mask is not None else None, heads)
     same_out.backward(dout.to(DEVICE, same_out.dtype))
+    # The logit-scale gradient sums dS * cos over every window: terms 100 to 5000 times its result in
+    # these cases (float64), so fp32 rounding of the terms shows at ~1e-5 of it (GPU 8e-6, CPU 5e-6)
     for name, a, b, c in zip(('qkv', 'logit_scale', 'table'), got_in, ref_in, same):
-        assert rel(a.grad, b.grad) < max(4 * tol, 2 * rel(c.grad, b.grad)), (name, rel(a.grad, b.grad),
-                                                                             rel(c.grad, b.grad))
+        floor = (10 if name == 'logit_scale' else 4) * tol
+        assert rel(a.grad, b.grad) < max(floor, 2 * rel(c.grad, b.grad)), (name, rel(a.grad, b.grad),
+                                                                           rel(c.grad, b.grad))
     assert got_in[1].grad[0].item() == 0 and ref_in[1].grad[0].item() == 0
 
 
