@@ -199,7 +199,7 @@ if triton_available():
             scale = tl.load(head_scale_ptr + h)
         for b in range(g, B_, n_groups):
             base = b * N * 3 * C + h * HEAD_DIM
-            if NUM_K > 1 and DOT_MODE != 1:
+            if NUM_K > 1 and DOT_MODE != 1 and HEAD_SCALE:
                 # D_i = sum_j P_ij dP_ij over every key block first (a pass of two dots), into delta
                 # (its rows of (b, h) belong to this program alone)
                 for m_blk in range(NUM_M):
@@ -244,15 +244,17 @@ if triton_available():
                     # D_i: half-precision inputs take sum_j P_ij dP_ij from the fp32 P and dP, as the
                     # softmax's own backward (sum_j dS_ij = 0); rowsum(dO * O) with O rounded to half is
                     # not, and its error does not cancel in V2's logit-scale gradient (bf16 window 24:
-                    # 7% off vs 2.5%; fp16 2.6% vs 0.05%). fp32 inputs take rowsum(dO * O): O is exact
-                    # there, and the P recomputed from lse is the less accurate side (2.5x less error).
-                    if DOT_MODE == 1:
-                        o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
-                        delta = tl.sum(do * o, axis=1)
-                    elif NUM_K == 1:
+                    # 7% off vs 2.5%; fp16 2.6% vs 0.05%). With the keys in blocks that costs a pre-pass
+                    # (above), taken for V2 (HEAD_SCALE) only: V1 has no such sum. fp32 inputs take
+                    # rowsum(dO * O): O is exact there, and the P recomputed from lse is the less
+                    # accurate side (2.5x less error).
+                    if NUM_K == 1 and DOT_MODE != 1:
                         delta = tl.sum(p * dp, axis=1)
-                    else:
+                    elif NUM_K > 1 and DOT_MODE != 1 and HEAD_SCALE:
                         delta = tl.load(delta_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
+                    else:
+                        o = tl.load(out_ptr + o_off, mask=rd_mask, other=0.)
+                        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
                     ds = p * (dp - delta[:, None])                          # dL/dS, fp32
                     if HEAD_SCALE:
                         dscale_acc += tl.sum(ds * qk, axis=1)         # padded rows / keys: ds = 0
@@ -321,10 +323,15 @@ def _dot_mode(qkv: torch.Tensor) -> int:
 BWD_PROGRAMS_PER_SM = 8
 
 
+# Windows above this many tokens take the keys in blocks of 64 (below, one power-of-2 tile: window 12's
+# 144 tokens pad to 256 keys one way, 192 the other; benchmarks/tune_window_attention.py measures both)
+KEY_TILE_ABOVE = 256
+
+
 def _blocks(N: int, d: int):
     """-> (block_m, block_n, block_d, num_m, num_k, num_warps): query blocks of block_m rows; the
     keys in one block of block_n (N <= 256) or in num_k blocks of 64 (larger windows)."""
-    num_k, block_n = (1, max(16, next_power_of_2(N))) if N <= 256 else ((N + 63) // 64, 64)
+    num_k, block_n = (1, max(16, next_power_of_2(N))) if N <= KEY_TILE_ABOVE else ((N + 63) // 64, 64)
     block_d = max(16, next_power_of_2(d))
     # head dim 128: 64-row query blocks overflow sm_90's 227 KB of shared memory in the backward (Triton
     # 3.6 on an H200: 254 KB in bf16; fp32 more); with 32-row blocks fp32 runs there. Swin's head dim is 32.
@@ -394,7 +401,7 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     dqkv = torch.empty_like(qkv)
     dq_acc = torch.empty((B_, N, C3 // 3), dtype=torch.float32, device=qkv.device) if num_k > 1 else dqkv
     delta = (torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
-             if num_k > 1 and qkv.dtype != torch.float32 else lse)
+             if num_k > 1 and qkv.dtype != torch.float32 and hs is not None else lse)
     # Per-group partial sums of dS (zeroed: the multi-block path reads before it writes; and with no
     # windows no program runs, so the table's gradient must come out zero).
     alloc = torch.zeros if num_m > 1 or B_ == 0 else torch.empty
