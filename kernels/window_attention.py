@@ -7,7 +7,7 @@ Shapes (B_ = batch * windows, N = w*w tokens, C = heads * d):
   mask   [nW, N, N] or None  the shifted-window mask (0 / -100); window b uses mask[b % nW]
   out    [B_, N, C]  in the layout the output projection reads.
 
-Forward, per (window b, head h, block of query rows), keys all in one tile (N <= 256):
+Forward, per (window b, head h, block of query rows), keys all in one tile (N <= 64):
   S = (q k^T) * scale + B + M;   P = softmax(S) in fp32;   O = P v;   lse = logsumexp(S)
 Only O and lse (fp32, [B_, heads, N]) are written; the N x N scores never leave the chip.
 B + M is built once per forward as one padded fp32 tile per (window type, head) ([nW, heads, 64, 64]
@@ -34,7 +34,7 @@ kernel's backward also returns dL/dtau_h = sum dS * (q k^T), summed from the fp3
 into q instead would take tau's gradient from dQ rounded to bf16, a sum that cancels: 12% off in a
 bf16 test where upstream's autocast math is 1% off.)
 
-Windows above 256 tokens (Swin V2's window 24: N = 576) take the keys in blocks of 64: the forward
+Windows above 64 tokens (window 12: N = 144; Swin V2's 16 and 24) take the keys in blocks of 64: the forward
 keeps a running max and sum (online softmax), the backward walks the key blocks per window and
 sums dQ in an fp32 scratch it owns; smaller windows load all keys at once, as before.
 
@@ -323,14 +323,16 @@ def _dot_mode(qkv: torch.Tensor) -> int:
 BWD_PROGRAMS_PER_SM = 8
 
 
-# Windows above this many tokens take the keys in blocks of 64 (below, one power-of-2 tile: window 12's
-# 144 tokens pad to 256 keys one way, 192 the other; benchmarks/tune_window_attention.py measures both)
-KEY_TILE_ABOVE = 256
+# Windows above this many tokens take the keys in blocks of 64; up to it, one tile of all keys. Measured
+# (benchmarks/tune_window_attention.py, H200, 2026-11-28, bf16, batch 128, forward + backward): window
+# 12 stage 1 9.14 ms as one 256-key tile vs 2.52 ms in blocks of 64 (V2: 11.9 vs 3.04), window 16
+# 14.0 vs 5.6 (V2 17.5 vs 6.7). Windows 7 and 8 (49, 64 tokens) are one block of 64 either way.
+KEY_TILE_ABOVE = 64
 
 
 def _blocks(N: int, d: int):
     """-> (block_m, block_n, block_d, num_m, num_k, num_warps): query blocks of block_m rows; the
-    keys in one block of block_n (N <= 256) or in num_k blocks of 64 (larger windows)."""
+    keys in one block of block_n (N <= KEY_TILE_ABOVE) or in num_k blocks of 64 (larger windows)."""
     num_k, block_n = (1, max(16, next_power_of_2(N))) if N <= KEY_TILE_ABOVE else ((N + 63) // 64, 64)
     block_d = max(16, next_power_of_2(d))
     # head dim 128: 64-row query blocks overflow sm_90's 227 KB of shared memory in the backward (Triton
@@ -341,7 +343,7 @@ def _blocks(N: int, d: int):
     return block_m, block_n, block_d, num_m, num_k, num_warps
 
 
-# dS partial sums of the tiled path (windows above 256 tokens) are [groups, heads, N, N] fp32: at
+# dS partial sums of the tiled path (windows above 64 tokens) are [groups, heads, N, N] fp32: at
 # window 24 that is 5.3 MB a (group, head), so the groups are capped to keep the buffer near this
 DBIAS_BUDGET_BYTES = 256 << 20
 
