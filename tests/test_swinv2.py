@@ -142,9 +142,11 @@ def test_cosine_attention_kernel_matches_float64(case, dtype):
                                                   mask.float().to(DEVICE) if mask is not None else None, heads)
     same_out.backward(dout.to(DEVICE, same_out.dtype))
     # The logit-scale gradient sums dS * cos over every window: terms 100 to 5000 times its result in
-    # these cases (float64), so fp32 rounding of the terms shows at ~1e-5 of it (GPU 8e-6, CPU 5e-6)
+    # these cases (float64), so fp32 rounding of the terms shows at ~1e-5 of it (GPU 8e-6, CPU 5e-6).
+    # (Half precision: bounded by upstream's own error at that dtype; the GPU's window-24 case fails it
+    # when D_i comes from the rounded output: fp16 0.025 vs 0.014, bf16 0.13 vs 0.12.)
     for name, a, b, c in zip(('qkv', 'logit_scale', 'table'), got_in, ref_in, same):
-        floor = (10 if name == 'logit_scale' else 4) * tol
+        floor = (10 if name == 'logit_scale' and dtype == torch.float32 else 4) * tol
         assert rel(a.grad, b.grad) < max(floor, 2 * rel(c.grad, b.grad)), (name, rel(a.grad, b.grad),
                                                                            rel(c.grad, b.grad))
     assert got_in[1].grad[0].item() == 0 and ref_in[1].grad[0].item() == 0
