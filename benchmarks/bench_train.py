@@ -21,7 +21,7 @@ from common import cuda_time_ms, environment, write_results
 
 from amp import Precision, enable_fp8
 from cuda_graph import GraphedTrainStep
-from kernels._utils import apex_available
+from kernels._utils import apex_available, importable
 from kernels.optimizers import FusedAdamW, build_apex_optimizer
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
@@ -259,7 +259,7 @@ def main():
             continue
         if name.startswith('apex') and not apex_available('apex.optimizers'):
             continue          # apex not built here (python build_apex.py)
-        if name.startswith('--fp8') and not apex_available('torchao.float8'):
+        if name.startswith('--fp8') and not importable('torchao.float8'):
             continue          # torchao not installed here (optional)
         try:
             row = fn(a.model, name, flags, level, dtype, compile_, a.batch)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|input-graph|apex|v2|fp8 ...]
-# (tune, the launch sweeps of the window and LayerNorm kernels, is not in the default list)
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|input-graph|apex|v2|v2-upstream|fp8 ...]
+# (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,9 @@ for part in $PARTS; do
              # upstream's compile takes minutes)
              for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
                python3 benchmarks/bench_train.py --model $m; done ;;
+    v2-upstream) # the same, upstream's rows only (its eager and compiled training, its --throughput)
+             for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
+               python3 benchmarks/bench_train.py --model $m --only upstream; done ;;
     apex)    # KERNEL_BACKEND apex: build apex from the source checkout in $APEX_SRC (default .apex) into
              # .apex_site unless it is importable, then its tests, its ops beside ours, and whole-model rows
              if ! python3 -c "import apex.optimizers, apex.normalization, apex.fused_dense" 2>/dev/null; then
@@ -57,7 +60,8 @@ for part in $PARTS; do
     kernels) python3 benchmarks/bench_kernels.py ;;
     optim)   python3 benchmarks/bench_optim.py ;;
     host)    python3 benchmarks/launch_overhead.py ;;
-    tune)    python3 benchmarks/tune_window_process.py; python3 benchmarks/tune_layer_norm.py ;;
+    tune)    python3 benchmarks/tune_window_process.py; python3 benchmarks/tune_layer_norm.py
+             python3 benchmarks/tune_window_attention.py ;;
     train|train-eager|train-compiled)
              c=all; [ $part = train-eager ] && c=no; [ $part = train-compiled ] && c=only
              for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do

@@ -17,12 +17,17 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(None)
-def apex_available(module: str = 'apex') -> bool:
+def importable(module: str) -> bool:
+    """True when `module` imports here (optional dependencies: apex, torchao)."""
     try:
         importlib.import_module(module)
     except Exception:
         return False
     return True
+
+
+def apex_available(module: str = 'apex') -> bool:
+    return importable(module)
 
 
 def triton_interpret() -> bool:

@@ -117,6 +117,19 @@ if triton_available():
 
 
 # ----------------------------------------------------------------------------- launcher
+_FILLS = {}     # (fill values, device) -> the 3-float tensor: the recipe's fill is one constant a run
+
+
+def _fill_tensor(fill, device: torch.device) -> torch.Tensor:
+    if isinstance(fill, torch.Tensor):
+        return fill.to(device=device, dtype=torch.float32)
+    values = tuple(float(v) for v in (fill if isinstance(fill, (tuple, list)) else (fill,) * 3))
+    key = (values, str(device))
+    if key not in _FILLS:
+        _FILLS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _FILLS[key]
+
+
 def affine_resample(x: torch.Tensor, matrix: torch.Tensor, fill, out: torch.Tensor = None) -> torch.Tensor:
     """The Triton kernel: as affine_resample_ref (float64 math). x: float32
     [n, 3, H, W]; matrix: [n, 6] on x's device."""
@@ -126,7 +139,7 @@ def affine_resample(x: torch.Tensor, matrix: torch.Tensor, fill, out: torch.Tens
     x = x.contiguous()
     n, _, h, w = x.shape
     out = torch.empty_like(x) if out is None else out
-    fill_t = torch.as_tensor(fill, dtype=torch.float32).to(x.device, non_blocking=True)
+    fill_t = _fill_tensor(fill, x.device)
     block = 1024
     _affine_kernel[(n, triton.cdiv(h * w, block))](x, matrix.double().contiguous(), fill_t, out, h, w, BLOCK=block)
     return out
