@@ -22,21 +22,24 @@ CASES = [('w12 stage 1 (48x48 tokens, 4 heads)', 12, 16, 4, 32),
 
 
 def _time(window, nw, heads, d, v2, tile_above, batch=128):
-    wa.KEY_TILE_ABOVE = tile_above
+    """(forward ms, forward + backward ms) of the launchers with keys tiled above `tile_above` tokens."""
+    launch = dict(key_tile_above=tile_above)
     N = window * window
-    qkv = torch.randn(batch * nw, N, 3 * heads * d, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-    table = torch.randn((2 * window - 1) ** 2, heads, device='cuda', requires_grad=True)
+    qkv = torch.randn(batch * nw, N, 3 * heads * d, device='cuda', dtype=torch.bfloat16)
+    table = torch.randn((2 * window - 1) ** 2, heads, device='cuda')
     index = relative_position_index(window).cuda()
     side = int(nw ** 0.5) * window
     mask = shifted_window_mask(side, side, window, window // 2).cuda() if nw > 1 else None
-    tau = torch.full((heads,), 10.0, device='cuda', requires_grad=True) if v2 else None
+    tau = torch.full((heads,), 10.0, device='cuda') if v2 else None
+    scale = 1.0 if v2 else d ** -0.5
     dout = torch.randn(batch * nw, N, heads * d, device='cuda', dtype=torch.bfloat16)
 
     def fwd():
-        return wa.window_attention(qkv, table, index, mask, heads, 1.0 if v2 else d ** -0.5, head_scale=tau)
+        return wa.window_attention_fwd(qkv, table, index, mask, heads, scale, tau, launch)
 
     def step():
-        fwd().backward(dout)
+        out, lse, bm = fwd()
+        wa.window_attention_bwd(dout, qkv, bm, index, out, lse, heads, scale, table.shape[0], tau, launch)
     return triton.testing.do_bench(fwd), triton.testing.do_bench(step)
 
 
@@ -51,7 +54,6 @@ def main():
             best = 'blocks of 64' if blocks[1] < one[1] else 'one tile'
             print(f'| {name} | {"V2" if v2 else "V1"} | {one[0]:.3f} / {one[1]:.3f} | '
                   f'{blocks[0]:.3f} / {blocks[1]:.3f} | {best} |', flush=True)
-    wa.KEY_TILE_ABOVE = 256
 
 
 if __name__ == '__main__':

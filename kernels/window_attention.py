@@ -330,10 +330,13 @@ BWD_PROGRAMS_PER_SM = 8
 KEY_TILE_ABOVE = 64
 
 
-def _blocks(N: int, d: int):
+def _blocks(N: int, d: int, launch: Optional[dict] = None):
     """-> (block_m, block_n, block_d, num_m, num_k, num_warps): query blocks of block_m rows; the
-    keys in one block of block_n (N <= KEY_TILE_ABOVE) or in num_k blocks of 64 (larger windows)."""
-    num_k, block_n = (1, max(16, next_power_of_2(N))) if N <= KEY_TILE_ABOVE else ((N + 63) // 64, 64)
+    keys in one block of block_n (N <= KEY_TILE_ABOVE) or in num_k blocks of 64 (larger windows).
+    launch: benchmarks/tune_window_attention.py passes key_tile_above (the forward and backward of
+    one call must get the same)."""
+    tile_above = (launch or {}).get('key_tile_above', KEY_TILE_ABOVE)
+    num_k, block_n = (1, max(16, next_power_of_2(N))) if N <= tile_above else ((N + 63) // 64, 64)
     block_d = max(16, next_power_of_2(d))
     # head dim 128: 64-row query blocks overflow sm_90's 227 KB of shared memory in the backward (Triton
     # 3.6 on an H200: 254 KB in bf16; fp32 more); with 32-row blocks fp32 runs there. Swin's head dim is 32.
@@ -368,7 +371,7 @@ def _head_scale(head_scale: Optional[torch.Tensor], num_heads: int) -> Optional[
 
 def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                          mask: Optional[torch.Tensor], num_heads: int, scale: float,
-                         head_scale: Optional[torch.Tensor] = None):
+                         head_scale: Optional[torch.Tensor] = None, launch: Optional[dict] = None):
     """-> (out [B_, N, C], lse [B_, heads, N] fp32, bm: the padded bias+mask tiles, kept for the
     backward so it is built once a step). head_scale ([heads], Swin V2's tau) replaces `scale`."""
     check_triton_device(qkv)
@@ -377,7 +380,7 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
     qkv = qkv.contiguous()
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=torch.float32, device=qkv.device)
-    block_m, block_n, block_d, num_m, num_k, num_warps = _blocks(N, d)
+    block_m, block_n, block_d, num_m, num_k, num_warps = _blocks(N, d, launch)
     bm = _bias_mask(table, index, mask, num_m * block_m, num_k * block_n)
     grid = (B_ * num_heads * num_m,)
     if B_:
@@ -390,7 +393,8 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
 
 def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
-                         table_rows: int, head_scale: Optional[torch.Tensor] = None):
+                         table_rows: int, head_scale: Optional[torch.Tensor] = None,
+                         launch: Optional[dict] = None):
     """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable [table_rows, heads] fp32, dhead_scale: [heads] fp32
     with head_scale, else empty). `bm` is the forward's."""
     check_triton_device(qkv)
@@ -398,7 +402,7 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
     B_, N, C3 = qkv.shape
     d = C3 // 3 // num_heads
     qkv, dout = qkv.contiguous(), dout.contiguous()
-    block_m, block_n, block_d, num_m, num_k, num_warps = _blocks(N, d)
+    block_m, block_n, block_d, num_m, num_k, num_warps = _blocks(N, d, launch)
     n_groups = _n_groups(B_, num_heads, qkv.device, N, num_k)
     dqkv = torch.empty_like(qkv)
     dq_acc = torch.empty((B_, N, C3 // 3), dtype=torch.float32, device=qkv.device) if num_k > 1 else dqkv
