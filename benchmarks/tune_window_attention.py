@@ -35,11 +35,12 @@ def _time(window, nw, heads, d, v2, tile_above, batch=128):
     dout = torch.randn(batch * nw, N, heads * d, device='cuda', dtype=torch.bfloat16)
 
     def fwd():
-        return wa.window_attention_fwd(qkv, table, index, mask, heads, scale, tau, launch)
+        return wa.window_attention_fwd(qkv, table, index, mask, heads, scale, tau, norm_qk=v2, launch=launch)
 
     def step():
         out, lse, bm = fwd()
-        wa.window_attention_bwd(dout, qkv, bm, index, out, lse, heads, scale, table.shape[0], tau, launch)
+        wa.window_attention_bwd(dout, qkv, bm, index, out, lse, heads, scale, table.shape[0], tau, norm_qk=v2,
+                                launch=launch)
     return triton.testing.do_bench(fwd), triton.testing.do_bench(step)
 
 

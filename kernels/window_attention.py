@@ -24,15 +24,16 @@ the groups are then summed by torch, and dB is scattered to the table by a fixed
 matmul (no float atomics anywhere).
 
 Swin V2's scaled cosine attention (`cosine_window_attention`) runs through the same kernel: its
-differences from V1 are parameters of the inputs, not of the kernel. Per head h with
+differences from V1 are two switches of it (NORM_QK, HEAD_SCALE), no second kernel. Per head h with
 tau_h = exp(min(logit_scale_h, log 100)):
   S = tau_h * normalize(q) normalize(k)^T + 16 sigmoid(T)[index] + M
-so q is replaced by normalize(q), k by normalize(k), the table by 16 sigmoid(T), and the kernel
-takes tau as a per-head scale in place of the one scalar. Normalisation and sigmoid are PyTorch ops
-(one pass over q and k, fused by inductor under --compile) whose backward is autograd's; the
-kernel's backward also returns dL/dtau_h = sum dS * (q k^T), summed from the fp32 dS. (Folding tau
-into q instead would take tau's gradient from dQ rounded to bf16, a sum that cancels: 12% off in a
-bf16 test where upstream's autocast math is 1% off.)
+so the kernel (NORM_QK) L2-normalises q and k as it loads them (in fp32, then in the input dtype for
+the products, as F.normalize), takes the table as 16 sigmoid(T) (one PyTorch op a step) and tau as a
+per-head scale in place of the one scalar (HEAD_SCALE). Its backward takes dQ and dK through the
+normalisation once they are complete, and returns dL/dtau_h = sum dS * (q k^T), summed from the
+fp32 dS. (Folding tau into q instead took tau's gradient from dQ rounded to bf16, a sum that
+cancels: 12% off in a bf16 test where upstream's autocast math is 1% off. Normalising in PyTorch
+cost passes over q and k in fp32 and a copy of qkv around every call.)
 
 Windows above 64 tokens (window 12: N = 144; Swin V2's 16 and 24) take the keys in blocks of 64: the forward
 keeps a running max and sum (online softmax), the backward walks the key blocks per window and
@@ -103,11 +104,35 @@ if triton_available():
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='ieee')
 
     @triton.jit
+    def _l2_normalize(x, DOT_MODE: tl.constexpr):
+        """F.normalize(x, dim=-1) per row: x / max(||x||, 1e-12), in fp32, back in x's dtype.
+        DOT_MODE 2 (bf16 in Triton's CPU interpreter) keeps fp32: the interpreter's fp32 -> bf16
+        cast is not round-to-nearest-even (biased: 54% of values differ from torch's cast), which
+        skews every cosine the same way; its dots upcast to fp32 anyway."""
+        xf = x.to(tl.float32)
+        y = xf / tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)[:, None]
+        if DOT_MODE == 2:
+            return y
+        return y.to(x.dtype)
+
+    @triton.jit
+    def _l2_normalize_bwd(x, dy):
+        """dL/dx of y = x / max(||x||, eps) from dL/dy (fp32): (dy - y (y . dy)) / ||x||; dy / eps
+        where ||x|| <= eps (F.normalize's clamp)."""
+        xf = x.to(tl.float32)
+        n = tl.sqrt(tl.sum(xf * xf, axis=1))
+        nc = tl.maximum(n, 1e-12)
+        y = xf / nc[:, None]
+        proj = tl.where(n > 1e-12, tl.sum(y * dy, axis=1), 0.)
+        return (dy - y * proj[:, None]) / nc[:, None]
+
+    @triton.jit
     def _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
                 HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, ROWS_PAD: tl.constexpr,
-                COLS_PAD: tl.constexpr):
+                COLS_PAD: tl.constexpr, NORM_QK: tl.constexpr):
         """S = q k^T * scale + (B + M) for one (window, head, query block, key block); -inf on
-        padded keys. Returns (S, q k^T, q, k)."""
+        padded keys; NORM_QK: q and k L2-normalised first (Swin V2's cosine attention). Returns
+        (S, q k^T, q, k) with q, k as they entered the product."""
         row_ok = rows < N
         col_ok = cols < N
         d_ok = d_idx < HEAD_DIM
@@ -116,6 +141,9 @@ if triton_available():
                     mask=row_ok[:, None] & d_ok[None, :], other=0.)
         k = tl.load(qkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.)
+        if NORM_QK:
+            q = _l2_normalize(q, DOT_MODE)
+            k = _l2_normalize(k, DOT_MODE)
         qk = _dot(q, tl.trans(k), DOT_MODE)
         s = qk * scale
         # bias + mask of this window's type and head: one padded fp32 tile [ROWS_PAD, COLS_PAD],
@@ -131,6 +159,7 @@ if triton_available():
         N, C, n_heads, n_bm, scale,
         HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_SCALE: tl.constexpr,
+        NORM_QK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         m_blk = pid % NUM_M
@@ -145,7 +174,7 @@ if triton_available():
         if NUM_K == 1:
             cols = tl.arange(0, BLOCK_N)
             s, _, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                 HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N)
+                                 HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, BLOCK_N, NORM_QK)
             m = tl.max(s, axis=1)
             p = tl.exp(s - m[:, None])
             l = tl.sum(p, axis=1)
@@ -160,7 +189,7 @@ if triton_available():
             for kb in range(NUM_K):
                 cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                 s, _, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                     HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                                     HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N, NORM_QK)
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 alpha = tl.exp(m - m_new)
                 p = tl.exp(s - m_new[:, None])
@@ -181,6 +210,7 @@ if triton_available():
         dscale_ptr, B_, N, C, n_heads, n_bm, scale, n_groups,
         HEAD_DIM: tl.constexpr, DOT_MODE: tl.constexpr, NUM_M: tl.constexpr, NUM_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_SCALE: tl.constexpr,
+        NORM_QK: tl.constexpr,
     ):
         # Program (group g, head h) walks windows g, g + n_groups, ... for head h. With NUM_K key
         # blocks it walks them per window, summing dQ in fp32 in dq_acc ([B_, N, C]; its rows of
@@ -212,7 +242,7 @@ if triton_available():
                     for kb in range(NUM_K):
                         cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                         s, _, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                             HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                                             HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N, NORM_QK)
                         v = tl.load(qkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :],
                                     mask=(cols < N)[:, None] & d_ok[None, :], other=0.)
                         delta += tl.sum(tl.exp(s - lse[:, None]) * _dot(do, tl.trans(v), DOT_MODE), axis=1)
@@ -233,7 +263,7 @@ if triton_available():
                     row_ok = rows < N
                     rd_mask = row_ok[:, None] & d_ok[None, :]
                     s, qk, q, k = _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
-                                          HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N)
+                                          HEAD_DIM, DOT_MODE, NUM_M * BLOCK_M, NUM_K * BLOCK_N, NORM_QK)
                     lse = tl.load(lse_ptr + (b * n_heads + h) * N + rows, mask=row_ok, other=0.)
                     p = tl.exp(s - lse[:, None])
                     p = tl.where(row_ok[:, None], p, 0.)                     # padded rows add nothing
@@ -261,6 +291,9 @@ if triton_available():
                     dq = _dot(ds.to(k.dtype), k, DOT_MODE) * scale
                     dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_MODE) * scale
                     if NUM_K == 1:
+                        if NORM_QK:       # dQ is complete here: through the normalisation to raw q
+                            dq = _l2_normalize_bwd(tl.load(qkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
+                                                           mask=rd_mask, other=0.), dq)
                         tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
                                  dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
                     else:
@@ -278,6 +311,9 @@ if triton_available():
                         cur = tl.load(dbias_base + rc, mask=tile_ok, other=0.)
                         tl.store(dbias_base + rc, cur + ds, mask=tile_ok)
                         tl.debug_barrier()
+                if NORM_QK:               # dK of this key block is complete: to raw k
+                    dk = _l2_normalize_bwd(tl.load(qkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
+                                                   mask=kv_mask, other=0.), dk)
                 tl.store(dqkv_ptr + base + C + cols[:, None] * 3 * C + d_idx[None, :],
                          dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
                 tl.store(dqkv_ptr + base + 2 * C + cols[:, None] * 3 * C + d_idx[None, :],
@@ -288,6 +324,9 @@ if triton_available():
                     rd_mask = (rows < N)[:, None] & d_ok[None, :]
                     dq = tl.load(dq_acc_ptr + b * N * C + h * HEAD_DIM + rows[:, None] * C + d_idx[None, :],
                                  mask=rd_mask, other=0.)
+                    if NORM_QK:
+                        dq = _l2_normalize_bwd(tl.load(qkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
+                                                       mask=rd_mask, other=0.), dq)
                     tl.store(dqkv_ptr + base + rows[:, None] * 3 * C + d_idx[None, :],
                              dq.to(dqkv_ptr.dtype.element_ty), mask=rd_mask)
         if HEAD_SCALE:
@@ -371,9 +410,11 @@ def _head_scale(head_scale: Optional[torch.Tensor], num_heads: int) -> Optional[
 
 def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                          mask: Optional[torch.Tensor], num_heads: int, scale: float,
-                         head_scale: Optional[torch.Tensor] = None, launch: Optional[dict] = None):
+                         head_scale: Optional[torch.Tensor] = None, norm_qk: bool = False,
+                         launch: Optional[dict] = None):
     """-> (out [B_, N, C], lse [B_, heads, N] fp32, bm: the padded bias+mask tiles, kept for the
-    backward so it is built once a step). head_scale ([heads], Swin V2's tau) replaces `scale`."""
+    backward so it is built once a step). head_scale ([heads], Swin V2's tau) replaces `scale`;
+    norm_qk: q and k are L2-normalised in the kernel (Swin V2's cosine attention)."""
     check_triton_device(qkv)
     B_, N, C, d = _check(qkv, table, index, mask, num_heads)
     hs = _head_scale(head_scale, num_heads)
@@ -387,14 +428,15 @@ def window_attention_fwd(qkv: torch.Tensor, table: torch.Tensor, index: torch.Te
         _window_attention_fwd_kernel[grid](
             qkv, bm, out, lse, hs if hs is not None else lse, N, C, num_heads, bm.shape[0], float(scale),
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, NORM_QK=norm_qk,
+            num_warps=num_warps)
     return out, lse, bm
 
 
 def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
                          table_rows: int, head_scale: Optional[torch.Tensor] = None,
-                         launch: Optional[dict] = None):
+                         norm_qk: bool = False, launch: Optional[dict] = None):
     """-> (dqkv [B_, N, 3C] in qkv's dtype, dtable [table_rows, heads] fp32, dhead_scale: [heads] fp32
     with head_scale, else empty). `bm` is the forward's."""
     check_triton_device(qkv)
@@ -419,7 +461,8 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
             qkv, bm, out, lse, dout, dqkv, dbias_partial, dq_acc, delta, hs if hs is not None else lse, dscale_partial,
             B_, N, C3 // 3, num_heads, bm.shape[0], float(scale), n_groups,
             HEAD_DIM=d, DOT_MODE=_dot_mode(qkv), NUM_M=num_m, NUM_K=num_k,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_SCALE=hs is not None, NORM_QK=norm_qk,
+            num_warps=num_warps)
     dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
     dscale = dscale_partial.sum(0) if hs is not None else dscale_partial.new_zeros(0)
     # Scatter to the table rows through the index: a one-hot matmul, deterministic.
@@ -431,13 +474,13 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op('swin::window_attention_fwd', mutates_args=())
 def _fwd_op(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
-            num_heads: int, scale: float, head_scale: Optional[torch.Tensor] = None
+            num_heads: int, scale: float, head_scale: Optional[torch.Tensor] = None, norm_qk: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return window_attention_fwd(qkv, table, index, mask, num_heads, scale, head_scale)
+    return window_attention_fwd(qkv, table, index, mask, num_heads, scale, head_scale, norm_qk)
 
 
 @_fwd_op.register_fake
-def _(qkv, table, index, mask, num_heads, scale, head_scale=None):
+def _(qkv, table, index, mask, num_heads, scale, head_scale=None, norm_qk=False):
     B_, N, C3 = qkv.shape
     block_m, block_n, _, num_m, num_k, _ = _blocks(N, C3 // 3 // num_heads)
     n_bm = mask.shape[0] if mask is not None else 1
@@ -448,34 +491,36 @@ def _(qkv, table, index, mask, num_heads, scale, head_scale=None):
 @torch.library.custom_op('swin::window_attention_bwd', mutates_args=())
 def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor, index: torch.Tensor,
             out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
-            table_rows: int, head_scale: Optional[torch.Tensor] = None
+            table_rows: int, head_scale: Optional[torch.Tensor] = None, norm_qk: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return window_attention_bwd(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows, head_scale)
+    return window_attention_bwd(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows, head_scale, norm_qk)
 
 
 @_bwd_op.register_fake
-def _(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows, head_scale=None):
+def _(dout, qkv, bm, index, out, lse, num_heads, scale, table_rows, head_scale=None, norm_qk=False):
     return (qkv.new_empty(qkv.shape), qkv.new_empty((table_rows, num_heads), dtype=torch.float32),
             qkv.new_empty((num_heads if head_scale is not None else 0,), dtype=torch.float32))
 
 
 # Compiled code calls the custom ops; eager code calls _WindowAttention (custom-op dispatch costs
 # more than these launches in an eager step). Both save the same tensors and run the same `_grads`.
-def _save(ctx, qkv, table, index, num_heads, scale, head_scale, out, lse, bm):
+def _save(ctx, qkv, table, index, num_heads, scale, head_scale, norm_qk, out, lse, bm):
     ctx.save_for_backward(qkv, bm, index, out, lse, head_scale)
     ctx.num_heads, ctx.scale, ctx.table_rows, ctx.table_dtype = num_heads, scale, table.shape[0], table.dtype
+    ctx.norm_qk = norm_qk
 
 
 def _grads(ctx, dout, bwd):
     qkv, bm, index, out, lse, head_scale = ctx.saved_tensors
-    dqkv, dtable, dscale = bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows, head_scale)
+    dqkv, dtable, dscale = bwd(dout, qkv, bm, index, out, lse, ctx.num_heads, ctx.scale, ctx.table_rows, head_scale,
+                               ctx.norm_qk)
     dhead = None if head_scale is None else dscale.view(head_scale.shape).to(head_scale.dtype)
-    return dqkv, dtable.to(ctx.table_dtype), None, None, None, None, dhead
+    return dqkv, dtable.to(ctx.table_dtype), None, None, None, None, dhead, None
 
 
 def _setup(ctx, inputs, output):
-    qkv, table, index, _, num_heads, scale, head_scale = inputs
-    _save(ctx, qkv, table, index, num_heads, scale, head_scale, *output)
+    qkv, table, index, _, num_heads, scale, head_scale, norm_qk = inputs
+    _save(ctx, qkv, table, index, num_heads, scale, head_scale, norm_qk, *output)
 
 
 _fwd_op.register_autograd(lambda ctx, dout, _dlse, _dbm: _grads(ctx, dout, _bwd_op), setup_context=_setup)
@@ -483,9 +528,9 @@ _fwd_op.register_autograd(lambda ctx, dout, _dlse, _dbm: _grads(ctx, dout, _bwd_
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, table, index, mask, num_heads, scale, head_scale):
-        out, lse, bm = window_attention_fwd(qkv, table, index, mask, num_heads, scale, head_scale)
-        _save(ctx, qkv, table, index, num_heads, scale, head_scale, out, lse, bm)
+    def forward(ctx, qkv, table, index, mask, num_heads, scale, head_scale, norm_qk):
+        out, lse, bm = window_attention_fwd(qkv, table, index, mask, num_heads, scale, head_scale, norm_qk)
+        _save(ctx, qkv, table, index, num_heads, scale, head_scale, norm_qk, out, lse, bm)
         return out
 
     @staticmethod
@@ -495,12 +540,13 @@ class _WindowAttention(torch.autograd.Function):
 
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                      mask: Optional[torch.Tensor], num_heads: int, scale: float,
-                     head_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     head_scale: Optional[torch.Tensor] = None, norm_qk: bool = False) -> torch.Tensor:
     """Fused, differentiable window attention (see the module docstring): [B_, N, 3C] -> [B_, N, C].
-    head_scale: a differentiable scale per head ([heads]) in place of `scale` (Swin V2's tau)."""
+    head_scale: a differentiable scale per head ([heads]) in place of `scale` (Swin V2's tau);
+    norm_qk: q and k L2-normalised inside the kernel (Swin V2's cosine attention)."""
     if torch.compiler.is_compiling():
-        return _fwd_op(qkv, table, index, mask, num_heads, float(scale), head_scale)[0]
-    return _WindowAttention.apply(qkv, table, index, mask, num_heads, float(scale), head_scale)
+        return _fwd_op(qkv, table, index, mask, num_heads, float(scale), head_scale, bool(norm_qk))[0]
+    return _WindowAttention.apply(qkv, table, index, mask, num_heads, float(scale), head_scale, bool(norm_qk))
 
 
 # ----------------------------------------------------------------------------- Swin V2
@@ -526,19 +572,19 @@ def cosine_window_attention(qkv: torch.Tensor, logit_scale: torch.Tensor, table:
                             index: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int,
                             attention=None) -> torch.Tensor:
     """Swin V2's attention through a V1 attention implementation (`attention`: the fused kernel by
-    default, or window_attention_ref): q and k normalised, 16 sigmoid(.) as the table, and the per-head
-    scale tau passed to the fused kernel, which returns its gradient from the fp32 dS (see the module
-    docstring); any other implementation gets tau folded into q."""
+    default, or window_attention_ref). The fused kernel takes qkv as it is, normalises q and k itself
+    and takes the per-head scale tau as an input whose gradient it sums from the fp32 dS (see the
+    module docstring); any other implementation gets normalised q and k with tau folded into q.
+    The table becomes 16 sigmoid(.) once per call."""
     B_, N, C3 = qkv.shape
-    q, k, v = qkv.view(B_, N, 3, num_heads, C3 // 3 // num_heads).unbind(2)        # B_, N, heads, d
     tau = torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp().view(num_heads)
-    fused = attention is None or attention is window_attention
-    q = F.normalize(q.float(), dim=-1)
-    q = (q if fused else q * tau.view(num_heads, 1)).to(qkv.dtype)
+    if attention is None or attention is window_attention:
+        return window_attention(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0, head_scale=tau,
+                                norm_qk=True)
+    q, k, v = qkv.view(B_, N, 3, num_heads, C3 // 3 // num_heads).unbind(2)        # B_, N, heads, d
+    q = (F.normalize(q.float(), dim=-1) * tau.view(num_heads, 1)).to(qkv.dtype)
     k = F.normalize(k.float(), dim=-1).to(qkv.dtype)
     qkv = torch.stack((q, k, v), dim=2).view(B_, N, C3)
-    if fused:
-        return window_attention(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0, head_scale=tau)
     return attention(qkv, 16 * torch.sigmoid(table), index, mask, num_heads, 1.0)
 
 

@@ -27,7 +27,7 @@ def test_opcheck_window_attention():
     torch.library.opcheck(wa._fwd_op, (qkv, table, relative_position_index(4).to(DEVICE), mask, 2, 0.25),
                           test_utils=CHECKS)
     tau = torch.tensor([3.0, 11.0], device=DEVICE, requires_grad=True)        # Swin V2's per-head scale
-    torch.library.opcheck(wa._fwd_op, (qkv, table, relative_position_index(4).to(DEVICE), mask, 2, 1.0, tau),
+    torch.library.opcheck(wa._fwd_op, (qkv, table, relative_position_index(4).to(DEVICE), mask, 2, 1.0, tau, True),
                           test_utils=CHECKS)
 
 
@@ -184,14 +184,15 @@ def test_eager_and_custom_op_paths_give_identical_gradients():
     table = torch.randn(49, 2, device=DEVICE)
     index, mask = relative_position_index(4).to(DEVICE), shifted_window_mask(8, 8, 4, 2).to(DEVICE)
     g.manual_seed(1)
-    eager = _grads_of(lambda q, t: wa._WindowAttention.apply(q, t, index, mask, 2, 0.25, None), (qkv, table), up)
+    eager = _grads_of(lambda q, t: wa._WindowAttention.apply(q, t, index, mask, 2, 0.25, None, False), (qkv, table), up)
     g.manual_seed(1)
     _same(eager, _grads_of(lambda q, t: wa._fwd_op(q, t, index, mask, 2, 0.25)[0], (qkv, table), up))
     tau = torch.tensor([3.0, 11.0], device=DEVICE)
     g.manual_seed(1)
-    eager = _grads_of(lambda q, t, s: wa._WindowAttention.apply(q, t, index, mask, 2, 1.0, s), (qkv, table, tau), up)
+    eager = _grads_of(lambda q, t, s: wa._WindowAttention.apply(q, t, index, mask, 2, 1.0, s, True), (qkv, table, tau),
+                      up)
     g.manual_seed(1)
-    _same(eager, _grads_of(lambda q, t, s: wa._fwd_op(q, t, index, mask, 2, 1.0, s)[0], (qkv, table, tau), up))
+    _same(eager, _grads_of(lambda q, t, s: wa._fwd_op(q, t, index, mask, 2, 1.0, s, True)[0], (qkv, table, tau), up))
     xs = torch.randn(2, 8, 8, 5, device=DEVICE)
     g.manual_seed(1)
     eager = _grads_of(lambda t: wp._WindowPartition.apply(t, 4, 2), (xs,), up)
