@@ -150,7 +150,8 @@ HARNESS_ROWS = {'compile': 'all flags + --fused_adam + compile (CUDA graphs), O2
 
 
 def harness(step: str) -> dict:
-    cmd = [sys.executable, 'benchmarks/bench_train.py', '--model', 'tiny', '--only', HARNESS_ROWS[step], '--skip-infer']
+    cmd = [sys.executable, 'benchmarks/bench_train.py', '--model', 'tiny', '--only', HARNESS_ROWS[step], '--exact',
+           '--skip-infer']
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     m = re.search(r"'img/s': ([\d.]+)", p.stdout)
     rate = float(m.group(1)) if m else None

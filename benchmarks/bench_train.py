@@ -241,6 +241,7 @@ def main():
     p.add_argument('--model', choices=list(MODELS), default='tiny')
     p.add_argument('--batch', type=int, default=128)
     p.add_argument('--only', nargs='*', default=None, help='substrings of config names to run')
+    p.add_argument('--exact', action='store_true', help='--only names whole config names')
     p.add_argument('--skip-infer', action='store_true')
     p.add_argument('--compiled', choices=['no', 'only', 'all'], default='all',
                    help='run the torch.compile rows: not, only them, or with the rest')
@@ -250,7 +251,7 @@ def main():
     train, infer = (TRAIN_V2, INFER_V2) if a.model.startswith('v2') else (TRAIN, INFER)
     jobs = [(train_row, r) for r in train] + ([] if a.skip_infer else [(infer_row, r) for r in infer])
     for fn, (name, flags, level, dtype, compile_) in jobs:
-        if a.only and not any(s in name for s in a.only):
+        if a.only and not any(s == name if a.exact else s in name for s in a.only):
             continue
         if a.model == 'large' and name in TINY_ONLY and not a.only:
             continue

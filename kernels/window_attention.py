@@ -108,9 +108,10 @@ if triton_available():
         """F.normalize(x, dim=-1) per row: x / max(||x||, 1e-12), in fp32, back in x's dtype.
         DOT_MODE 2 (bf16 in Triton's CPU interpreter) keeps fp32: the interpreter's fp32 -> bf16
         cast is not round-to-nearest-even (biased: 54% of values differ from torch's cast), which
-        skews every cosine the same way; its dots upcast to fp32 anyway."""
+        skews every cosine the same way; its dots upcast to fp32 anyway. Round-to-nearest sqrt and
+        reciprocal, once per row (tl.sqrt and / are approximate on the GPU)"""
         xf = x.to(tl.float32)
-        y = xf / tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)[:, None]
+        y = xf * tl.div_rn(1., tl.maximum(tl.sqrt_rn(tl.sum(xf * xf, axis=1)), 1e-12))[:, None]
         if DOT_MODE == 2:
             return y
         return y.to(x.dtype)
@@ -120,11 +121,11 @@ if triton_available():
         """dL/dx of y = x / max(||x||, eps) from dL/dy (fp32): (dy - y (y . dy)) / ||x||; dy / eps
         where ||x|| <= eps (F.normalize's clamp)."""
         xf = x.to(tl.float32)
-        n = tl.sqrt(tl.sum(xf * xf, axis=1))
-        nc = tl.maximum(n, 1e-12)
-        y = xf / nc[:, None]
+        n = tl.sqrt_rn(tl.sum(xf * xf, axis=1))
+        r = tl.div_rn(1., tl.maximum(n, 1e-12))
+        y = xf * r[:, None]
         proj = tl.where(n > 1e-12, tl.sum(y * dy, axis=1), 0.)
-        return (dy - y * proj[:, None]) / nc[:, None]
+        return (dy - y * proj[:, None]) * r[:, None]
 
     @triton.jit
     def _scores(qkv_ptr, bm_ptr, b, h, rows, cols, d_idx, N, C, n_heads, n_bm, scale,
