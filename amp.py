@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from config import FP8_LAYER_NAMES
 from kernels.optimizers import is_fused
 
 logger = logging.getLogger(__name__)
@@ -151,13 +152,14 @@ class Precision:
 # The Linear layers whose GEMMs run in float8 (torchao's dynamic scaling; the weights, their
 # gradients and the checkpoint stay in the run's precision): attention qkv and proj, the MLP, the
 # patch-merging reduction. The head and V2's small cpb MLP stay in bf16; so does any layer whose
-# dimensions are not multiples of 16 (the float8 GEMMs need them).
-FP8_LAYERS = ('qkv', 'proj', 'fc1', 'fc2', 'reduction')
+# dimensions are not multiples of 16 (the float8 GEMMs need them). EXTRA.FP8_LAYERS narrows the set
+# (e.g. [fc1, fc2]: the MLP only) to find where float8 pays.
+FP8_LAYERS = FP8_LAYER_NAMES
 
 
-def fp8_layer(module: torch.nn.Module, name: str) -> bool:
-    """Whether the Linear at `name` runs in FP8."""
-    return (isinstance(module, torch.nn.Linear) and name.split('.')[-1] in FP8_LAYERS
+def fp8_layer(module: torch.nn.Module, name: str, layers=FP8_LAYERS) -> bool:
+    """Whether the Linear at `name` runs in FP8 when `layers` (names of FP8_LAYERS) are chosen."""
+    return (isinstance(module, torch.nn.Linear) and name.split('.')[-1] in layers
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
@@ -187,14 +189,19 @@ def _fp8_refusal(config, device: torch.device) -> Optional[str]:
     return None
 
 
-def enable_fp8(model: torch.nn.Module, recipe: str = 'tensorwise', emulate: bool = False) -> list:
-    """Swap the FP8 layers (fp8_layer) for torchao's float8 Linear, sharing their parameters (the
-    state dict is unchanged); -> their names. emulate: torchao's reference arithmetic (tests on the CPU)."""
+def enable_fp8(model: torch.nn.Module, recipe: str = 'tensorwise', emulate: bool = False,
+               layers=FP8_LAYERS) -> list:
+    """Swap the FP8 layers (fp8_layer; `layers`: which of FP8_LAYERS) for torchao's float8 Linear,
+    sharing their parameters (the state dict is unchanged); -> their names. emulate: torchao's
+    reference arithmetic (tests on the CPU)."""
     import dataclasses
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     fp8_config = Float8LinearConfig.from_recipe_name(recipe)
     if emulate:
         fp8_config = dataclasses.replace(fp8_config, emulate=True)
-    chosen = [name for name, m in model.named_modules() if fp8_layer(m, name)]
-    convert_to_float8_training(model, config=fp8_config, module_filter_fn=fp8_layer)
+    unknown = set(layers) - set(FP8_LAYERS)
+    if unknown or not layers:
+        raise ValueError(f'FP8 layers must be a non-empty subset of {list(FP8_LAYERS)}, got {list(layers)}')
+    chosen = [name for name, m in model.named_modules() if fp8_layer(m, name, layers)]
+    convert_to_float8_training(model, config=fp8_config, module_filter_fn=lambda m, n: fp8_layer(m, n, layers))
     return chosen

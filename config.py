@@ -161,6 +161,7 @@ _C.EXTRA.TF32 = False                 # allow TF32 matmuls at O0 (off, as in PyT
 _C.EXTRA.NUM_CLASSES_FROM_DATA = True  # NUM_CLASSES follows the dataset unless set explicitly
 _C.EXTRA.TENSORBOARD = False         # also write scalars to <output>/tensorboard (rank 0)
 _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorwise, rowwise, rowwise_with_gw_hp
+_C.EXTRA.FP8_LAYERS = ['qkv', 'proj', 'fc1', 'fc2', 'reduction']   # which Linears --fp8 swaps (a subset)
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -168,6 +169,7 @@ _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (d
 AMP_OPT_LEVELS = ('O0', 'O1', 'O2', 'O3')
 AMP_DTYPES = ('float16', 'bfloat16')
 KERNEL_BACKENDS = ('auto', 'triton', 'apex', 'torch')
+FP8_LAYER_NAMES = ('qkv', 'proj', 'fc1', 'fc2', 'reduction')      # the Linears --fp8 may swap (amp.py)
 
 
 class ConfigError(ValueError):
@@ -327,6 +329,10 @@ def _validate(config: CN) -> None:
     for key, value, choices in checks:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
+    fp8_layers = list(config.EXTRA.FP8_LAYERS)
+    if not fp8_layers or not set(fp8_layers) <= set(FP8_LAYER_NAMES):
+        raise ConfigError(f"EXTRA.FP8_LAYERS = {fp8_layers!r} must be a non-empty subset of "
+                          f"{list(FP8_LAYER_NAMES)} (e.g. --opts EXTRA.FP8_LAYERS \"['fc1', 'fc2']\")")
     positive = [('TRAIN.ACCUMULATION_STEPS', config.TRAIN.ACCUMULATION_STEPS), ('SAVE_FREQ', config.SAVE_FREQ),
                 ('PRINT_FREQ', config.PRINT_FREQ), ('DATA.BATCH_SIZE', config.DATA.BATCH_SIZE),
                 ('DATA.IMG_SIZE', config.DATA.IMG_SIZE), ('TRAIN.EPOCHS', config.TRAIN.EPOCHS),

@@ -169,7 +169,7 @@ def main(config, logger=None):
         load_pretrained(config, model, logger, checkpoint=pretrained_ckpt)
         del pretrained_ckpt
     if config.FP8:
-        fp8 = enable_fp8(model, config.EXTRA.FP8_RECIPE)
+        fp8 = enable_fp8(model, config.EXTRA.FP8_RECIPE, layers=tuple(config.EXTRA.FP8_LAYERS))
         logger.info(f'--fp8 ({config.EXTRA.FP8_RECIPE}): {len(fp8)} Linear layers in float8 '
                     f'({", ".join(sorted({n.split(".")[-1] for n in fp8}))}); the rest in bf16')
         if not (config.COMPILE or config.CUDA_GRAPH):

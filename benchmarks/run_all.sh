@@ -22,10 +22,16 @@ for part in $PARTS; do
                2>&1 | tee "$OUT/pytest_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
     tests2)  python3 -m pytest -q -rf $XDIST --durations=8 tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py \
                tests/test_fp8.py 2>&1 | tee "$OUT/pytest_tests2.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
-    fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16, Swin-T / B / L
-             for m in tiny base large; do
-               python3 benchmarks/bench_train.py --model $m --skip-infer --only "all flags + --fused_adam eager, O2 bf16" \
-                 "all flags + --fused_adam + compile (CUDA graphs), O2 bf16" "--fp8"; done ;;
+    fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16 under compile: every
+             # FP8 layer, the MLP only, and upstream's ops (no custom ops between inductor and the casts);
+             # tiny, base or large (both: tiny and large), one model a call
+             for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
+               python3 benchmarks/bench_train.py --model $m --skip-infer --exact --only \
+                 "all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
+                 "--fp8 (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
+                 "--fp8 fc1/fc2 only (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
+                 "reference + --fused_adam + compile (CUDA graphs), O2 bf16" \
+                 "--fp8 (tensorwise) + reference + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
     v2)      # Swin V2-T/256 (tiny) and V2-B/192 (base; both: the two): upstream's own module (from
              # $SWIN_UPSTREAM, default .upstream: a checkout of microsoft/Swin-Transformer; its clamp fixed in
              # memory) beside ours, one process each. V2-T alone needs most of a 10-minute call (one H200:

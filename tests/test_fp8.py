@@ -42,6 +42,9 @@ def test_refusals_name_the_reason():
         check_fp8(_config(*o2), torch.device('cuda'))
     with pytest.raises(ConfigError, match='FP8_RECIPE'):
         _config('EXTRA.FP8_RECIPE', 'delayed')
+    for bad in ("['fc1', 'head']", '[]'):
+        with pytest.raises(ConfigError, match='EXTRA.FP8_LAYERS .* subset of'):
+            _config('EXTRA.FP8_LAYERS', bad)
 
 
 def test_main_refuses_fp8_on_the_cpu(demo_data, tmp_path):
@@ -78,6 +81,20 @@ def test_fp8_layers_are_the_documented_ones_and_the_checkpoint_is_unchanged(mode
     plain.load_state_dict(sd, strict=True)                              # loads without --fp8
     for k, v in ref.state_dict().items():
         assert torch.equal(plain.state_dict()[k], v), k
+
+
+@needs_torchao
+@pytest.mark.parametrize('layers', [('fc1', 'fc2'), ('qkv',), ('reduction', 'proj')], ids='+'.join)
+def test_fp8_layers_narrowed_by_config(layers):
+    """EXTRA.FP8_LAYERS: exactly the named Linears are swapped, in every block that has them."""
+    from models.swin_transformer import SwinTransformer
+    model = SwinTransformer(**SMALL)
+    expected = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split('.')[-1] in layers}
+    chosen = enable_fp8(model, layers=layers)
+    swapped = {n for n, m in model.named_modules() if type(m).__name__ == 'Float8Linear'}
+    assert swapped == set(chosen) == expected and expected
+    with pytest.raises(ValueError, match='subset of'):
+        enable_fp8(SwinTransformer(**SMALL), layers=('head',))
 
 
 @needs_torchao
