@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|input-graph|apex|v2|v2-upstream|fp8 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -32,6 +32,11 @@ for part in $PARTS; do
                  "--fp8 fc1/fc2 only (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
                  "reference + --fused_adam + compile (CUDA graphs), O2 bf16" \
                  "--fp8 (tensorwise) + reference + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
+    fp8-profile) # where the FP8 step's time goes: the top kernels with and without --fp8 (compiled, all flags)
+             for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
+               for f in "" "--fp8 tensorwise"; do
+                 python3 benchmarks/profile_step.py --model $m --flags all --level O2 --dtype bfloat16 --fused_adam \
+                   --compile --top 25 $f; done; done ;;
     v2)      # Swin V2-T/256 (tiny) and V2-B/192 (base; both: the two): upstream's own module (from
              # $SWIN_UPSTREAM, default .upstream: a checkout of microsoft/Swin-Transformer; its clamp fixed in
              # memory) beside ours, one process each. V2-T alone needs most of a 10-minute call (one H200:
