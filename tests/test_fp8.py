@@ -40,11 +40,16 @@ def test_refusals_name_the_reason():
         with pytest.raises(ConfigError, match='fused_mlp'):
             check_fp8(_config(*o2, 'FUSED_MLP', 'True'), torch.device('cuda'))
         check_fp8(_config(*o2), torch.device('cuda'))
+
+
+def test_fp8_config_keys_are_validated():
+    """An unknown recipe, or layers outside the FP8 set (or none), fail when the config is built."""
     with pytest.raises(ConfigError, match='FP8_RECIPE'):
         _config('EXTRA.FP8_RECIPE', 'delayed')
     for bad in ("['fc1', 'head']", '[]'):
         with pytest.raises(ConfigError, match='EXTRA.FP8_LAYERS .* subset of'):
             _config('EXTRA.FP8_LAYERS', bad)
+    assert list(_config('EXTRA.FP8_LAYERS', "['fc1', 'fc2']").EXTRA.FP8_LAYERS) == ['fc1', 'fc2']
 
 
 def test_main_refuses_fp8_on_the_cpu(demo_data, tmp_path):
