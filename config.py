@@ -142,7 +142,7 @@ _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
 # ----------------------------------------------------------------------------- fast paths (ours)
-# One key per flag (SPEC.md). A flag changes speed, never the math or the checkpoint format.
+# One key per flag (docs/compatibility.md). A flag changes speed, never the math or the checkpoint format.
 _C.FUSED_MLP = False
 _C.FUSED_DENSE = False
 _C.UNFUSED_MHA = False                # fused window attention (the seed fork's flag name)

@@ -1,4 +1,4 @@
-"""Whole-model training and inference speed, side by side in one process (BENCH.md protocol).
+"""Whole-model training and inference speed, side by side in one process (the protocol of docs/benchmarks.md).
 
     python benchmarks/bench_train.py --model tiny|base|large|v2tiny|v2base [--only NAME ...]
 

@@ -1,4 +1,4 @@
-"""Timing and reporting helpers shared by the benchmarks (BENCH.md protocol)."""
+"""Timing and reporting helpers shared by the benchmarks (the protocol of docs/benchmarks.md)."""
 import datetime
 import json
 import os

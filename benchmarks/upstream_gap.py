@@ -1,5 +1,6 @@
-"""Why our reference path trains faster than BENCH.md's upstream anchor (1445 img/s, Swin-T, O1 fp16):
-the same reference model and step, adding what upstream's training loop does per step, one at a time.
+"""Why our reference path trains faster than an earlier measurement of upstream's code on an H100
+(1445 img/s, Swin-T, O1 fp16): the same reference model and step, adding what upstream's training loop
+does per step, one at a time.
 
     python benchmarks/upstream_gap.py
 """

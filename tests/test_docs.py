@@ -24,7 +24,9 @@ def test_relative_links_resolve():
 
 
 def test_no_pointers_outside_the_repository_or_to_how_work_was_organised():
-    for doc in DOCS:
+    sources = [f for f in glob.glob(os.path.join(ROOT, '**', '*.py'), recursive=True)
+               if '.venv' not in f and not f.startswith(os.path.join(ROOT, '.')) and f != os.path.abspath(__file__)]
+    for doc in DOCS + sources:
         text = open(doc).read()
         for word in ('SPEC.md', 'BENCH.md', 'session 1', 'session 2', 'session 3', 'Session '):
             assert word not in text, (os.path.relpath(doc, ROOT), word)
