@@ -524,7 +524,8 @@ class SyntheticOnDevice:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        # the epoch's order reaches the device once: no host-to-device copy per step
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).to(self.device)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device, non_blocking=True)
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.pool[idx % len(self.pool)], self.labels[idx]

@@ -393,3 +393,24 @@ def test_unsupported_recipe_is_refused_at_start(demo_data, tmp_path):
                     '--opts', 'AUG.COLOR_JITTER', '0.4'] + FAST, expect_ok=False)
     last = [l for l in out.splitlines() if l.strip()][-1]
     assert last.startswith('error:') and 'colour jitter' in last and '--data-pipeline pil' in last
+
+
+@pytest.mark.parametrize('drop_last', [True, False])
+def test_synthetic_on_device_yields_the_datasets_items_in_sampler_order(drop_last):
+    """DATA.DATASET synthetic with --data-pipeline gpu: the same images and labels as the dataset
+    gives per index, in the sampler's order, every batch (a partial last one unless dropped)."""
+    from data.build import SyntheticDataset
+    from data.gpu_pipeline import SyntheticOnDevice
+    ds = SyntheticDataset(size=150, img_size=8, num_classes=7, seed=3)          # pool of 64: indices wrap
+    sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(5))
+    loader = SyntheticOnDevice(ds, 32, sampler, torch.device(DEVICE), drop_last)
+    order = list(iter(torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(5))))
+    batches = list(loader)
+    assert len(batches) == len(loader) == (4 if drop_last else 5)
+    seen = 0
+    for images, labels in batches:
+        idx = order[seen:seen + len(labels)]
+        seen += len(labels)
+        assert torch.equal(images.cpu(), torch.stack([ds[i][0] for i in idx]))
+        assert labels.tolist() == [ds[i][1] for i in idx]
+    assert seen == (128 if drop_last else 150)
