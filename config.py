@@ -154,6 +154,8 @@ _C.FP8 = False                        # float8 GEMMs in qkv / proj / MLP / reduc
 
 # ----------------------------------------------------------------------------- other keys of ours
 _C.EXTRA = CN()
+FP8_RECIPES = ('tensorwise', 'rowwise', 'rowwise_with_gw_hp')      # torchao's float8 recipe names
+FP8_LAYER_NAMES = ('qkv', 'proj', 'fc1', 'fc2', 'reduction')      # the Linears --fp8 may swap (amp.py)
 _C.EXTRA.SYNTHETIC_TRAIN_SIZE = 1280  # images per epoch for DATA.DATASET synthetic
 _C.EXTRA.SYNTHETIC_VAL_SIZE = 256
 _C.EXTRA.MAX_NONFINITE_STEPS = 10     # consecutive non-finite losses before the run stops
@@ -161,7 +163,7 @@ _C.EXTRA.TF32 = False                 # allow TF32 matmuls at O0 (off, as in PyT
 _C.EXTRA.NUM_CLASSES_FROM_DATA = True  # NUM_CLASSES follows the dataset unless set explicitly
 _C.EXTRA.TENSORBOARD = False         # also write scalars to <output>/tensorboard (rank 0)
 _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorwise, rowwise, rowwise_with_gw_hp
-_C.EXTRA.FP8_LAYERS = ['qkv', 'proj', 'fc1', 'fc2', 'reduction']   # which Linears --fp8 swaps (a subset)
+_C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a subset of FP8_LAYER_NAMES)
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -169,7 +171,6 @@ _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (d
 AMP_OPT_LEVELS = ('O0', 'O1', 'O2', 'O3')
 AMP_DTYPES = ('float16', 'bfloat16')
 KERNEL_BACKENDS = ('auto', 'triton', 'apex', 'torch')
-FP8_LAYER_NAMES = ('qkv', 'proj', 'fc1', 'fc2', 'reduction')      # the Linears --fp8 may swap (amp.py)
 
 
 class ConfigError(ValueError):
@@ -318,7 +319,7 @@ def _validate(config: CN) -> None:
     checks = [
         ('AMP_OPT_LEVEL', config.AMP_OPT_LEVEL, ('',) + AMP_OPT_LEVELS),
         ('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES),
-        ('EXTRA.FP8_RECIPE', config.EXTRA.FP8_RECIPE, ('tensorwise', 'rowwise', 'rowwise_with_gw_hp')),
+        ('EXTRA.FP8_RECIPE', config.EXTRA.FP8_RECIPE, FP8_RECIPES),
         ('KERNEL_BACKEND', config.KERNEL_BACKEND, KERNEL_BACKENDS),
         ('DATA.CACHE_MODE', config.DATA.CACHE_MODE, ('no', 'full', 'part')),
         ('DATA.PIPELINE', config.DATA.PIPELINE, ('pil', 'gpu')),

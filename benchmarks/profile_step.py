@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_train import ALL, MODELS, build
 
 from amp import FP8_LAYERS, Precision, enable_fp8
+from config import FP8_RECIPES
 from kernels.optimizers import FusedAdamW
 from optimizer import param_groups
 
@@ -27,7 +28,7 @@ def main():
     p.add_argument('--compile', action='store_true')
     p.add_argument('--top', type=int, default=15)
     p.add_argument('--fused_adam', action='store_true')
-    p.add_argument('--fp8', choices=['tensorwise', 'rowwise', 'rowwise_with_gw_hp'], default=None)
+    p.add_argument('--fp8', choices=FP8_RECIPES, default=None)
     p.add_argument('--fp8-layers', nargs='+', default=list(FP8_LAYERS), choices=list(FP8_LAYERS))
     a = p.parse_args()
     precision = Precision(a.level, a.dtype, torch.device('cuda'))

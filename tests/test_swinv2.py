@@ -170,7 +170,7 @@ def _logit_scale_grad_abs_terms(qkv, logit_scale, table, index, mask, heads, dou
         s = cos * logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() + \
             16 * torch.sigmoid(table[index.view(-1)].view(N, N, -1).permute(2, 0, 1))
         if mask is not None:
-            s = (s.view(B_ // mask.shape[0], *mask.shape[:1], heads, N, N) + mask[None, :, None]).view(B_, heads, N, N)
+            s = (s.view(B_ // mask.shape[0], mask.shape[0], heads, N, N) + mask[None, :, None]).view(B_, heads, N, N)
         p = s.softmax(-1)
         dp = dout.view(B_, N, heads, -1).transpose(1, 2) @ v.transpose(-2, -1)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
