@@ -140,6 +140,10 @@ class Precision:
     def get_scale(self) -> float:
         return self._scaler.get_scale() if self._scaler.is_enabled() else 1.0
 
+    def scale_tensor(self) -> Optional[torch.Tensor]:
+        """The loss scale as the device tensor the scaler keeps (no host sync); None without one."""
+        return self._scaler._scale if self._scaler.is_enabled() else None
+
     def state_dict(self) -> dict:
         return self._scaler.state_dict()
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,34 @@ class NonFiniteLossError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, KernelUnavailable, NonFiniteLossError)
+
+
+class StepValues:
+    """A training step's loss, finite flag, grad norm and loss scale, copied to pinned host memory
+    right behind the step's own work and read later. Reading a device tensor (.item()) waits for
+    everything queued on the stream, so the GPU runs dry while the host then launches the next
+    step; this copy's event has passed long before the read when the host is a step ahead."""
+
+    def __init__(self, step: int, n: int, loss: torch.Tensor, finite: torch.Tensor,
+                 norm: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None):
+        self.step, self.n = step, n
+        nan = loss.new_full((), float('nan'), dtype=torch.float32)
+        values = torch.stack([v.detach().float().reshape(()) if v is not None else nan
+                              for v in (loss, finite, norm, scale)])
+        self.event = None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values
+
+    def read(self) -> tuple:
+        """(loss, finite, grad norm or nan, loss scale or nan) as floats."""
+        if self.event is not None:
+            self.event.synchronize()
+        return tuple(self.host.tolist())
 
 
 def parse_option(argv=None):
@@ -292,17 +321,24 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     nonfinite = 0
     lagged = is_fused(optimizer)
     pending = None
+    last_scale = precision.get_scale()
+    grad_norms = []
 
-    def settle(step: int, loss: torch.Tensor, finite: torch.Tensor, n: int) -> bool:
-        """Read a step's loss on the host: count it, or count a non-finite one (stopping after
+    def settle(values: StepValues) -> bool:
+        """Count a step's loss on the host, or count a non-finite one (stopping after
         EXTRA.MAX_NONFINITE_STEPS in a row). Returns whether it was finite on every rank."""
-        nonlocal nonfinite
-        if finite.item() == 1.0:
+        nonlocal nonfinite, last_scale
+        loss, finite, norm, scale = values.read()
+        if norm == norm:                    # not nan: an optimizer step
+            grad_norms.append(norm)
+        if scale == scale:
+            last_scale = scale
+        if finite == 1.0:
             nonfinite = 0
-            loss_meter.update(loss.item(), n)
+            loss_meter.update(loss, values.n)
             return True
         nonfinite += 1
-        logger.warning(f'non-finite loss at epoch {epoch} step {step} ({nonfinite} in a row): step skipped')
+        logger.warning(f'non-finite loss at epoch {epoch} step {values.step} ({nonfinite} in a row): step skipped')
         if nonfinite >= config.EXTRA.MAX_NONFINITE_STEPS:
             raise NonFiniteLossError(
                 f'{nonfinite} consecutive non-finite losses (EXTRA.MAX_NONFINITE_STEPS): stopping. '
@@ -310,7 +346,6 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 f'WARMUP_EPOCHS or use AMP_DTYPE bfloat16, then resume from it.')
         return False
 
-    grad_norms = []
     start = end = timed_start = time.time()
     timed_from = 0
     for idx, (samples, targets) in enumerate(data_loader):
@@ -321,45 +356,42 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         samples = precision.cast_input(samples)
+        update = (idx + 1) % accum == 0
         if graphed is not None:
-            # forward, backward and (on a cycle's last micro-step) the fused optimizer in one replay;
-            # the loss is read a step late
-            update = (idx + 1) % accum == 0
+            # forward, backward and (on a cycle's last micro-step) the fused optimizer in one replay
             loss, finite, grad_norm = graphed(samples, targets, first=idx % accum == 0, update=update)
-            if pending is not None:
-                settle(*pending)
-            pending = (idx, loss, finite, targets.size(0))
             if update:
                 lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
-                grad_norms.append(grad_norm)
         else:
-            update = (idx + 1) % accum == 0
             # Non-final micro-steps accumulate locally: no all-reduce until the last one.
             sync_ctx = model.no_sync() if (not update and hasattr(model, 'no_sync')) else contextlib.nullcontext()
             with sync_ctx:
                 with precision.autocast():
                     outputs = model(samples)
                 loss = criterion(outputs.float(), targets)        # the loss in fp32 at every level
+                del outputs
                 finite = torch.isfinite(loss.detach()).float().reshape(1)
                 if is_dist():                                      # every rank skips, or none does
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if lagged:
-                    # The fused optimizers skip a non-finite step on the device: back-propagate now and
-                    # read this loss on the host one step later, when the GPU is long past it.
-                    precision.backward(loss / accum)
-                    if pending is not None:
-                        settle(*pending)
-                    pending = (idx, loss.detach(), finite, targets.size(0))
-                elif not settle(idx, loss, finite, targets.size(0)):   # the step's one host sync
+                if not lagged and not settle(StepValues(idx, targets.size(0), loss, finite)):
+                    # the step's one host sync: a plain optimizer must not step on a non-finite loss
                     precision.zero_grad(optimizer, model)
                     continue
-                else:
-                    precision.backward(loss / accum)
+                precision.backward(loss / accum)
+            grad_norm = None
             if update:
                 grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
                 precision.zero_grad(optimizer, model)
                 lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
-                grad_norms.append(grad_norm.detach())              # read at print time: no sync here
+        if graphed is not None or lagged:
+            # The fused optimizers skip a non-finite step on the device: this step's values are read
+            # on the host one step later, when the GPU is past them.
+            if pending is not None:
+                settle(pending)
+            pending = StepValues(idx, targets.size(0), loss, finite, grad_norm if update else None,
+                                 precision.scale_tensor() if update else None)
+        elif grad_norm is not None:
+            grad_norms.append(grad_norm)
         batch_time.update(time.time() - end)
         end = time.time()
         if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps
@@ -368,7 +400,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             for n in grad_norms:
                 norm_meter.update(float(n))
             grad_norms.clear()
-            scaler_meter.update(precision.get_scale())
+            scaler_meter.update(last_scale if (graphed is not None or lagged) else precision.get_scale())
             lr = optimizer.param_groups[0]['lr']
             wd = optimizer.param_groups[0]['weight_decay']
             mem = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0) if torch.cuda.is_available() else 0
@@ -382,7 +414,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 f'loss_scale {scaler_meter.val:.4f} ({scaler_meter.avg:.4f})\t'
                 f'mem {mem:.0f}MB')
     if pending is not None:
-        settle(*pending)
+        settle(pending)
     epoch_time = time.time() - start
     steady = ''
     if num_batches - 1 > timed_from:
@@ -409,8 +441,9 @@ def validate(config, data_loader, model, precision, logger):
         output = output.float()
         n = target.size(0)
         acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
-        totals += torch.tensor([criterion(output, target).item(), acc1.item() * n / 100,
-                                acc5.item() * n / 100, n], dtype=torch.float64, device=device)
+        # summed on the device: no host sync per batch
+        totals += torch.stack([criterion(output, target).double(), acc1.double() * n / 100,
+                               acc5.double() * n / 100, torch.full((), n, dtype=torch.float64, device=device)])
         if idx % config.PRINT_FREQ == 0:
             logger.info(f'Test: [{idx}/{len(data_loader)}]\ttime {time.time() - end:.3f}')
             end = time.time()

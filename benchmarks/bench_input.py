@@ -14,6 +14,8 @@ main:      main.py training Swin-T with the best flags (all flags, --fused_adam,
            with CUDA graphs; or --cuda-graph in place of --compile: PIPELINE:DATA:graph) for one epoch on
            the folder (--data-pipeline gpu and pil) and on in-memory synthetic inputs; img/s as main.py
            logs it (from step 10).
+profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-busy time per step, the GPU's
+           idle gaps and what the host ran in them; the run stops after the profiled batches).
 harness:   bench_train.py's row for the same configuration (synthetic inputs on the GPU, no data
            loading at all).
 """
@@ -122,17 +124,21 @@ def gpu_time(root: str, batches: int = 10) -> dict:
             'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
 
 
-def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> dict:
-    """step: 'compile' (torch.compile with CUDA graphs) or 'graph' (--cuda-graph: the eager step captured)."""
+def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> list:
+    """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
+    (--cuda-graph: the eager step captured)."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False']
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
                  'EXTRA.SYNTHETIC_VAL_SIZE', '1024', 'MODEL.NUM_CLASSES', '100']
-    cmd = [sys.executable, 'main.py', '--cfg', TINY, '--data-path', root, '--data-pipeline', pipeline,
-           '--output', '/tmp/bench_input_out', '--tag', f'{pipeline}_{int(synthetic)}_{step}'
-           ] + flags + ['--opts'] + opts
+    return ['--cfg', TINY, '--data-path', root, '--data-pipeline', pipeline, '--output', '/tmp/bench_input_out',
+            '--tag', f'{pipeline}_{int(synthetic)}_{step}'] + flags + ['--opts'] + opts
+
+
+def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> dict:
+    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -143,6 +149,18 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
             'workers': workers,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
+
+
+def profile_main(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
+                 options: list) -> dict:
+    """The same main.py run under benchmarks/profile_main.py (with `options`): where its step waits."""
+    cmd = [sys.executable, 'benchmarks/profile_main.py'] + options + ['--'] + main_args(root, pipeline, synthetic, workers,
+                                                                          epochs_images, step)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith('PROFILE ')]
+    report = json.loads(line[-1][len('PROFILE '):]) if line else {'error': (p.stdout + p.stderr)[-3000:]}
+    return {'part': 'profile', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
+            'workers': workers, 'rc': p.returncode, **report}
 
 
 HARNESS_ROWS = {'compile': 'all flags + --fused_adam + compile (CUDA graphs), O2 bf16',
@@ -171,6 +189,8 @@ def main() -> None:
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
                    help='main.py runs of the main part, PIPELINE:DATA[:STEP], STEP compile (default) or graph')
+    p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
+                   "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
                    help='the bench_train.py rows of the harness part')
     a = p.parse_args()
@@ -196,6 +216,13 @@ def main() -> None:
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
                                 a.images, step))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
+    if 'profile' in a.parts:
+        for run in a.main_runs:
+            pipeline, data, step = (run.split(':') + ['compile'])[:3]
+            rows.append(profile_main(a.root, pipeline, data == 'synthetic',
+                                     a.workers if pipeline == 'gpu' else cores - 1, a.images, step,
+                                     a.profile_options.split()))
+            print(json.dumps(rows[-1], indent=1), flush=True)
     if 'harness' in a.parts:
         for step in a.harness_steps:
             rows.append(harness(step))

@@ -103,14 +103,18 @@ def test_graphed_step_equals_eager_steps(level, dtype, fused):
     eager = _run(level, dtype, False, batches, flags)
     graphed = _run(level, dtype, True, batches, flags)
     assert graphed[3].captures == 1 and graphed[3].graph is not None
-    _same_run(graphed, eager)
+    _same_run(graphed, eager, weight_atol=1e-5 if level == 'O0' else 1e-6)
 
 
-def _same_run(graphed, eager):
+def _same_run(graphed, eager, weight_atol=1e-6):
+    """weight_atol: in fp32 (O0) a GEMM algorithm chosen differently inside the capture changes a
+    gradient in its last bits, and AdamW's step lr * m / (sqrt(v) + eps) for a gradient near eps can
+    move by a good part of its size from that alone: there the weights are held to 1% of the largest
+    step (lr 1e-3; measured on an H200: 1.2e-6 on one element of 288)."""
     torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=0)       # losses
     torch.testing.assert_close(graphed[1], eager[1], rtol=1e-4, atol=0)       # grad norms
     for a, b in zip(graphed[2], eager[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=weight_atol)
 
 
 @needs_cuda

@@ -118,7 +118,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_data, tmp_path):
+@pytest.mark.parametrize('optimizer', ['adamw', 'fused_adam'])
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_data, tmp_path, optimizer):
+    """adamw: the loss is read before the backward and the step skipped on the host; fused_adam: the
+    optimizer skips on the device and the loss is read a step later (StepValues)."""
     from amp import Precision
     from data import build_loader
     from logger import create_logger
@@ -127,8 +130,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_data, tmp_path):
     from optimizer import build_optimizer
     args, config = main.parse_option(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path),
                                       '--opts', 'DATA.BATCH_SIZE', '16', 'DATA.NUM_WORKERS', '0',
-                                      'EXTRA.MAX_NONFINITE_STEPS', '3', 'AMP_ENABLE', 'False'])
-    logger = create_logger(config.OUTPUT, 0, name='nonfinite')
+                                      'EXTRA.MAX_NONFINITE_STEPS', '3', 'AMP_ENABLE', 'False',
+                                      'TRAIN.OPTIMIZER.NAME', optimizer])
+    logger = create_logger(config.OUTPUT, 0, name=f'nonfinite_{optimizer}')
     _, _, loader, _, mixup = build_loader(config)
     model = build_model(config)
     precision = Precision('O0')
