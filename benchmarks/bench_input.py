@@ -16,10 +16,12 @@ main:      main.py training Swin-T with the best flags (all flags, --fused_adam,
            logs it (from step 10).
 profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-busy time per step, the GPU's
            idle gaps and what the host ran in them; the run stops after the profiled batches).
+contention: the train transform's decode and finish stages alone, with the GPU idle and kept busy.
 harness:   bench_train.py's row for the same configuration (synthetic inputs on the GPU, no data
            loading at all).
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -97,6 +99,65 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     rate = n / (time.time() - t0)
     return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
             'img/s': rate, 'batches_timed': i - 10}
+
+
+class _GpuLoad:
+    """A thread keeping the GPU's SMs busy with bf16 GEMMs on its own stream (a training step's
+    stand-in) while a pipeline stage is timed."""
+
+    def __enter__(self):
+        import threading
+        self.stop = threading.Event()
+        a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
+
+        def run():
+            with torch.cuda.stream(torch.cuda.Stream()):
+                while not self.stop.is_set():
+                    for _ in range(4):
+                        a @ a
+                    torch.cuda.current_stream().synchronize()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def contention(root: str, batches: int = 30) -> list:
+    """The train transform's two stages alone, on raw batches read beforehand (so the workers are out
+    of it), with the GPU idle and with it kept busy by GEMMs: which stage a training step slows."""
+    from data import build_loader
+    cfg = _config(root, 'gpu', 12)
+    _, _, train, _, _ = build_loader(cfg)
+    train.sampler.set_epoch(0)
+    raws = []
+    for raw in train.loader:
+        raws.append(raw)
+        if len(raws) == batches:
+            break
+    t = train.transform
+    rows = []
+    for load, priority in ((False, 0), (True, 0), (True, -1)):
+        with (_GpuLoad() if load else contextlib.nullcontext()), \
+                torch.cuda.stream(torch.cuda.Stream(priority=priority)):
+            decoded = [t.decode(*raw) for raw in raws[:2]]
+            torch.cuda.synchronize()
+            t0 = time.time()
+            decoded = [t.decode(*raw) for raw in raws]
+            torch.cuda.synchronize()
+            t1 = time.time()
+            for d in decoded:
+                t.finish(d)
+            torch.cuda.synchronize()
+            t2 = time.time()
+        n = batches * raws[0][1].numel()
+        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
+                     'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def gpu_time(root: str, batches: int = 10) -> dict:
@@ -207,6 +268,8 @@ def main() -> None:
                 continue
             rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin))
             print(rows[-1], flush=True)
+    if 'contention' in a.parts:
+        rows += contention(a.root)
     if 'gputime' in a.parts:
         rows.append(gpu_time(a.root))
         print(rows[-1], flush=True)
