@@ -185,12 +185,11 @@ def gpu_time(root: str, batches: int = 10) -> dict:
             'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
 
 
-def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              share: float = 0.0) -> list:
+def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); share: EXTRA.CPU_DECODE_SHARE."""
+    (--cuda-graph: the eager step captured)."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
-            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.CPU_DECODE_SHARE', str(share)]
+            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False']
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -199,9 +198,8 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
             '--tag', f'{pipeline}_{int(synthetic)}_{step}'] + flags + ['--opts'] + opts
 
 
-def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            share: float = 0.0) -> dict:
-    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step, share)
+def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> dict:
+    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -209,7 +207,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'cpu_decode_share': share,
+            'workers': workers,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
 
@@ -251,8 +249,7 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:SHARE]], STEP compile (default) or '
-                        'graph, SHARE EXTRA.CPU_DECODE_SHARE (default 0)')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP], STEP compile (default) or graph')
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -278,9 +275,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, share = (run.split(':') + ['compile', '0'][len(run.split(':')) - 2:])[:4]
+            pipeline, data, step = (run.split(':') + ['compile'])[:3]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, float(share)))
+                                a.images, step))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -296,7 +293,7 @@ def main() -> None:
     env = environment()
     env['cpu_cores'] = cores
     env['folder'] = info
-    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers', 'cpu_decode_share', 'pin_memory',
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers', 'pin_memory',
                                                  'img/s', 'ms_per_batch', 'rc'], env))
 
 
