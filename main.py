@@ -205,8 +205,8 @@ def main(config, logger=None):
             logger.warning('--fp8 without --compile: its scaling and casts run as separate kernels; '
                            'FP8 is meant to be used with --compile')
         logger.warning('--fp8 is not yet faster than bf16: Swin-L with every flag + --compile trained at 1309 '
-                       'img/s with it vs 1672 without (tensorwise, one H200, 2026-11-28); it is here to test '
-                       'float8 numerics, not for speed')
+                       'img/s with it vs 1672 without (tensorwise, one H200, 2026-11-28), 1421 vs 1693 with it on '
+                       'fc1/fc2 only (2026-11-29); it is here to test float8 numerics, not for speed')
     model_without_ddp, master = precision.prepare(model)
     if precision.level == 'O3' and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
         logger.warning('O3 trains in pure half precision without fp32 master weights: '

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-main|input-contention|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -65,6 +65,8 @@ for part in $PARTS; do
              python3 benchmarks/bench_input.py --parts folder pipelines gputime ;;
     input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
              python3 benchmarks/bench_input.py --parts folder main harness ;;
+    input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs
+             python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention ;;
     profile-main) # where main.py's step waits, synthetic inputs and the JPEG folder (benchmarks/profile_main.py)
              python3 benchmarks/bench_input.py --parts folder profile --main-runs gpu:synthetic gpu:jpeg ;;
     input-graph) # the same with --cuda-graph in place of --compile

@@ -150,6 +150,24 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_data, tmp_path, opt
     assert torch.isfinite(ckpt['model']['head.bias']).all()
 
 
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_step_values_keep_what_the_step_computed(device):
+    """main.StepValues copies a step's values when made (on CUDA to pinned memory behind the step's
+    work): a graph replay or the next step may overwrite the tensors before they are read."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('needs CUDA')
+    loss, finite = torch.tensor(2.5, device=device), torch.ones(1, device=device)
+    norm, scale = torch.tensor(0.75, device=device), torch.tensor(1024., device=device)
+    values = main.StepValues(7, 16, loss, finite, norm, scale)
+    plain = main.StepValues(8, 16, loss, finite)
+    for t in (loss, finite, norm, scale):
+        t.fill_(float('nan'))                   # what the next replay would do to its outputs
+    assert values.read() == (2.5, 1.0, 0.75, 1024.0)
+    read = plain.read()
+    assert read[:2] == (2.5, 1.0) and all(v != v for v in read[2:])       # no norm, no scale: nan
+    assert (values.step, values.n) == (7, 16)
+
+
 def test_shard_samplers():
     from data.samplers import ShardSampler
     # validation: every index exactly once across 3 ranks, uneven counts allowed
