@@ -250,6 +250,9 @@ class DeviceTransform:
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).reshape(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
         self.fill = aa_fill()
+        # RandAugment's colour ops through kernels/colour_ops.py (three launches a layer) on CUDA; the
+        # per-op torch path elsewhere (tests turn the kernels on under Triton's CPU interpreter)
+        self.colour_kernels = device.type == 'cuda'
 
     def __call__(self, *raw):
         return self.finish(self.decode(*raw))
@@ -320,11 +323,14 @@ class DeviceTransform:
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Flip, then each RandAugment layer. Within a layer every image gets its own op; ops are
         grouped so that a layer costs a few batched launches: one affine resample for all the
-        geometric ops, one table lookup for all the per-pixel ops, and one call per other op.
+        geometric ops, then on CUDA the three colour-op kernels for all the others
+        (kernels/colour_ops.py); elsewhere one table lookup for all the per-pixel ops and one call
+        per other op.
         The batch's whole plan (which images each group takes, and their arguments, tables and
         affine coefficients) is built on the host and reaches the device in two copies: one
         pageable copy costs about as much host time as a launch, and there were about 40 a batch."""
-        S_h, S_w = x.shape[2], x.shape[3]
+        from kernels.colour_ops import CODES, NONE, TABLE
+        B, S_h, S_w = x.shape[0], x.shape[2], x.shape[3]
         index, value = _Plan(), _Plan()
         flip = index.add(params[:, FLIP].nonzero().flatten().tolist())
         groups = []            # (kind, op, slice of its images, slice of its values)
@@ -336,6 +342,17 @@ class DeviceTransform:
             if geo:
                 coef = [c for i in geo for c in T.affine_coefficients(names[i], args[i], S_w, S_h)]
                 groups.append(('affine', None, index.add(geo), value.add(coef)))
+            if self.colour_kernels:
+                # every other op of the layer in three launches for the whole batch (kernels/colour_ops.py):
+                # an op code, a blend factor and (table ops) a table per image
+                codes = [CODES.get(n, NONE) for n in names]
+                if any(codes):
+                    tables = np.zeros((B, 256))
+                    for i, c in enumerate(codes):
+                        if c == TABLE:
+                            tables[i] = T.lookup_table(names[i], args[i])
+                    groups.append(('colour', None, index.add(codes), value.add(np.concatenate([args, tables.ravel()]))))
+                continue
             table = [i for i, n in enumerate(names) if n in _TABLE]
             if table:
                 luts = np.concatenate([T.lookup_table(names[i], args[i]) for i in table])
@@ -347,9 +364,12 @@ class DeviceTransform:
         if flip.stop > flip.start:
             f = idx_dev[flip]
             x[f] = x[f].flip(-1)
+        from kernels.colour_ops import colour_ops
         for kind, op, images, values in groups:
             idx, val = idx_dev[images], val_dev[values]
-            if kind == 'affine':
+            if kind == 'colour':
+                x = colour_ops(x, idx, val[:B], val[B:].view(B, 256))
+            elif kind == 'affine':
                 x[idx] = T.affine(x[idx], val.view(-1, 6), self.fill)
             elif kind == 'lookup':
                 x[idx] = T.lookup(x[idx], val.view(-1, 256).float())       # the tables are whole numbers
