@@ -554,18 +554,27 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, index: torch.Tensor
 LOGIT_SCALE_MAX = 4.605170185988092     # log(100): exp(logit_scale) is clamped at 100
 
 
+def cosine_scores_ref(qkv: torch.Tensor, logit_scale: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                      mask: Optional[torch.Tensor], num_heads: int) -> tuple:
+    """Swin V2's attention scores, upstream's math op for op: (cos [B_, heads, N, N], the scores before
+    the softmax, v [B_, heads, N, d])."""
+    B_, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B_, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    attn = cos * torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp()
+    attn = attn + 16 * torch.sigmoid(table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)).unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        attn = (attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, N, N)
+    return cos, attn, v
+
+
 def cosine_window_attention_ref(qkv: torch.Tensor, logit_scale: torch.Tensor, table: torch.Tensor,
                                 index: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int) -> torch.Tensor:
     """Swin V2's attention, upstream's math op for op; table is the cpb MLP's raw output
     [(2w-1)^2, heads], logit_scale [heads, 1, 1]: [B_, N, 3C] -> [B_, N, C]."""
     B_, N, C3 = qkv.shape
-    q, k, v = qkv.reshape(B_, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-    attn = attn * torch.clamp(logit_scale, max=LOGIT_SCALE_MAX).exp()
-    attn = attn + 16 * torch.sigmoid(table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)).unsqueeze(0)
-    if mask is not None:
-        nW = mask.shape[0]
-        attn = (attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, N, N)
+    _, attn, v = cosine_scores_ref(qkv, logit_scale, table, index, mask, num_heads)
     return (attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C3 // 3)
 
 

@@ -161,16 +161,11 @@ def test_cosine_attention_kernel_matches_float64(case, dtype):
 def _logit_scale_grad_abs_terms(qkv, logit_scale, table, index, mask, heads, dout):
     """Per head, sum |tau dS cos| over windows, queries and keys (float64): the terms whose sum is
     dL/dlogit_scale (0 for a clamped head), the scale of its rounding error."""
-    from kernels.window_attention import LOGIT_SCALE_MAX
+    from kernels.window_attention import LOGIT_SCALE_MAX, cosine_scores_ref
     with torch.no_grad():
         B_, N, _ = qkv.shape
-        q, k, v = qkv.reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+        cos, s, v = cosine_scores_ref(qkv, logit_scale, table, index, mask, heads)
         tau = logit_scale.exp() * (logit_scale <= LOGIT_SCALE_MAX)
-        s = cos * logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() + \
-            16 * torch.sigmoid(table[index.view(-1)].view(N, N, -1).permute(2, 0, 1))
-        if mask is not None:
-            s = (s.view(B_ // mask.shape[0], mask.shape[0], heads, N, N) + mask[None, :, None]).view(B_, heads, N, N)
         p = s.softmax(-1)
         dp = dout.view(B_, N, heads, -1).transpose(1, 2) @ v.transpose(-2, -1)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
