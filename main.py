@@ -51,7 +51,7 @@ class StepValues:
     def __init__(self, step: int, n: int, loss: torch.Tensor, finite: torch.Tensor,
                  norm: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None):
         self.step, self.n = step, n
-        nan = loss.new_full((), float('nan'), dtype=torch.float32)
+        nan = loss.new_full((), float('nan'), dtype=torch.float32) if norm is None or scale is None else None
         values = torch.stack([v.detach().float().reshape(()) if v is not None else nan
                               for v in (loss, finite, norm, scale)])
         self.event = None
@@ -319,7 +319,9 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     device = next(master.parameters()).device
     batch_time, loss_meter, norm_meter, scaler_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
     nonfinite = 0
-    lagged = is_fused(optimizer)
+    # the fused optimizers skip a non-finite step on the device, and a graphed step holds one: their
+    # steps' values are read on the host a step later; a plain optimizer's loss is read before its step
+    read_late = graphed is not None or is_fused(optimizer)
     pending = None
     last_scale = precision.get_scale()
     grad_norms = []
@@ -373,7 +375,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 finite = torch.isfinite(loss.detach()).float().reshape(1)
                 if is_dist():                                      # every rank skips, or none does
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not lagged and not settle(StepValues(idx, targets.size(0), loss, finite)):
+                if not read_late and not settle(StepValues(idx, targets.size(0), loss, finite)):
                     # the step's one host sync: a plain optimizer must not step on a non-finite loss
                     precision.zero_grad(optimizer, model)
                     continue
@@ -383,9 +385,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 grad_norm = precision.step(optimizer, master.parameters(), config.TRAIN.CLIP_GRAD)
                 precision.zero_grad(optimizer, model)
                 lr_scheduler.step_update(epoch * steps_per_epoch + (idx + 1) // accum)
-        if graphed is not None or lagged:
-            # The fused optimizers skip a non-finite step on the device: this step's values are read
-            # on the host one step later, when the GPU is past them.
+        if read_late:
             if pending is not None:
                 settle(pending)
             pending = StepValues(idx, targets.size(0), loss, finite, grad_norm if update else None,
@@ -400,7 +400,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             for n in grad_norms:
                 norm_meter.update(float(n))
             grad_norms.clear()
-            scaler_meter.update(last_scale if (graphed is not None or lagged) else precision.get_scale())
+            scaler_meter.update(last_scale if read_late else precision.get_scale())
             lr = optimizer.param_groups[0]['lr']
             wd = optimizer.param_groups[0]['weight_decay']
             mem = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0) if torch.cuda.is_available() else 0

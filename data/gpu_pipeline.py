@@ -329,7 +329,7 @@ class DeviceTransform:
         The batch's whole plan (which images each group takes, and their arguments, tables and
         affine coefficients) is built on the host and reaches the device in two copies: one
         pageable copy costs about as much host time as a launch, and there were about 40 a batch."""
-        from kernels.colour_ops import CODES, NONE, TABLE
+        from kernels.colour_ops import CODES, NONE, TABLE, colour_ops
         B, S_h, S_w = x.shape[0], x.shape[2], x.shape[3]
         index, value = _Plan(), _Plan()
         flip = index.add(params[:, FLIP].nonzero().flatten().tolist())
@@ -364,7 +364,6 @@ class DeviceTransform:
         if flip.stop > flip.start:
             f = idx_dev[flip]
             x[f] = x[f].flip(-1)
-        from kernels.colour_ops import colour_ops
         for kind, op, images, values in groups:
             idx, val = idx_dev[images], val_dev[values]
             if kind == 'colour':

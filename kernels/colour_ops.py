@@ -1,4 +1,4 @@
-"""RandAugment's per-pixel and colour ops for a whole batch in three launches, whatever the mix of ops.
+"""RandAugment's per-pixel and colour ops for a whole batch in three kernels, whatever the mix of ops.
 
 Within one RandAugment layer every image gets at most one op. Run as torch ops, each op is a group:
 gather its images, 5-15 kernels, scatter them back, about 70 small kernels a layer in a chain. When
@@ -6,8 +6,9 @@ the pipeline shares the GPU with a training step each of them waits for SMs, and
 work, sets the pace. Here each image carries an op code and the three kernels serve the whole batch:
 
 - _stats_kernel: per image, what its op reads of the whole image: the luma sum (contrast), per-channel
-  min and max (autocontrast) and histograms (equalize); integers, so the atomic sums are exact and
-  the same in any order.
+  min and max (autocontrast; the min kept as 255 - min, so that one zeroed buffer starts every
+  statistic) and histograms (equalize); integers, so the atomic sums are exact and the same in any
+  order.
 - _tables_kernel: per image and channel, a 256-entry table: timm's invert / posterize / solarize /
   solarize_add / brightness tables (built on the host, data.tensor_ops.lookup_table), autocontrast's
   and equalize's from the statistics (Pillow's formulas, as data.tensor_ops); and contrast's
@@ -78,8 +79,8 @@ if triton_available():
                 tl.atomic_add(luma_ptr + b, tl.sum(luma, 0))
             for c in tl.static_range(3):
                 v = r if c == 0 else (g if c == 1 else bl)
-                if code == 2:
-                    tl.atomic_min(lo_ptr + b * 3 + c, tl.min(tl.where(ok, v, 255.), 0).to(tl.int32))
+                if code == 2:                                    # lo_ptr holds 255 - min
+                    tl.atomic_max(lo_ptr + b * 3 + c, 255 - tl.min(tl.where(ok, v, 255.), 0).to(tl.int32))
                     tl.atomic_max(hi_ptr + b * 3 + c, tl.max(tl.where(ok, v, 0.), 0).to(tl.int32))
                 if code == 3:
                     h = tl.histogram(v.to(tl.int32), 256, mask=ok)
@@ -97,7 +98,7 @@ if triton_available():
         if code == 1:                                            # TABLE: built on the host
             lut = tl.load(host_ptr + b * 256 + idx)
         if code == 2:                                            # AUTOCONTRAST, in float64 as Pillow
-            lo = tl.load(lo_ptr + pid).to(tl.float64)
+            lo = (255 - tl.load(lo_ptr + pid)).to(tl.float64)
             hi = tl.load(hi_ptr + pid).to(tl.float64)
             scale = 255.0 / tl.maximum(hi - lo, 1.0)
             stretched = tl.minimum(tl.maximum(tl.floor(v * scale - lo * scale), 0.0), 255.0)
@@ -180,13 +181,12 @@ def colour_ops(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables
     x = x.contiguous()
     n, _, h, w = x.shape
     dev = x.device
-    code = code.to(torch.int32).contiguous()
-    luma = torch.zeros(n, dtype=torch.int32, device=dev)
-    lo = torch.full((n, 3), 255, dtype=torch.int32, device=dev)
-    hi = torch.zeros(n, 3, dtype=torch.int32, device=dev)
-    hist = torch.zeros(n, 3, 256, dtype=torch.int32, device=dev)
+    code = code.contiguous()
+    # every statistic in one zeroed buffer: luma sums [n], 255 - min [n, 3], max [n, 3], histograms [n, 3, 256]
+    stats = torch.zeros(n * (1 + 3 + 3 + 3 * 256), dtype=torch.int32, device=dev)
+    luma, lo, hi, hist = stats.split([n, 3 * n, 3 * n, 3 * 256 * n])
     lut = torch.empty(n, 3, 256, dtype=torch.float32, device=dev)
-    mean = torch.zeros(n, dtype=torch.float32, device=dev)
+    mean = torch.empty(n, dtype=torch.float32, device=dev)         # written and read for CONTRAST only
     out = torch.empty_like(x)
     block = 1024
     grid = (n, triton.cdiv(h * w, block))
