@@ -14,7 +14,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
   decoded in the worker with PIL's convert('RGB'), as upstream decodes them; a file PIL cannot
-  read is an error naming it. Nothing is dropped.
+  read is an error naming it. Nothing is dropped. EXTRA.CPU_DECODE_SHARE sends a fixed share of the
+  other images that way too, to offload nvJPEG when it limits the rate.
 
 On a machine without CUDA the same code runs on the CPU (workers decode with PIL, the batch ops run
 in the main process): slower, for tests and the demo.
@@ -158,11 +159,18 @@ class RawImages(torch.utils.data.Dataset):
 
     kind 0: the file's bytes, for the device's JPEG decoder; kind 1: the decoded RGB image, HWC
     uint8 (PIL's convert('RGB')); kind 2: the same, already cut to the training crop box.
-    params: TrainRecipe.sample's row (training) or the image's (h, w) (validation)."""
+    params: TrainRecipe.sample's row (training) or the image's (h, w) (validation).
+    cpu_share: the share of device-decodable images decoded here all the same (EXTRA.CPU_DECODE_SHARE)."""
 
-    def __init__(self, source, recipe=None, device_decode: bool = False):
+    def __init__(self, source, recipe=None, device_decode: bool = False, cpu_share: float = 0.0):
         self.source, self.recipe, self.device_decode = source, recipe, device_decode
+        self.cpu_share = cpu_share
         self.classes = source.classes
+
+    def decoded_here(self, index: int) -> bool:
+        """Whether this image is one of the cpu_share decoded in the worker although the device could:
+        a fixed set, by a multiplicative hash of its index (no draw from the recipe's RNGs)."""
+        return self.cpu_share > 0 and ((index * 2654435761) % 2 ** 32) < self.cpu_share * 2 ** 32
 
     def __len__(self) -> int:
         return len(self.source)
@@ -191,7 +199,7 @@ class RawImages(torch.utils.data.Dataset):
             image = Image.open(io.BytesIO(data))
             params = self.recipe.sample(image) if self.recipe else torch.tensor(
                 [image.size[1], image.size[0]], dtype=torch.float64)
-            if self._decodable_on_device(image, data):
+            if self._decodable_on_device(image, data) and not self.decoded_here(index):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, params, label, index
             rgb = image.convert('RGB')
         except DataError:
@@ -517,7 +525,7 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
     """The DataLoader over raw items, wrapped in a DeviceLoader."""
     recipe = TrainRecipe(config) if train else None
     decode_on_device = device.type == 'cuda'
-    raw = RawImages(dataset, recipe, decode_on_device)
+    raw = RawImages(dataset, recipe, decode_on_device, config.EXTRA.CPU_DECODE_SHARE)
     loader = torch.utils.data.DataLoader(
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,

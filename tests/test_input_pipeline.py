@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from conftest import DEVICE, ROOT
+from config import ConfigError
 from data.build import DataError, build_transform, posterize
 from data.gpu_pipeline import OPS, PROGRAM, DeviceTransform, RawImages, TrainRecipe, aa_fill
 from data.jpeg_folder import generate, photo
@@ -412,6 +413,53 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'val')), None, device_decode=DEVICE == 'cuda')
     with pytest.raises(DataError, match='cut.JPEG'):
         raw_bad[0]
+
+
+def test_cpu_decode_share_sends_a_fixed_share_through_pil(jpeg_data):
+    """EXTRA.CPU_DECODE_SHARE: that share of the device-decodable images is decoded in the worker
+    (training: kind 2, PIL's convert('RGB') cut to the crop box; validation: kind 1, the whole image),
+    the same images every epoch, with the recipe's parameters drawn as without it; 0 keeps every one
+    for nvJPEG, 1 none."""
+    from torchvision import datasets
+    from data.gpu_pipeline import BOX
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
+    recipe = TrainRecipe(_config(data_path=jpeg_data))
+    plain = [i for i, (p, _) in enumerate(source.samples) if '_odd_' not in p]
+    assert len(plain) == 42
+    rows = {}
+    for share in (0.0, 0.5, 1.0):
+        raw = RawImages(source, recipe, device_decode=True, cpu_share=share)
+        torch.manual_seed(3)
+        random.seed(3)
+        np.random.seed(3)
+        items = [raw[i] for i in plain]
+        kinds = [it[1] for it in items]
+        rows[share] = torch.stack([it[2] for it in items])
+        assert set(kinds) <= {0, 2}
+        here = [raw.decoded_here(i) for i in plain]
+        assert [k == 2 for k in kinds] == here
+        assert sum(here) == {0.0: 0, 1.0: 42}.get(share, sum(here))
+        if share == 0.5:
+            assert 12 <= sum(here) <= 30, sum(here)           # about half of 42
+            torch.manual_seed(3)
+            again = [raw.decoded_here(i) for i in plain]
+            assert again == here
+            i = plain[here.index(True)]
+            torch.manual_seed(4)
+            payload, kind, params, _, _ = raw[i]
+            top, left, h, w = (int(v) for v in params[BOX])
+            img = Image.open(source.samples[i][0]).convert('RGB').crop((left, top, left + w, top + h))
+            assert kind == 2 and torch.equal(payload, torch.from_numpy(np.asarray(img).copy()))
+    assert torch.equal(rows[0.0], rows[0.5]) and torch.equal(rows[0.0], rows[1.0])
+    # validation (no recipe): the whole image, decoded as PIL decodes it, for the device's resize
+    val = RawImages(source, None, device_decode=True, cpu_share=1.0)
+    payload, kind, params, _, _ = val[plain[0]]
+    whole = np.asarray(Image.open(source.samples[plain[0]][0]).convert('RGB'))
+    assert kind == 1 and torch.equal(payload, torch.from_numpy(whole.copy()))
+    assert params.tolist() == [whole.shape[0], whole.shape[1]]
+    assert RawImages(source, None, device_decode=True, cpu_share=0.0)[plain[0]][1] == 0
+    with pytest.raises(ConfigError, match='CPU_DECODE_SHARE'):
+        _config('EXTRA.CPU_DECODE_SHARE', '1.5')
 
 
 # ----------------------------------------------------------------------------- main.py
