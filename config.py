@@ -169,6 +169,10 @@ _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a sub
 # and under a training step it slows about 3x (its kernels wait for SMs); idle workers can take part
 # of its load.
 _C.EXTRA.CPU_DECODE_SHARE = 0.0
+# --data-pipeline gpu on CUDA: which nvJPEG caller decodes. 'auto': the hardware JPEG engine through
+# data/nvjpeg.py on a high-priority stream where the GPU has one (A100, H100, ...), else torchvision;
+# 'torchvision': always torchvision's decode_jpeg (the same library on a normal-priority stream).
+_C.EXTRA.JPEG_DECODER = 'auto'
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -325,6 +329,7 @@ def _validate(config: CN) -> None:
         ('AMP_OPT_LEVEL', config.AMP_OPT_LEVEL, ('',) + AMP_OPT_LEVELS),
         ('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES),
         ('EXTRA.FP8_RECIPE', config.EXTRA.FP8_RECIPE, FP8_RECIPES),
+        ('EXTRA.JPEG_DECODER', config.EXTRA.JPEG_DECODER, ('auto', 'torchvision')),
         ('KERNEL_BACKEND', config.KERNEL_BACKEND, KERNEL_BACKENDS),
         ('DATA.CACHE_MODE', config.DATA.CACHE_MODE, ('no', 'full', 'part')),
         ('DATA.PIPELINE', config.DATA.PIPELINE, ('pil', 'gpu')),

@@ -148,7 +148,9 @@ def contention(root: str, batches: int = 30) -> list:
     for raw in raws[:2]:                     # compile the finish stage's kernels outside the timing
         t.finish(t.decode(*raw))
     rows = []
-    for load, priority in ((False, 0), (True, 0), (True, -1)):
+    for load, priority, decoder in ((False, 0, 'torchvision'), (False, 0, 'auto'), (True, 0, 'torchvision'),
+                                    (True, 0, 'auto'), (True, -1, 'auto')):
+        t.jpeg_decoder = decoder
         with (_GpuLoad() if load else contextlib.nullcontext()), \
                 torch.cuda.stream(torch.cuda.Stream(priority=priority)):
             decoded = [t.decode(*raw) for raw in raws[:2]]
@@ -162,7 +164,7 @@ def contention(root: str, batches: int = 30) -> list:
             torch.cuda.synchronize()
             t2 = time.time()
         n = batches * raws[0][1].numel()
-        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
+        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority, 'jpeg_decoder': decoder,
                      'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
         print(rows[-1], flush=True)
     return rows
@@ -186,11 +188,12 @@ def gpu_time(root: str, batches: int = 10) -> dict:
 
 
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              share: float = 0.0) -> list:
+              share: float = 0.0, decoder: str = 'auto') -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); share: EXTRA.CPU_DECODE_SHARE."""
+    (--cuda-graph: the eager step captured); share: EXTRA.CPU_DECODE_SHARE; decoder: EXTRA.JPEG_DECODER."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
-            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.CPU_DECODE_SHARE', str(share)]
+            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.CPU_DECODE_SHARE', str(share),
+            'EXTRA.JPEG_DECODER', decoder]
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -200,8 +203,9 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            share: float = 0.0) -> dict:
-    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step, share)
+            share: float = 0.0, decoder: str = 'auto') -> dict:
+    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step, share,
+                                                  decoder)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -209,7 +213,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'cpu_decode_share': share,
+            'workers': workers, 'cpu_decode_share': share, 'jpeg_decoder': decoder,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
 
@@ -253,8 +257,9 @@ def main() -> None:
     p.add_argument('--shares', nargs='+', type=float, default=[0.0],
                    help="the pipelines part's EXTRA.CPU_DECODE_SHARE values for the gpu pipeline (pinned rows)")
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:SHARE]], STEP compile (default) or '
-                        'graph, SHARE EXTRA.CPU_DECODE_SHARE (default 0)')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:SHARE[:DECODER]]], STEP compile '
+                        '(default) or graph, SHARE EXTRA.CPU_DECODE_SHARE (default 0), DECODER EXTRA.JPEG_DECODER '
+                        '(default auto)')
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -282,9 +287,10 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, share = (run.split(':') + ['compile', '0'][len(run.split(':')) - 2:])[:4]
+            fields = run.split(':')
+            pipeline, data, step, share, decoder = (fields + ['compile', '0', 'auto'][len(fields) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, float(share)))
+                                a.images, step, float(share), decoder))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -300,8 +306,9 @@ def main() -> None:
     env = environment()
     env['cpu_cores'] = cores
     env['folder'] = info
-    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers', 'cpu_decode_share', 'pin_memory',
-                                                 'img/s', 'ms_per_batch', 'rc'], env))
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
+                                                 'cpu_decode_share', 'jpeg_decoder', 'pin_memory', 'img/s',
+                                                 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ warm-up stay out):
 - the GPU's idle gaps longer than --gap-us: how many per step, their total, and the host
   operations and CUDA runtime calls that were running when the longest ones began;
 - the host's top operations and runtime calls by time (a host sync shows as cudaStreamSynchronize,
-  cudaEventSynchronize or a blocking cudaMemcpy).
+  cudaEventSynchronize or a blocking cudaMemcpy), and each host thread's busy time (its outermost
+  operations: the training loop, the input pipeline's decode and augment threads, pin memory).
 
   python benchmarks/profile_main.py --skip 40 --steps 20 -- --cfg configs/swin/swin_tiny_patch4_window7_224.yaml \\
       --data-path /tmp/bench_jpeg --data-pipeline gpu --compile ... --opts TRAIN.EPOCHS 1
@@ -122,6 +123,17 @@ def analyse(trace: dict, gap_us: float, top: int) -> dict:
     for e in host:
         (runtime if e['cat'] in ('cuda_runtime', 'cuda_driver') else ops)[e['name'][:70]] += e['dur']
         calls[e['name'][:70]] += 1
+    threads = defaultdict(lambda: [0.0, defaultdict(float)])   # tid -> [busy us, {outermost op: us}]
+    by_tid = defaultdict(list)
+    for e in host:
+        by_tid[e['tid']].append(e)
+    for tid, evs in by_tid.items():
+        end = -1.
+        for e in sorted(evs, key=lambda e: (e['ts'], -e['dur'])):
+            if e['ts'] >= end:                 # outermost events only: each host thread's busy time
+                end = e['ts'] + e['dur']
+                threads[tid][0] += e['dur']
+                threads[tid][1][e['name'][:60]] += e['dur']
     kernels = defaultdict(float)
     for e in events:
         if e.get('cat') == 'kernel' and t0 <= e['ts'] < t1:
@@ -134,6 +146,10 @@ def analyse(trace: dict, gap_us: float, top: int) -> dict:
         'gaps_per_step': len(gaps) / n, 'gap_ms_per_step': sum(e - s for s, e in gaps) / n / 1e3,
         'longest_gaps': [{'us': round(e - s, 1), 'host_running': running_at(s)} for s, e in longest],
         'top_host_ops_ms_per_step': per(ops), 'top_runtime_ms_per_step': per(runtime),
+        'host_threads_ms_per_step': [
+            {'tid': tid, 'busy': round(b / n / 1e3, 3),
+             'top': [(k, round(v / n / 1e3, 3)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:6]]}
+            for tid, (b, d) in sorted(threads.items(), key=lambda kv: -kv[1][0])],
         'top_kernels_ms_per_step': [(k, round(v / n / 1e3, 3)) for k, v in
                                     sorted(kernels.items(), key=lambda kv: -kv[1])[:top]],
     }

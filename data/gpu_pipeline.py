@@ -9,7 +9,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   noise, increasing variants) and the RandomErasing rectangles. They return the compressed bytes
   and a row of parameters: ~100 KB instead of 600 KB of float32 per image, no pixel work.
 - On the training device, a background thread decodes the batch (nvJPEG, on the GPU's hardware
-  JPEG engines, for baseline JPEGs in YCbCr or grey), crops and resizes each image (antialiased
+  JPEG engines, for baseline JPEGs in YCbCr or grey; through data/nvjpeg.py on a high-priority
+  stream where it can, so that a training step does not hold the decode back), crops and resizes each image (antialiased
   bicubic), and applies flip, RandAugment, normalisation and erasing as batched tensor ops
   (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
@@ -252,8 +253,11 @@ class DeviceTransform:
     stages: `decode` (nvJPEG) and `finish` (crop + resize, flip, RandAugment, normalise, erase)."""
 
     def __init__(self, dataset: RawImages, device: torch.device, img_size: int, train: bool,
-                 test_crop: bool = True):
+                 test_crop: bool = True, jpeg_decoder: str = 'auto'):
         self.dataset, self.device, self.size, self.train, self.test_crop = dataset, device, img_size, train, test_crop
+        # EXTRA.JPEG_DECODER: 'auto' tries data/nvjpeg.py's decoder (made on first use, in the
+        # thread that decodes), 'torchvision' keeps torchvision's decode_jpeg
+        self.jpeg_decoder, self._hardware = jpeg_decoder, None
         self.recipe = dataset.recipe
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).reshape(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
@@ -273,17 +277,32 @@ class DeviceTransform:
         jpeg = [i for i, k in enumerate(kind) if k == 0]
         if jpeg:
             from torchvision.io import ImageReadMode, decode_jpeg
+            hardware = self._hardware_decoder()
+            ours = [i for i in jpeg if hardware.supported(payloads[i])] if hardware else []
+            theirs = sorted(set(jpeg) - set(ours))
             try:
-                decoded = decode_jpeg([payloads[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                decoded = hardware.decode([payloads[i] for i in ours]) if ours else []
+                if theirs:
+                    decoded += decode_jpeg([payloads[i] for i in theirs], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:      # one bad file fails the whole call: decode these on the host, one by one
-                decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in jpeg]
-            for i, img in zip(jpeg, decoded):
+                decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in ours + theirs]
+            for i, img in zip(ours + theirs, decoded):
                 images[i] = img
         for i, k in enumerate(kind):
             if k != 0:
                 hwc = payloads[i].reshape(shapes[i].tolist())
                 images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
         return images, kind, params, labels, indices, seed
+
+    def _hardware_decoder(self):
+        """data/nvjpeg.py's decoder for this transform, or None (EXTRA.JPEG_DECODER 'torchvision', or
+        no hardware JPEG engine / libnvjpeg here)."""
+        if self.jpeg_decoder != 'auto' or self.device.type != 'cuda':
+            return None
+        if self._hardware is None:
+            from .nvjpeg import HardwareJpegDecoder
+            self._hardware = HardwareJpegDecoder.create(self.device) or False
+        return self._hardware or None
 
     def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
         try:
@@ -423,7 +442,7 @@ class DeviceTransform:
 class DeviceLoader:
     """Iterates a DataLoader of raw batches and yields (images, labels) on the device.
 
-    On CUDA two background threads, each on its own stream, run the transform's stages a few
+    On CUDA two background threads, each on its own high-priority stream, run the transform's stages a few
     batches ahead of the training step: one decodes (nvJPEG blocks its thread, not the others),
     one crops, resizes and augments. Each hand-over waits on the producer's event, and tensors
     made on one stream are marked (record_stream) for the one that uses them. Elsewhere it
@@ -465,7 +484,9 @@ class DeviceLoader:
 
         def stage(name, source, fn, sink):
             try:
-                stream = torch.cuda.Stream(device)
+                # high priority: the pipeline's few kernels go ahead of the training step's, so the
+                # next batches are ready when the step ends (the step loses their time, no more)
+                stream = torch.cuda.Stream(device, priority=-1)
                 with torch.cuda.device(device), torch.cuda.stream(stream):
                     for item in source():
                         if item is done:
@@ -530,7 +551,7 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,
         persistent_workers=False)
-    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
+    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP, config.EXTRA.JPEG_DECODER)
     return raw, DeviceLoader(loader, transform)
 
 

@@ -8,6 +8,7 @@ translate) compute Pillow's own math: at most one level off, on under 0.1% of pi
 """
 import argparse
 import glob
+import io
 import os
 import random
 
@@ -413,6 +414,61 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'val')), None, device_decode=DEVICE == 'cuda')
     with pytest.raises(DataError, match='cut.JPEG'):
         raw_bad[0]
+
+
+def _jpeg(img: Image.Image, **save) -> torch.Tensor:
+    buf = io.BytesIO()
+    img.save(buf, 'JPEG', **save)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason='nvJPEG decodes on CUDA only')
+def test_hardware_jpeg_decoder_equals_torchvision():
+    """data/nvjpeg.py's decoder (nvJPEG's hardware backend through ctypes, on a high-priority stream)
+    returns byte for byte what torchvision's decode_jpeg returns, in one batch of odd sizes (1 to 1029
+    px), every chroma subsampling and grey; progressive files are not taken (they stay torchvision's)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from data.nvjpeg import HardwareJpegDecoder
+    decoder = HardwareJpegDecoder.create(torch.device('cuda'))
+    if decoder is None:
+        pytest.skip('this GPU has no hardware JPEG engine (or no libnvjpeg beside torchvision)')
+    rng = np.random.default_rng(0)
+    payloads = []
+    for k, (w, h) in enumerate([(500, 375), (251, 333), (1029, 17), (64, 64), (9, 1), (375, 500), (97, 131)]):
+        img = photo(rng, max(w, 64), max(h, 64)).crop((0, 0, w, h))
+        payloads += [_jpeg(img, quality=90 - 5 * k, subsampling=s) for s in (0, 1, 2)]
+        payloads.append(_jpeg(img.convert('L'), quality=85))
+    assert all(decoder.supported(p) for p in payloads)
+    progressive = _jpeg(photo(rng, 64, 48), progressive=True)
+    assert not decoder.supported(progressive)
+    ours = decoder.decode(payloads)
+    theirs = decode_jpeg(payloads, mode=ImageReadMode.RGB, device='cuda')
+    torch.cuda.synchronize()
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.shape == b.shape and torch.equal(a, b), (k, a.shape, b.shape)
+    again = decoder.decode(payloads[::-1])          # the state reused with another batch size
+    assert all(torch.equal(a, b) for a, b in zip(again, theirs[::-1]))
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason='nvJPEG decodes on CUDA only')
+def test_transform_decodes_the_same_with_either_jpeg_decoder(jpeg_data):
+    """EXTRA.JPEG_DECODER 'auto' (data/nvjpeg.py where the GPU has a JPEG engine) and 'torchvision'
+    decode the messy folder's batch to the same images."""
+    from torchvision import datasets
+    from data.gpu_pipeline import collate_raw
+    from data.nvjpeg import HardwareJpegDecoder
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
+    raw = RawImages(source, None, device_decode=True)
+    batch = collate_raw([raw[i] for i in range(len(raw))])
+    assert 0 in batch[3].tolist() and 1 in batch[3].tolist()     # device- and host-decoded files both
+    out = {}
+    for which in ('auto', 'torchvision'):
+        transform = DeviceTransform(raw, torch.device('cuda'), 224, train=False, jpeg_decoder=which)
+        out[which] = transform.decode(*batch)[0]
+        assert bool(transform._hardware) == (which == 'auto' and HardwareJpegDecoder.create(
+            torch.device('cuda')) is not None)
+    for a, b in zip(out['auto'], out['torchvision']):
+        assert torch.equal(a, b)
 
 
 def test_cpu_decode_share_sends_a_fixed_share_through_pil(jpeg_data):
