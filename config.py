@@ -164,15 +164,6 @@ _C.EXTRA.NUM_CLASSES_FROM_DATA = True  # NUM_CLASSES follows the dataset unless 
 _C.EXTRA.TENSORBOARD = False         # also write scalars to <output>/tensorboard (rank 0)
 _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorwise, rowwise, rowwise_with_gw_hp
 _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a subset of FP8_LAYER_NAMES)
-# --data-pipeline gpu on CUDA: the share of the images (training and validation) that the DataLoader
-# workers decode with PIL instead of nvJPEG. nvJPEG decodes a batch synchronously on its own stream,
-# and under a training step it slows about 3x (its kernels wait for SMs); idle workers can take part
-# of its load.
-_C.EXTRA.CPU_DECODE_SHARE = 0.0
-# --data-pipeline gpu on CUDA: which nvJPEG caller decodes. 'auto': the hardware JPEG engine through
-# data/nvjpeg.py on a high-priority stream where the GPU has one (A100, H100, ...), else torchvision;
-# 'torchvision': always torchvision's decode_jpeg (the same library on a normal-priority stream).
-_C.EXTRA.JPEG_DECODER = 'auto'
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -329,7 +320,6 @@ def _validate(config: CN) -> None:
         ('AMP_OPT_LEVEL', config.AMP_OPT_LEVEL, ('',) + AMP_OPT_LEVELS),
         ('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES),
         ('EXTRA.FP8_RECIPE', config.EXTRA.FP8_RECIPE, FP8_RECIPES),
-        ('EXTRA.JPEG_DECODER', config.EXTRA.JPEG_DECODER, ('auto', 'torchvision')),
         ('KERNEL_BACKEND', config.KERNEL_BACKEND, KERNEL_BACKENDS),
         ('DATA.CACHE_MODE', config.DATA.CACHE_MODE, ('no', 'full', 'part')),
         ('DATA.PIPELINE', config.DATA.PIPELINE, ('pil', 'gpu')),
@@ -340,8 +330,6 @@ def _validate(config: CN) -> None:
     for key, value, choices in checks:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
-    if not 0.0 <= config.EXTRA.CPU_DECODE_SHARE <= 1.0:
-        raise ConfigError(f'EXTRA.CPU_DECODE_SHARE = {config.EXTRA.CPU_DECODE_SHARE} must be between 0 and 1')
     fp8_layers = list(config.EXTRA.FP8_LAYERS)
     if not fp8_layers or not set(fp8_layers) <= set(FP8_LAYER_NAMES):
         raise ConfigError(f"EXTRA.FP8_LAYERS = {fp8_layers!r} must be a non-empty subset of "

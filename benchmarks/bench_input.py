@@ -70,18 +70,16 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
     return info
 
 
-def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True,
-            share: float = 0.0):
+def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True):
     from config import get_config
     return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
                                          opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
-                                               'DATA.PIN_MEMORY', str(pin), 'EXTRA.CPU_DECODE_SHARE', str(share)]))
+                                               'DATA.PIN_MEMORY', str(pin)]))
 
 
-def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
-                  share: float = 0.0) -> dict:
+def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True) -> dict:
     from data import build_loader
-    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, share=share)
+    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin)
     _, _, train, val, _ = build_loader(cfg)
     loader = train if split == 'train' else val
     if split == 'train':
@@ -100,7 +98,7 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     torch.cuda.synchronize()
     rate = n / (time.time() - t0)
     return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
-            'cpu_decode_share': share, 'img/s': rate, 'batches_timed': i - 10}
+            'img/s': rate, 'batches_timed': i - 10}
 
 
 class _GpuLoad:
@@ -148,9 +146,7 @@ def contention(root: str, batches: int = 30) -> list:
     for raw in raws[:2]:                     # compile the finish stage's kernels outside the timing
         t.finish(t.decode(*raw))
     rows = []
-    for load, priority, decoder in ((False, 0, 'torchvision'), (False, 0, 'auto'), (True, 0, 'torchvision'),
-                                    (True, 0, 'auto'), (True, -1, 'auto')):
-        t.jpeg_decoder = decoder
+    for load, priority in ((False, 0), (True, 0), (True, -1)):
         with (_GpuLoad() if load else contextlib.nullcontext()), \
                 torch.cuda.stream(torch.cuda.Stream(priority=priority)):
             decoded = [t.decode(*raw) for raw in raws[:2]]
@@ -164,7 +160,7 @@ def contention(root: str, batches: int = 30) -> list:
             torch.cuda.synchronize()
             t2 = time.time()
         n = batches * raws[0][1].numel()
-        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority, 'jpeg_decoder': decoder,
+        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
                      'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
         print(rows[-1], flush=True)
     return rows
@@ -187,13 +183,11 @@ def gpu_time(root: str, batches: int = 10) -> dict:
             'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
 
 
-def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              share: float = 0.0, decoder: str = 'auto') -> list:
+def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); share: EXTRA.CPU_DECODE_SHARE; decoder: EXTRA.JPEG_DECODER."""
+    (--cuda-graph: the eager step captured)."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
-            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.CPU_DECODE_SHARE', str(share),
-            'EXTRA.JPEG_DECODER', decoder]
+            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False']
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -202,10 +196,8 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
             '--tag', f'{pipeline}_{int(synthetic)}_{step}'] + flags + ['--opts'] + opts
 
 
-def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            share: float = 0.0, decoder: str = 'auto') -> dict:
-    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step, share,
-                                                  decoder)
+def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> dict:
+    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -213,7 +205,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'cpu_decode_share': share, 'jpeg_decoder': decoder,
+            'workers': workers,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
 
@@ -254,12 +246,8 @@ def main() -> None:
     p.add_argument('--batches', type=int, default=120)
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
-    p.add_argument('--shares', nargs='+', type=float, default=[0.0],
-                   help="the pipelines part's EXTRA.CPU_DECODE_SHARE values for the gpu pipeline (pinned rows)")
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:SHARE[:DECODER]]], STEP compile '
-                        '(default) or graph, SHARE EXTRA.CPU_DECODE_SHARE (default 0), DECODER EXTRA.JPEG_DECODER '
-                        '(default auto)')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP], STEP compile (default) or graph')
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -270,15 +258,13 @@ def main() -> None:
     print('folder', info, flush=True)
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
-        runs = [('gpu', 'train', a.workers, a.batches, True, s) for s in a.shares]
-        runs += [('gpu', 'train', a.workers, a.batches, False, a.shares[0])]
-        runs += [('gpu', 'val', a.workers, 45, True, s) for s in a.shares]
-        runs += [('pil', 'train', 8, 40, True, 0.0), ('pil', 'train', cores - 1, 50, True, 0.0),
-                 ('pil', 'val', cores - 1, 45, True, 0.0)]
-        for pipeline, split, workers, batches, pin, share in runs:
+        for pipeline, split, workers, batches, pin in (
+                ('gpu', 'train', a.workers, a.batches, True), ('gpu', 'train', a.workers, a.batches, False),
+                ('gpu', 'val', a.workers, 45, True), ('pil', 'train', 8, 40, True),
+                ('pil', 'train', cores - 1, 50, True), ('pil', 'val', cores - 1, 45, True)):
             if pipeline not in a.pipelines:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, share))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
@@ -287,10 +273,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            fields = run.split(':')
-            pipeline, data, step, share, decoder = (fields + ['compile', '0', 'auto'][len(fields) - 2:])[:5]
+            pipeline, data, step = (run.split(':') + ['compile'])[:3]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, float(share), decoder))
+                                a.images, step))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -306,9 +291,8 @@ def main() -> None:
     env = environment()
     env['cpu_cores'] = cores
     env['folder'] = info
-    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'cpu_decode_share', 'jpeg_decoder', 'pin_memory', 'img/s',
-                                                 'ms_per_batch', 'rc'], env))
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers', 'pin_memory',
+                                                 'img/s', 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':

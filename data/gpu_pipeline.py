@@ -9,14 +9,12 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   noise, increasing variants) and the RandomErasing rectangles. They return the compressed bytes
   and a row of parameters: ~100 KB instead of 600 KB of float32 per image, no pixel work.
 - On the training device, a background thread decodes the batch (nvJPEG, on the GPU's hardware
-  JPEG engines, for baseline JPEGs in YCbCr or grey; through data/nvjpeg.py on a high-priority
-  stream where it can, so that a training step does not hold the decode back), crops and resizes each image (antialiased
+  JPEG engines, for baseline JPEGs in YCbCr or grey), crops and resizes each image (antialiased
   bicubic), and applies flip, RandAugment, normalisation and erasing as batched tensor ops
   (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
   decoded in the worker with PIL's convert('RGB'), as upstream decodes them; a file PIL cannot
-  read is an error naming it. Nothing is dropped. EXTRA.CPU_DECODE_SHARE sends a fixed share of the
-  other images that way too, to offload nvJPEG when it limits the rate.
+  read is an error naming it. Nothing is dropped.
 
 On a machine without CUDA the same code runs on the CPU (workers decode with PIL, the batch ops run
 in the main process): slower, for tests and the demo.
@@ -160,18 +158,11 @@ class RawImages(torch.utils.data.Dataset):
 
     kind 0: the file's bytes, for the device's JPEG decoder; kind 1: the decoded RGB image, HWC
     uint8 (PIL's convert('RGB')); kind 2: the same, already cut to the training crop box.
-    params: TrainRecipe.sample's row (training) or the image's (h, w) (validation).
-    cpu_share: the share of device-decodable images decoded here all the same (EXTRA.CPU_DECODE_SHARE)."""
+    params: TrainRecipe.sample's row (training) or the image's (h, w) (validation)."""
 
-    def __init__(self, source, recipe=None, device_decode: bool = False, cpu_share: float = 0.0):
+    def __init__(self, source, recipe=None, device_decode: bool = False):
         self.source, self.recipe, self.device_decode = source, recipe, device_decode
-        self.cpu_share = cpu_share
         self.classes = source.classes
-
-    def decoded_here(self, index: int) -> bool:
-        """Whether this image is one of the cpu_share decoded in the worker although the device could:
-        a fixed set, by a multiplicative hash of its index (no draw from the recipe's RNGs)."""
-        return self.cpu_share > 0 and ((index * 2654435761) % 2 ** 32) < self.cpu_share * 2 ** 32
 
     def __len__(self) -> int:
         return len(self.source)
@@ -200,7 +191,7 @@ class RawImages(torch.utils.data.Dataset):
             image = Image.open(io.BytesIO(data))
             params = self.recipe.sample(image) if self.recipe else torch.tensor(
                 [image.size[1], image.size[0]], dtype=torch.float64)
-            if self._decodable_on_device(image, data) and not self.decoded_here(index):
+            if self._decodable_on_device(image, data):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, params, label, index
             rgb = image.convert('RGB')
         except DataError:
@@ -253,11 +244,8 @@ class DeviceTransform:
     stages: `decode` (nvJPEG) and `finish` (crop + resize, flip, RandAugment, normalise, erase)."""
 
     def __init__(self, dataset: RawImages, device: torch.device, img_size: int, train: bool,
-                 test_crop: bool = True, jpeg_decoder: str = 'auto'):
+                 test_crop: bool = True):
         self.dataset, self.device, self.size, self.train, self.test_crop = dataset, device, img_size, train, test_crop
-        # EXTRA.JPEG_DECODER: 'auto' tries data/nvjpeg.py's decoder (made on first use, in the
-        # thread that decodes), 'torchvision' keeps torchvision's decode_jpeg
-        self.jpeg_decoder, self._hardware = jpeg_decoder, None
         self.recipe = dataset.recipe
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).reshape(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
@@ -277,32 +265,17 @@ class DeviceTransform:
         jpeg = [i for i, k in enumerate(kind) if k == 0]
         if jpeg:
             from torchvision.io import ImageReadMode, decode_jpeg
-            hardware = self._hardware_decoder()
-            ours = [i for i in jpeg if hardware.supported(payloads[i])] if hardware else []
-            theirs = sorted(set(jpeg) - set(ours))
             try:
-                decoded = hardware.decode([payloads[i] for i in ours]) if ours else []
-                if theirs:
-                    decoded += decode_jpeg([payloads[i] for i in theirs], mode=ImageReadMode.RGB, device=self.device)
+                decoded = decode_jpeg([payloads[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:      # one bad file fails the whole call: decode these on the host, one by one
-                decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in ours + theirs]
-            for i, img in zip(ours + theirs, decoded):
+                decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in jpeg]
+            for i, img in zip(jpeg, decoded):
                 images[i] = img
         for i, k in enumerate(kind):
             if k != 0:
                 hwc = payloads[i].reshape(shapes[i].tolist())
                 images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
         return images, kind, params, labels, indices, seed
-
-    def _hardware_decoder(self):
-        """data/nvjpeg.py's decoder for this transform, or None (EXTRA.JPEG_DECODER 'torchvision', or
-        no hardware JPEG engine / libnvjpeg here)."""
-        if self.jpeg_decoder != 'auto' or self.device.type != 'cuda':
-            return None
-        if self._hardware is None:
-            from .nvjpeg import HardwareJpegDecoder
-            self._hardware = HardwareJpegDecoder.create(self.device) or False
-        return self._hardware or None
 
     def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
         try:
@@ -442,7 +415,7 @@ class DeviceTransform:
 class DeviceLoader:
     """Iterates a DataLoader of raw batches and yields (images, labels) on the device.
 
-    On CUDA two background threads, each on its own high-priority stream, run the transform's stages a few
+    On CUDA two background threads, each on its own stream, run the transform's stages a few
     batches ahead of the training step: one decodes (nvJPEG blocks its thread, not the others),
     one crops, resizes and augments. Each hand-over waits on the producer's event, and tensors
     made on one stream are marked (record_stream) for the one that uses them. Elsewhere it
@@ -484,9 +457,7 @@ class DeviceLoader:
 
         def stage(name, source, fn, sink):
             try:
-                # high priority: the pipeline's few kernels go ahead of the training step's, so the
-                # next batches are ready when the step ends (the step loses their time, no more)
-                stream = torch.cuda.Stream(device, priority=-1)
+                stream = torch.cuda.Stream(device)
                 with torch.cuda.device(device), torch.cuda.stream(stream):
                     for item in source():
                         if item is done:
@@ -546,12 +517,12 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
     """The DataLoader over raw items, wrapped in a DeviceLoader."""
     recipe = TrainRecipe(config) if train else None
     decode_on_device = device.type == 'cuda'
-    raw = RawImages(dataset, recipe, decode_on_device, config.EXTRA.CPU_DECODE_SHARE)
+    raw = RawImages(dataset, recipe, decode_on_device)
     loader = torch.utils.data.DataLoader(
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,
         persistent_workers=False)
-    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP, config.EXTRA.JPEG_DECODER)
+    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
     return raw, DeviceLoader(loader, transform)
 
 

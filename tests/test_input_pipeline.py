@@ -8,7 +8,6 @@ translate) compute Pillow's own math: at most one level off, on under 0.1% of pi
 """
 import argparse
 import glob
-import io
 import os
 import random
 
@@ -18,7 +17,6 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from conftest import DEVICE, ROOT
-from config import ConfigError
 from data.build import DataError, build_transform, posterize
 from data.gpu_pipeline import OPS, PROGRAM, DeviceTransform, RawImages, TrainRecipe, aa_fill
 from data.jpeg_folder import generate, photo
@@ -414,108 +412,6 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'val')), None, device_decode=DEVICE == 'cuda')
     with pytest.raises(DataError, match='cut.JPEG'):
         raw_bad[0]
-
-
-def _jpeg(img: Image.Image, **save) -> torch.Tensor:
-    buf = io.BytesIO()
-    img.save(buf, 'JPEG', **save)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-
-@pytest.mark.skipif(DEVICE != 'cuda', reason='nvJPEG decodes on CUDA only')
-def test_hardware_jpeg_decoder_equals_torchvision():
-    """data/nvjpeg.py's decoder (nvJPEG's hardware backend through ctypes, on a high-priority stream)
-    returns byte for byte what torchvision's decode_jpeg returns, in one batch of odd sizes (1 to 1029
-    px), every chroma subsampling and grey; progressive files are not taken (they stay torchvision's)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from data.nvjpeg import HardwareJpegDecoder
-    decoder = HardwareJpegDecoder.create(torch.device('cuda'))
-    if decoder is None:
-        pytest.skip('this GPU has no hardware JPEG engine (or no libnvjpeg beside torchvision)')
-    rng = np.random.default_rng(0)
-    payloads = []
-    for k, (w, h) in enumerate([(500, 375), (251, 333), (1029, 17), (64, 64), (9, 1), (375, 500), (97, 131)]):
-        img = photo(rng, max(w, 64), max(h, 64)).crop((0, 0, w, h))
-        payloads += [_jpeg(img, quality=90 - 5 * k, subsampling=s) for s in (0, 1, 2)]
-        payloads.append(_jpeg(img.convert('L'), quality=85))
-    assert all(decoder.supported(p) for p in payloads)
-    progressive = _jpeg(photo(rng, 64, 48), progressive=True)
-    assert not decoder.supported(progressive)
-    ours = decoder.decode(payloads)
-    theirs = decode_jpeg(payloads, mode=ImageReadMode.RGB, device='cuda')
-    torch.cuda.synchronize()
-    for k, (a, b) in enumerate(zip(ours, theirs)):
-        assert a.shape == b.shape and torch.equal(a, b), (k, a.shape, b.shape)
-    again = decoder.decode(payloads[::-1])          # the state reused with another batch size
-    assert all(torch.equal(a, b) for a, b in zip(again, theirs[::-1]))
-
-
-@pytest.mark.skipif(DEVICE != 'cuda', reason='nvJPEG decodes on CUDA only')
-def test_transform_decodes_the_same_with_either_jpeg_decoder(jpeg_data):
-    """EXTRA.JPEG_DECODER 'auto' (data/nvjpeg.py where the GPU has a JPEG engine) and 'torchvision'
-    decode the messy folder's batch to the same images."""
-    from torchvision import datasets
-    from data.gpu_pipeline import collate_raw
-    from data.nvjpeg import HardwareJpegDecoder
-    source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
-    raw = RawImages(source, None, device_decode=True)
-    batch = collate_raw([raw[i] for i in range(len(raw))])
-    assert 0 in batch[3].tolist() and 1 in batch[3].tolist()     # device- and host-decoded files both
-    out = {}
-    for which in ('auto', 'torchvision'):
-        transform = DeviceTransform(raw, torch.device('cuda'), 224, train=False, jpeg_decoder=which)
-        out[which] = transform.decode(*batch)[0]
-        assert bool(transform._hardware) == (which == 'auto' and HardwareJpegDecoder.create(
-            torch.device('cuda')) is not None)
-    for a, b in zip(out['auto'], out['torchvision']):
-        assert torch.equal(a, b)
-
-
-def test_cpu_decode_share_sends_a_fixed_share_through_pil(jpeg_data):
-    """EXTRA.CPU_DECODE_SHARE: that share of the device-decodable images is decoded in the worker
-    (training: kind 2, PIL's convert('RGB') cut to the crop box; validation: kind 1, the whole image),
-    the same images every epoch, with the recipe's parameters drawn as without it; 0 keeps every one
-    for nvJPEG, 1 none."""
-    from torchvision import datasets
-    from data.gpu_pipeline import BOX
-    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
-    recipe = TrainRecipe(_config(data_path=jpeg_data))
-    plain = [i for i, (p, _) in enumerate(source.samples) if '_odd_' not in p]
-    assert len(plain) == 42
-    rows = {}
-    for share in (0.0, 0.5, 1.0):
-        raw = RawImages(source, recipe, device_decode=True, cpu_share=share)
-        torch.manual_seed(3)
-        random.seed(3)
-        np.random.seed(3)
-        items = [raw[i] for i in plain]
-        kinds = [it[1] for it in items]
-        rows[share] = torch.stack([it[2] for it in items])
-        assert set(kinds) <= {0, 2}
-        here = [raw.decoded_here(i) for i in plain]
-        assert [k == 2 for k in kinds] == here
-        assert sum(here) == {0.0: 0, 1.0: 42}.get(share, sum(here))
-        if share == 0.5:
-            assert 12 <= sum(here) <= 30, sum(here)           # about half of 42
-            torch.manual_seed(3)
-            again = [raw.decoded_here(i) for i in plain]
-            assert again == here
-            i = plain[here.index(True)]
-            torch.manual_seed(4)
-            payload, kind, params, _, _ = raw[i]
-            top, left, h, w = (int(v) for v in params[BOX])
-            img = Image.open(source.samples[i][0]).convert('RGB').crop((left, top, left + w, top + h))
-            assert kind == 2 and torch.equal(payload, torch.from_numpy(np.asarray(img).copy()))
-    assert torch.equal(rows[0.0], rows[0.5]) and torch.equal(rows[0.0], rows[1.0])
-    # validation (no recipe): the whole image, decoded as PIL decodes it, for the device's resize
-    val = RawImages(source, None, device_decode=True, cpu_share=1.0)
-    payload, kind, params, _, _ = val[plain[0]]
-    whole = np.asarray(Image.open(source.samples[plain[0]][0]).convert('RGB'))
-    assert kind == 1 and torch.equal(payload, torch.from_numpy(whole.copy()))
-    assert params.tolist() == [whole.shape[0], whole.shape[1]]
-    assert RawImages(source, None, device_decode=True, cpu_share=0.0)[plain[0]][1] == 0
-    with pytest.raises(ConfigError, match='CPU_DECODE_SHARE'):
-        _config('EXTRA.CPU_DECODE_SHARE', '1.5')
 
 
 # ----------------------------------------------------------------------------- main.py
