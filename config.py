@@ -164,6 +164,8 @@ _C.EXTRA.NUM_CLASSES_FROM_DATA = True  # NUM_CLASSES follows the dataset unless 
 _C.EXTRA.TENSORBOARD = False         # also write scalars to <output>/tensorboard (rank 0)
 _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorwise, rowwise, rowwise_with_gw_hp
 _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a subset of FP8_LAYER_NAMES)
+# --data-pipeline gpu on CUDA: raw batches decoded per nvJPEG call (each call has a fixed cost)
+_C.EXTRA.DECODE_BATCHES = 1
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -330,6 +332,8 @@ def _validate(config: CN) -> None:
     for key, value, choices in checks:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
+    if config.EXTRA.DECODE_BATCHES < 1:
+        raise ConfigError(f'EXTRA.DECODE_BATCHES = {config.EXTRA.DECODE_BATCHES} must be 1 or more')
     fp8_layers = list(config.EXTRA.FP8_LAYERS)
     if not fp8_layers or not set(fp8_layers) <= set(FP8_LAYER_NAMES):
         raise ConfigError(f"EXTRA.FP8_LAYERS = {fp8_layers!r} must be a non-empty subset of "

@@ -70,16 +70,19 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
     return info
 
 
-def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True):
+def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True,
+            decode_batches: int = 1):
     from config import get_config
     return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
                                          opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
-                                               'DATA.PIN_MEMORY', str(pin)]))
+                                               'DATA.PIN_MEMORY', str(pin), 'EXTRA.DECODE_BATCHES',
+                                               str(decode_batches)]))
 
 
-def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True) -> dict:
+def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
+                  decode_batches: int = 1) -> dict:
     from data import build_loader
-    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin)
+    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches)
     _, _, train, val, _ = build_loader(cfg)
     loader = train if split == 'train' else val
     if split == 'train':
@@ -98,7 +101,7 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     torch.cuda.synchronize()
     rate = n / (time.time() - t0)
     return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
-            'img/s': rate, 'batches_timed': i - 10}
+            'decode_batches': decode_batches, 'img/s': rate, 'batches_timed': i - 10}
 
 
 class _GpuLoad:
@@ -183,11 +186,13 @@ def gpu_time(root: str, batches: int = 10) -> dict:
             'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
 
 
-def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> list:
+def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
+              decode_batches: int = 1) -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured)."""
+    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
-            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False']
+            'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.DECODE_BATCHES',
+            str(decode_batches)]
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -196,8 +201,10 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
             '--tag', f'{pipeline}_{int(synthetic)}_{step}'] + flags + ['--opts'] + opts
 
 
-def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str) -> dict:
-    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step)
+def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
+            decode_batches: int = 1) -> dict:
+    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step,
+                                                  decode_batches)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -205,7 +212,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers,
+            'workers': workers, 'decode_batches': decode_batches,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
 
@@ -247,7 +254,10 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP], STEP compile (default) or graph')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N]], STEP compile (default) or '
+                        'graph, N EXTRA.DECODE_BATCHES (default 1)')
+    p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
+                   help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -258,13 +268,15 @@ def main() -> None:
     print('folder', info, flush=True)
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
-        for pipeline, split, workers, batches, pin in (
-                ('gpu', 'train', a.workers, a.batches, True), ('gpu', 'train', a.workers, a.batches, False),
-                ('gpu', 'val', a.workers, 45, True), ('pil', 'train', 8, 40, True),
-                ('pil', 'train', cores - 1, 50, True), ('pil', 'val', cores - 1, 45, True)):
+        runs = [('gpu', 'train', a.workers, a.batches, True, n) for n in a.decode_batches]
+        runs += [('gpu', 'train', a.workers, a.batches, False, 1)]
+        runs += [('gpu', 'val', a.workers, 45, True, n) for n in a.decode_batches]
+        runs += [('pil', 'train', 8, 40, True, 1), ('pil', 'train', cores - 1, 50, True, 1),
+                 ('pil', 'val', cores - 1, 45, True, 1)]
+        for pipeline, split, workers, batches, pin, n in runs:
             if pipeline not in a.pipelines:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
@@ -273,9 +285,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step = (run.split(':') + ['compile'])[:3]
+            pipeline, data, step, n = (run.split(':') + ['compile', '1'][len(run.split(':')) - 2:])[:4]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step))
+                                a.images, step, int(n)))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -291,8 +303,8 @@ def main() -> None:
     env = environment()
     env['cpu_cores'] = cores
     env['folder'] = info
-    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers', 'pin_memory',
-                                                 'img/s', 'ms_per_batch', 'rc'], env))
+    print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
+                                                 'decode_batches', 'pin_memory', 'img/s', 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':

@@ -258,24 +258,34 @@ class DeviceTransform:
         return self.finish(self.decode(*raw))
 
     def decode(self, blob, sizes, shapes, kinds, params, labels, indices, seed):
-        """-> (images, params, labels, indices, seed); images: [3, h, w] uint8 on the device."""
-        payloads = torch.split(blob, sizes.tolist())
-        kind = kinds.tolist()
-        images = [None] * len(payloads)
-        jpeg = [i for i, k in enumerate(kind) if k == 0]
-        if jpeg:
+        """-> (images, kind, params, labels, indices, seed); images: [3, h, w] uint8 on the device."""
+        return self.decode_batches([(blob, sizes, shapes, kinds, params, labels, indices, seed)])[0]
+
+    def decode_batches(self, raws: list) -> list:
+        """decode() for several raw batches, with one nvJPEG call for all their JPEGs. A call has a
+        fixed cost besides its per-image one (one H100, 2026-11-28: 14,298 img/s at 128 files a
+        call, 17,822 at 256, i.e. ~3.6 ms a call + ~42 us an image)."""
+        batches, jobs = [], []       # jobs: (batch, position, payload, dataset index) for nvJPEG
+        for b, (blob, sizes, shapes, kinds, params, labels, indices, seed) in enumerate(raws):
+            payloads = torch.split(blob, sizes.tolist())
+            kind = kinds.tolist()
+            images = [None] * len(payloads)
+            for i, k in enumerate(kind):
+                if k == 0:
+                    jobs.append((b, i, payloads[i], int(indices[i])))
+                else:
+                    hwc = payloads[i].reshape(shapes[i].tolist())
+                    images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
+            batches.append((images, kind, params, labels, indices, seed))
+        if jobs:
             from torchvision.io import ImageReadMode, decode_jpeg
             try:
-                decoded = decode_jpeg([payloads[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                decoded = decode_jpeg([job[2] for job in jobs], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:      # one bad file fails the whole call: decode these on the host, one by one
-                decoded = [self._decode_on_host(payloads[i], int(indices[i])) for i in jpeg]
-            for i, img in zip(jpeg, decoded):
-                images[i] = img
-        for i, k in enumerate(kind):
-            if k != 0:
-                hwc = payloads[i].reshape(shapes[i].tolist())
-                images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
-        return images, kind, params, labels, indices, seed
+                decoded = [self._decode_on_host(payload, index) for _, _, payload, index in jobs]
+            for (b, i, _, _), img in zip(jobs, decoded):
+                batches[b][0][i] = img
+        return batches
 
     def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
         try:
@@ -421,8 +431,9 @@ class DeviceLoader:
     made on one stream are marked (record_stream) for the one that uses them. Elsewhere it
     runs inline."""
 
-    def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3):
+    def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1):
         self.loader, self.transform, self.prefetch = loader, transform, prefetch
+        self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
     def __len__(self) -> int:
@@ -464,31 +475,39 @@ class DeviceLoader:
                             break
                         if isinstance(item, BaseException):
                             raise item
-                        out = fn(item, stream)
+                        outs = fn(item, stream)            # a list: one item per batch
                         event = torch.cuda.Event()
                         event.record(stream)
-                        if not put(sink, (out, event)):
-                            return
+                        for out in outs:
+                            if not put(sink, (out, event)):
+                                return
                 put(sink, done)
             except BaseException as e:     # handed on, raised in the consumer
                 put(sink, e)
 
-        def read_raw():
-            yield from self.loader
+        def read_raw():                # groups of decode_batches raw batches (the last may be short)
+            group = []
+            for raw in self.loader:
+                group.append(raw)
+                if len(group) == self.decode_batches:
+                    yield group
+                    group = []
+            if group:
+                yield group
 
         def read_decoded():
             while True:
                 yield get(decoded)
 
-        def decode(raw, stream):
-            return self.transform.decode(*raw)
+        def decode(group, stream):
+            return self.transform.decode_batches(group)
 
         def finish(item, stream):
             out, event = item
             stream.wait_event(event)
             for img in out[0]:
                 img.record_stream(stream)
-            return self.transform.finish(out)
+            return [self.transform.finish(out)]
 
         threads = [threading.Thread(target=stage, args=('decode', read_raw, decode, decoded), daemon=True),
                    threading.Thread(target=stage, args=('augment', read_decoded, finish, ready), daemon=True)]
@@ -523,7 +542,7 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
         pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,
         persistent_workers=False)
     transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
-    return raw, DeviceLoader(loader, transform)
+    return raw, DeviceLoader(loader, transform, decode_batches=config.EXTRA.DECODE_BATCHES)
 
 
 class SyntheticOnDevice:

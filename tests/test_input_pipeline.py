@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from conftest import DEVICE, ROOT
+from config import ConfigError
 from data.build import DataError, build_transform, posterize
 from data.gpu_pipeline import OPS, PROGRAM, DeviceTransform, RawImages, TrainRecipe, aa_fill
 from data.jpeg_folder import generate, photo
@@ -412,6 +413,47 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'val')), None, device_decode=DEVICE == 'cuda')
     with pytest.raises(DataError, match='cut.JPEG'):
         raw_bad[0]
+
+
+def test_decoding_batches_together_changes_nothing(jpeg_data):
+    """EXTRA.DECODE_BATCHES: raw batches decoded in one call give the images each gives alone (the
+    messy val folder: nvJPEG's files and host-decoded ones in one call, a short last batch); on CUDA
+    the loaders with 2 and 3 batches a call (a short last group) yield the batches they yield with 1."""
+    from torchvision import datasets
+    from data import build_loader
+    from data.gpu_pipeline import collate_raw
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
+    raw = RawImages(source, None, device_decode=DEVICE == 'cuda')
+    transform = DeviceTransform(raw, torch.device(DEVICE), 64, train=False)
+    items = [raw[i] for i in range(len(raw))]
+    assert len(items) == 21
+    raws = [collate_raw(items[k:k + 5]) for k in range(0, len(items), 5)]
+    alone = [transform.decode(*r) for r in raws]
+    together = transform.decode_batches(raws)
+    assert len(together) == len(alone) == 5
+    for a, b in zip(alone, together):
+        assert a[1] == b[1] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+        assert len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert {k for r in raws for k in r[3].tolist()} == ({0, 1} if DEVICE == 'cuda' else {1})
+    if DEVICE != 'cuda':
+        return
+    runs = {}
+    for n in (1, 2, 3):
+        cfg = _config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', 'EXTRA.DECODE_BATCHES', str(n),
+                      data_path=jpeg_data)
+        _, _, train, val, _ = build_loader(cfg)
+        train.sampler.set_epoch(0)
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        runs[n] = [(x.cpu(), y.cpu()) for loader in (train, val) for x, y in loader]
+    assert len(runs[1]) == 10 + 5
+    for n in (2, 3):
+        assert len(runs[n]) == len(runs[1])
+        for (x1, y1), (x2, y2) in zip(runs[1], runs[n]):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    with pytest.raises(ConfigError, match='DECODE_BATCHES'):
+        _config('EXTRA.DECODE_BATCHES', '0')
 
 
 # ----------------------------------------------------------------------------- main.py
