@@ -150,6 +150,33 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_data, tmp_path, opt
     assert torch.isfinite(ckpt['model']['head.bias']).all()
 
 
+def test_first_log_line_shows_the_first_steps_values(demo_data, tmp_path):
+    """With the fused optimizer a step's values are read a step late; the epoch's first log line
+    (step 0) still shows step 0's loss and grad norm, not the empty meters' zeros."""
+    import re
+    from amp import Precision
+    from data import build_loader
+    from logger import create_logger
+    from lr_scheduler import build_scheduler
+    from models import build_model
+    from optimizer import build_optimizer
+    _, config = main.parse_option(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path),
+                                   '--opts', 'DATA.BATCH_SIZE', '16', 'DATA.NUM_WORKERS', '0', 'AMP_ENABLE',
+                                   'False', 'TRAIN.OPTIMIZER.NAME', 'fused_adam', 'PRINT_FREQ', '2'])
+    logger = create_logger(config.OUTPUT, 0, name='first_line')
+    _, _, loader, _, mixup = build_loader(config)
+    model = build_model(config)
+    opt = build_optimizer(config, model)
+    assert main.is_fused(opt)
+    main.train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), loader, opt, 0, mixup,
+                         build_scheduler(config, opt, len(loader)), Precision('O0'), model, logger)
+    log = open(os.path.join(config.OUTPUT, 'log_rank0.txt')).read()
+    lines = re.findall(r'Train: \[0/\d+\]\[(\d+)/\d+\].*?loss ([\d.]+) \(([\d.]+)\)\s+grad_norm ([\d.]+)', log)
+    assert [int(m[0]) for m in lines][:2] == [0, 2], lines
+    for _, val, avg, norm in lines:
+        assert float(val) > 1.0 and float(avg) > 1.0 and float(norm) > 0.0, lines
+
+
 @pytest.mark.parametrize('device', ['cpu', 'cuda'])
 def test_step_values_keep_what_the_step_computed(device):
     """main.StepValues copies a step's values when made (on CUDA to pinned memory behind the step's
