@@ -62,7 +62,7 @@ for part in $PARTS; do
                  "apex:" "ours:" "all flags + --fused_adam eager, O2" "all five flags + --fused_adam eager, O2 bf16" \
                  "all flags + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
     input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py)
-             python3 benchmarks/bench_input.py --parts folder pipelines gputime ;;
+             python3 benchmarks/bench_input.py --parts folder pipelines gputime --decode-batches 1 2 ;;
     input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
              python3 benchmarks/bench_input.py --parts folder main harness ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs
