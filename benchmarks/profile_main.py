@@ -164,7 +164,12 @@ def main() -> None:
     p.add_argument('--gap-us', type=float, default=20.0)
     p.add_argument('--top', type=int, default=15)
     p.add_argument('--python', action='store_true', help="record Python functions too (slows the host)")
+    p.add_argument('--switch-interval', type=float, default=None,
+                   help="sys.setswitchinterval for the run, seconds (Python's default 0.005): how long a "
+                        "thread that wants the GIL waits for a busy one")
     a = p.parse_args(argv[:split])
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
     from torch.profiler import ProfilerActivity, profile, schedule
     out = os.environ.get('OUT', '/tmp')
     path = os.path.join(out, 'profile_main.json')

@@ -1,0 +1,47 @@
+"""benchmarks/profile_main.py's trace analysis on a hand-made trace: the figures it reports (wall and
+GPU-busy time per step, idle gaps, each host thread's busy time) are what the docs quote."""
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+
+def _x(name, cat, ts, dur, tid=1):
+    return {'ph': 'X', 'name': name, 'cat': cat, 'ts': ts, 'dur': dur, 'tid': tid}
+
+
+def test_profile_main_analysis_of_a_known_trace():
+    from profile_main import analyse
+    events = [
+        _x('ProfilerStep#1', 'user_annotation', 0, 1000), _x('ProfilerStep#2', 'user_annotation', 1000, 1000),
+        # GPU: two streams overlapping (busy 0-400 as one span), then a 300 us gap, then 700-1500;
+        # a 10 us gap at 1500-1510 (under the 20 us threshold), then 1510-1800; idle 1800-2000
+        _x('k1', 'kernel', 0, 300, tid=7), _x('k2', 'kernel', 100, 300, tid=8),
+        _x('copy', 'gpu_memcpy', 700, 800, tid=7), _x('k3', 'kernel', 1510, 290, tid=7),
+        # host thread 1: an operator with a nested one (counted once), a runtime call during the gap
+        _x('aten::outer', 'cpu_op', 50, 200), _x('aten::inner', 'cpu_op', 60, 100),
+        _x('cudaStreamSynchronize', 'cuda_runtime', 380, 200),
+        # host thread 2: the decode thread waiting
+        _x('cudaEventSynchronize', 'cuda_runtime', 0, 1500, tid=2),
+    ]
+    r = analyse({'traceEvents': events}, gap_us=20.0, top=5)
+    assert r['steps'] == 2
+    assert r['wall_ms_per_step'] == pytest.approx(1.0)
+    assert r['gpu_busy_ms_per_step'] == pytest.approx((400 + 800 + 290) / 2 / 1e3)
+    assert r['gaps_per_step'] == pytest.approx(0.5)            # only the 300 us gap is over 20 us
+    assert r['gap_ms_per_step'] == pytest.approx(0.15)
+    assert r['longest_gaps'][0]['us'] == pytest.approx(300)
+    assert r['longest_gaps'][0]['host_running'] == ['cudaEventSynchronize', 'cudaStreamSynchronize']
+    threads = {t['tid']: t for t in r['host_threads_ms_per_step']}
+    assert threads[2]['busy'] == pytest.approx(0.75)
+    assert threads[1]['busy'] == pytest.approx((200 + 200) / 2 / 1e3)      # the nested op not twice
+    assert dict(threads[1]['top'])['aten::outer'] == pytest.approx(0.1)
+    assert 'aten::inner' not in dict(threads[1]['top'])
+    assert [t['tid'] for t in r['host_threads_ms_per_step']] == [2, 1]   # busiest first
+    # the timeline is the middle step's (the second): busy 1000-1800 (the 10 us gap joined), no idle
+    # span reported after the last busy one
+    assert [line.split() for line in r['timeline']] == [['+', '0', '800', 'GPU', 'busy']]
