@@ -397,7 +397,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps
             timed_from, timed_start = idx, end
         if idx % config.PRINT_FREQ == 0:
-            if pending is not None and loss_meter.count == 0 and not grad_norms:
+            if idx == 0 and pending is not None:
                 # the epoch's first line, nothing read yet: wait for this one step (once an epoch)
                 # rather than print zeros; later lines show values up to the step before theirs
                 settle(pending)

@@ -65,24 +65,30 @@ def _union(intervals):
     return merged
 
 
+def outermost(events: list):
+    """(thread id, event) for each host thread's outermost events: those not inside the previous
+    outermost event of their thread."""
+    by_tid = defaultdict(list)
+    for e in events:
+        by_tid[e['tid']].append(e)
+    for tid, evs in by_tid.items():
+        end = -1.
+        for e in sorted(evs, key=lambda e: (e['ts'], -e['dur'])):
+            if e['ts'] >= end:
+                end = e['ts'] + e['dur']
+                yield tid, e
+
+
 def timeline(step: dict, events: list, busy: list, gap_us: float, min_us: float = 30.) -> list:
     """One step as lines '+start_us dur_us where name': the host's outermost events per thread
     (operators, runtime calls, Python functions where recorded) of at least min_us, and the GPU's
     busy spans and idle gaps."""
     t0, t1 = step['ts'], step['ts'] + step['dur']
-    rows = []
-    by_tid = defaultdict(list)
-    for e in events:
-        if e.get('cat') in ('cpu_op', 'cuda_runtime', 'cuda_driver', 'python_function', 'user_annotation') \
-                and t0 <= e['ts'] < t1 and not e['name'].startswith('ProfilerStep#'):
-            by_tid[e['tid']].append(e)
-    for tid, evs in by_tid.items():
-        end = -1.
-        for e in sorted(evs, key=lambda e: (e['ts'], -e['dur'])):
-            if e['ts'] >= end:                 # outermost: not inside the previous outermost event
-                end = e['ts'] + e['dur']
-                if e['dur'] >= min_us:
-                    rows.append((e['ts'] - t0, e['dur'], f'host {tid}', e['name'][:80]))
+    host = [e for e in events
+            if e.get('cat') in ('cpu_op', 'cuda_runtime', 'cuda_driver', 'python_function', 'user_annotation')
+            and t0 <= e['ts'] < t1 and not e['name'].startswith('ProfilerStep#')]
+    rows = [(e['ts'] - t0, e['dur'], f'host {tid}', e['name'][:80]) for tid, e in outermost(host)
+            if e['dur'] >= min_us]
     spans = []                        # busy spans, joined across gaps shorter than gap_us
     for s, e in busy:
         if spans and s - spans[-1][1] <= gap_us:
@@ -124,16 +130,9 @@ def analyse(trace: dict, gap_us: float, top: int) -> dict:
         (runtime if e['cat'] in ('cuda_runtime', 'cuda_driver') else ops)[e['name'][:70]] += e['dur']
         calls[e['name'][:70]] += 1
     threads = defaultdict(lambda: [0.0, defaultdict(float)])   # tid -> [busy us, {outermost op: us}]
-    by_tid = defaultdict(list)
-    for e in host:
-        by_tid[e['tid']].append(e)
-    for tid, evs in by_tid.items():
-        end = -1.
-        for e in sorted(evs, key=lambda e: (e['ts'], -e['dur'])):
-            if e['ts'] >= end:                 # outermost events only: each host thread's busy time
-                end = e['ts'] + e['dur']
-                threads[tid][0] += e['dur']
-                threads[tid][1][e['name'][:60]] += e['dur']
+    for tid, e in outermost(host):
+        threads[tid][0] += e['dur']
+        threads[tid][1][e['name'][:60]] += e['dur']
     kernels = defaultdict(float)
     for e in events:
         if e.get('cat') == 'kernel' and t0 <= e['ts'] < t1:
