@@ -308,3 +308,53 @@ def load_pretrained(config, model, logger, checkpoint: Optional[dict] = None) ->
     for n in notes:
         logger.info(f'adapted {n}')
     logger.info(f"=> loaded successfully '{config.MODEL.PRETRAINED}'")
+
+
+# ----------------------------------------------------------------------------- SM partitions
+# CUDA driver constants (cuda.h): CU_DEV_RESOURCE_TYPE_SM, CU_GREEN_CTX_DEFAULT_STREAM,
+# CU_STREAM_NON_BLOCKING. A CUdevResource is an opaque struct of at most a few hundred bytes whose
+# SM count sits after a 4-byte type and 92 bytes of padding; it is handled here as a larger buffer.
+_SM_RESOURCE, _GREEN_CTX_DEFAULT_STREAM, _STREAM_NON_BLOCKING = 1, 1, 1
+_RESOURCE_BYTES, _SM_COUNT_OFFSET = 1024, 96
+_green_contexts = []                  # kept alive for the process: their streams run the training step
+
+
+def green_stream(num_sms: int, device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream whose kernels run on num_sms of the device's SMs (a green context; CUDA 12.4+
+    driver), leaving the others to work on other streams (the input pipeline's decode). The driver
+    rounds num_sms up to its partition granularity (8 SMs on Hopper). PyTorch 2.11 offers green
+    contexts only through the context stack (its null stream) and 2.12+ needs the cuda-python package
+    for its streams; the driver's five calls are made here directly."""
+    import ctypes
+    cuda = ctypes.CDLL('libcuda.so.1')
+    ordinal = device.index if device.index is not None else torch.cuda.current_device()
+
+    def check(status, call):
+        if status != 0:
+            name = ctypes.c_char_p()
+            cuda.cuGetErrorName(status, ctypes.byref(name))
+            raise RuntimeError(f'{call} failed: {(name.value or b"").decode()} ({status}); EXTRA.TRAIN_SMS '
+                               'needs a CUDA 12.4+ driver and a GPU that supports green contexts')
+
+    torch.cuda.init()
+    dev = ctypes.c_int()
+    check(cuda.cuDeviceGet(ctypes.byref(dev), ordinal), 'cuDeviceGet')
+    whole, part, rest = (ctypes.create_string_buffer(_RESOURCE_BYTES) for _ in range(3))
+    check(cuda.cuDeviceGetDevResource(dev, whole, _SM_RESOURCE), 'cuDeviceGetDevResource')
+    total = int.from_bytes(whole.raw[_SM_COUNT_OFFSET:_SM_COUNT_OFFSET + 4], 'little')
+    if not 0 < num_sms < total:
+        raise ValueError(f'EXTRA.TRAIN_SMS = {num_sms}: this GPU has {total} SMs; give fewer than that '
+                         '(0 runs on all of them)')
+    groups = ctypes.c_uint(1)
+    check(cuda.cuDevSmResourceSplitByCount(part, ctypes.byref(groups), whole, rest, 0, num_sms),
+          'cuDevSmResourceSplitByCount')
+    desc, ctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    check(cuda.cuDevResourceGenerateDesc(ctypes.byref(desc), part, 1), 'cuDevResourceGenerateDesc')
+    check(cuda.cuGreenCtxCreate(ctypes.byref(ctx), desc, dev, _GREEN_CTX_DEFAULT_STREAM), 'cuGreenCtxCreate')
+    check(cuda.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, _STREAM_NON_BLOCKING, 0),
+          'cuGreenCtxStreamCreate')
+    _green_contexts.append(ctx)
+    granted = int.from_bytes(part.raw[_SM_COUNT_OFFSET:_SM_COUNT_OFFSET + 4], 'little')
+    out = torch.cuda.ExternalStream(stream.value, device=torch.device('cuda', ordinal))
+    out.num_sms = granted
+    return out

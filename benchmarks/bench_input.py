@@ -108,13 +108,19 @@ class _GpuLoad:
     """A thread keeping the GPU's SMs busy with bf16 GEMMs on its own stream (a training step's
     stand-in) while a pipeline stage is timed."""
 
+    def __init__(self, sms: int = 0):
+        self.sms = sms                 # > 0: the GEMMs on that many SMs (a green context, EXTRA.TRAIN_SMS)
+
     def __enter__(self):
         import threading
+
+        from utils import green_stream
         self.stop = threading.Event()
         a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
+        stream = green_stream(self.sms, torch.device('cuda')) if self.sms else torch.cuda.Stream()
 
         def run():
-            with torch.cuda.stream(torch.cuda.Stream()):
+            with torch.cuda.stream(stream):
                 while not self.stop.is_set():
                     for _ in range(4):
                         a @ a
@@ -142,15 +148,17 @@ def _raw_batches(root: str, workers: int, n: int):
     return train.transform, raws
 
 
-def contention(root: str, batches: int = 30) -> list:
+def contention(root: str, batches: int = 30, load_sms: tuple = ()) -> list:
     """The train transform's two stages alone, on raw batches read beforehand (so the workers are out
-    of it), with the GPU idle and with it kept busy by GEMMs: which stage a training step slows."""
+    of it), with the GPU idle and with it kept busy by GEMMs (on all SMs, then on each of load_sms):
+    which stage a training step slows."""
     t, raws = _raw_batches(root, 12, batches)
     for raw in raws[:2]:                     # compile the finish stage's kernels outside the timing
         t.finish(t.decode(*raw))
     rows = []
-    for load, priority in ((False, 0), (True, 0), (True, -1)):
-        with (_GpuLoad() if load else contextlib.nullcontext()), \
+    cases = [(False, 0, 0), (True, 0, 0), (True, -1, 0)] + [(True, 0, n) for n in load_sms]
+    for load, priority, sms in cases:
+        with (_GpuLoad(sms) if load else contextlib.nullcontext()), \
                 torch.cuda.stream(torch.cuda.Stream(priority=priority)):
             decoded = [t.decode(*raw) for raw in raws[:2]]
             torch.cuda.synchronize()
@@ -163,7 +171,7 @@ def contention(root: str, batches: int = 30) -> list:
             torch.cuda.synchronize()
             t2 = time.time()
         n = batches * raws[0][1].numel()
-        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
+        rows.append({'part': 'contention', 'gpu_load': load, 'load_sms': sms, 'stream_priority': priority,
                      'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
         print(rows[-1], flush=True)
     return rows
@@ -187,12 +195,13 @@ def gpu_time(root: str, batches: int = 10) -> dict:
 
 
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              decode_batches: int = 1) -> list:
+              decode_batches: int = 1, train_sms: int = 0) -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES."""
+    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES; train_sms:
+    EXTRA.TRAIN_SMS."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.DECODE_BATCHES',
-            str(decode_batches)]
+            str(decode_batches), 'EXTRA.TRAIN_SMS', str(train_sms)]
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -202,9 +211,9 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1) -> dict:
+            decode_batches: int = 1, train_sms: int = 0) -> dict:
     cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step,
-                                                  decode_batches)
+                                                  decode_batches, train_sms)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -212,7 +221,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'decode_batches': decode_batches,
+            'workers': workers, 'decode_batches': decode_batches, 'train_sms': train_sms,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(cmd[1:])}
 
@@ -254,10 +263,12 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N]], STEP compile (default) or '
-                        'graph, N EXTRA.DECODE_BATCHES (default 1)')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:SMS]]], STEP compile (default) '
+                        'or graph, N EXTRA.DECODE_BATCHES (default 1), SMS EXTRA.TRAIN_SMS (default 0: all)')
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
+    p.add_argument('--load-sms', nargs='+', type=int, default=[],
+                   help="the contention part's extra rows: the GEMM load on this many SMs (green contexts)")
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -279,15 +290,15 @@ def main() -> None:
             rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
-        rows += contention(a.root)
+        rows += contention(a.root, load_sms=a.load_sms)
     if 'gputime' in a.parts:
         rows.append(gpu_time(a.root))
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, n = (run.split(':') + ['compile', '1'][len(run.split(':')) - 2:])[:4]
+            pipeline, data, step, n, sms = (run.split(':') + ['compile', '1', '0'][len(run.split(':')) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n)))
+                                a.images, step, int(n), int(sms)))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -304,7 +315,7 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'pin_memory', 'img/s', 'ms_per_batch', 'rc'], env))
+                                                 'decode_batches', 'train_sms', 'load_sms', 'pin_memory', 'img/s', 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':
