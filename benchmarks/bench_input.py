@@ -211,9 +211,14 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1, train_sms: int = 0) -> dict:
-    cmd = [sys.executable, 'main.py'] + main_args(root, pipeline, synthetic, workers, epochs_images, step,
-                                                  decode_batches, train_sms)
+            decode_batches: int = 1, train_sms: int = 0, switch_interval: float = 0.0) -> dict:
+    """One main.py run; switch_interval > 0: Python's GIL switch interval for it (sys.setswitchinterval,
+    default 0.005 s: how long a thread waiting for the GIL waits before it asks the holder to drop it)."""
+    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches, train_sms)
+    cmd = [sys.executable, 'main.py'] + args
+    if switch_interval:
+        cmd = [sys.executable, '-c', f'import runpy, sys; sys.setswitchinterval({switch_interval}); '
+               f'sys.argv = ["main.py"] + sys.argv[1:]; runpy.run_path("main.py", run_name="__main__")'] + args
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -222,8 +227,9 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
             'workers': workers, 'decode_batches': decode_batches, 'train_sms': train_sms,
+            'switch_interval': switch_interval,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
-            'command': ' '.join(cmd[1:])}
+            'command': ' '.join(['main.py'] + args)}
 
 
 def profile_main(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
@@ -267,6 +273,8 @@ def main() -> None:
                         'or graph, N EXTRA.DECODE_BATCHES (default 1), SMS EXTRA.TRAIN_SMS (default 0: all)')
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
+    p.add_argument('--switch-interval', type=float, default=0.0,
+                   help="the main part's runs under this GIL switch interval (s; default: Python's 0.005)")
     p.add_argument('--load-sms', nargs='+', type=int, default=[],
                    help="the contention part's extra rows: the GEMM load on this many SMs (green contexts)")
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
@@ -298,7 +306,7 @@ def main() -> None:
         for run in a.main_runs:
             pipeline, data, step, n, sms = (run.split(':') + ['compile', '1', '0'][len(run.split(':')) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n), int(sms)))
+                                a.images, step, int(n), int(sms), a.switch_interval))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -315,7 +323,7 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'train_sms', 'load_sms', 'pin_memory', 'img/s', 'ms_per_batch', 'rc'], env))
+                                                 'decode_batches', 'train_sms', 'switch_interval', 'load_sms', 'pin_memory', 'img/s', 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':
