@@ -317,6 +317,7 @@ def load_pretrained(config, model, logger, checkpoint: Optional[dict] = None) ->
 _SM_RESOURCE, _GREEN_CTX_DEFAULT_STREAM, _STREAM_NON_BLOCKING = 1, 1, 1
 _RESOURCE_BYTES, _SM_COUNT_OFFSET = 1024, 96
 _green_contexts = []                  # kept alive for the process: their streams run the training step
+_green_sms = {}                       # stream handle -> its SM count
 
 
 def green_stream(num_sms: int, device: torch.device) -> torch.cuda.Stream:
@@ -355,6 +356,14 @@ def green_stream(num_sms: int, device: torch.device) -> torch.cuda.Stream:
           'cuGreenCtxStreamCreate')
     _green_contexts.append(ctx)
     granted = int.from_bytes(part.raw[_SM_COUNT_OFFSET:_SM_COUNT_OFFSET + 4], 'little')
+    _green_sms[stream.value] = granted
     out = torch.cuda.ExternalStream(stream.value, device=torch.device('cuda', ordinal))
     out.num_sms = granted
     return out
+
+
+def green_sms(stream: torch.cuda.Stream) -> int:
+    """The SM count of a stream made by green_stream, 0 for any other stream. A CUDA graph runs on
+    the SMs of the stream it was captured on, not of the one it is replayed on: a graph for a green
+    stream is captured on one too."""
+    return _green_sms.get(stream.cuda_stream, 0)

@@ -467,7 +467,7 @@ def test_training_stream_on_fewer_sms():
     import triton
     import triton.language as tl
 
-    from utils import green_stream
+    from utils import green_sms, green_stream
 
     @triton.jit
     def sm_ids(out_ptr):
@@ -487,25 +487,27 @@ def test_training_stream_on_fewer_sms():
             sm_ids[(out.numel(),)](out)
         s.synchronize()
         ids[name] = set(out.tolist())
-    # a CUDA graph (what --compile's reduce-overhead mode and --cuda-graph replay), captured on a side
-    # stream as PyTorch captures, replayed on the green stream
-    out = torch.full((total * 64,), -1, dtype=torch.int32, device='cuda')
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        sm_ids[(out.numel(),)](out)                       # compile outside the capture
+    # CUDA graphs (--cuda-graph, --compile's reduce-overhead mode) replayed on the green stream: one
+    # captured on a side stream of the whole GPU, as PyTorch captures by default, and one captured on
+    # a green side stream, as cuda_graph.py captures for a green step
+    for name, side in (('graph captured elsewhere', torch.cuda.Stream()),
+                       ('graph captured green', green_stream(16, torch.device('cuda')))):
+        assert green_sms(side) == (16 if 'green' in name else 0)
+        out = torch.full((total * 64,), -1, dtype=torch.int32, device='cuda')
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            sm_ids[(out.numel(),)](out)                   # compile outside the capture
         with torch.cuda.graph(graph, stream=side):
             sm_ids[(out.numel(),)](out)
-    side.synchronize()
-    out.fill_(-1)
-    with torch.cuda.stream(stream):
-        graph.replay()
-    stream.synchronize()
-    ids['graph'] = set(out.tolist())
+        out.fill_(-1)
+        with torch.cuda.stream(stream):
+            graph.replay()
+        stream.synchronize()
+        ids[name] = set(out.tolist())
     print({k: len(v) for k, v in ids.items()}, 'of', total, 'SMs; the green stream has', stream.num_sms)
     assert -1 not in ids['green'] and len(ids['green']) <= stream.num_sms
     assert len(ids['all']) > stream.num_sms
-    assert -1 not in ids['graph'] and len(ids['graph']) <= stream.num_sms
+    assert -1 not in ids['graph captured green'] and len(ids['graph captured green']) <= stream.num_sms
     a = torch.randn(512, 384, device='cuda')
     with torch.cuda.stream(stream):
         b = a @ a.T + 1
