@@ -166,9 +166,6 @@ _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorw
 _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a subset of FP8_LAYER_NAMES)
 # --data-pipeline gpu on CUDA: raw batches decoded per nvJPEG call (each call has a fixed cost)
 _C.EXTRA.DECODE_BATCHES = 1
-# CUDA: run the training step on this many SMs (a green context; 0: all), leaving the rest to the
-# input pipeline's decode
-_C.EXTRA.TRAIN_SMS = 0
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -337,8 +334,6 @@ def _validate(config: CN) -> None:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
     if config.EXTRA.DECODE_BATCHES < 1:
         raise ConfigError(f'EXTRA.DECODE_BATCHES = {config.EXTRA.DECODE_BATCHES} must be 1 or more')
-    if config.EXTRA.TRAIN_SMS < 0:
-        raise ConfigError(f'EXTRA.TRAIN_SMS = {config.EXTRA.TRAIN_SMS} must be 0 (all SMs) or more')
     fp8_layers = list(config.EXTRA.FP8_LAYERS)
     if not fp8_layers or not set(fp8_layers) <= set(FP8_LAYER_NAMES):
         raise ConfigError(f"EXTRA.FP8_LAYERS = {fp8_layers!r} must be a non-empty subset of "

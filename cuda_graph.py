@@ -34,7 +34,6 @@ import torch
 
 from config import ConfigError
 from kernels.optimizers import is_fused
-from utils import green_sms, green_stream
 
 WARMUP = 3      # eager steps before the capture (and after a shape change: 1)
 
@@ -81,10 +80,7 @@ class GraphedTrainStep:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in holders]
         self.hparams = torch.empty((len(optimizer.param_groups), 4), dtype=torch.float64, device=self.device)
-        # the side stream the warm-up runs and the capture use; a green one when the step runs on one,
-        # since a graph keeps the SMs of its capture stream (EXTRA.TRAIN_SMS)
-        sms = green_sms(torch.cuda.current_stream(self.device))
-        self.side = green_stream(sms, self.device) if sms else torch.cuda.Stream(self.device)
+        self.side = torch.cuda.Stream(self.device)
 
     @property
     def graph(self):
@@ -129,7 +125,7 @@ class GraphedTrainStep:
             pool = next(iter(self.graphs.values())).pool() if self.graphs else None
             torch.cuda.synchronize()
             # thread_local: the input pipeline's threads may use CUDA while this thread captures
-            with torch.cuda.graph(graph, pool=pool, stream=self.side, capture_error_mode='thread_local'):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode='thread_local'):
                 self.outs[kind] = self._step(first, update)
             self.graphs[kind] = graph
             self.captures += 1

@@ -32,7 +32,7 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import (CheckpointError, all_rng_states, auto_resume_helper, is_dist, load_checkpoint,
                    load_pretrained, rank, read_checkpoint, reduce_tensor, rng_state, save_checkpoint,
-                   set_rng_state, green_stream, world_size)
+                   set_rng_state, world_size)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -164,10 +164,6 @@ def best_accuracy_in(output_dir: str) -> float:
 
 def main(config, logger=None):
     device = init_distributed(config)
-    if config.EXTRA.TRAIN_SMS and device.type == 'cuda':
-        stream = green_stream(config.EXTRA.TRAIN_SMS, device)
-        torch.cuda.set_stream(stream)
-        print(f'training stream: {stream.num_sms} SMs', flush=True)
     if config.FP8:
         check_fp8(config, device)             # before anything is read or written
     seed = config.SEED + rank()

@@ -108,19 +108,13 @@ class _GpuLoad:
     """A thread keeping the GPU's SMs busy with bf16 GEMMs on its own stream (a training step's
     stand-in) while a pipeline stage is timed."""
 
-    def __init__(self, sms: int = 0):
-        self.sms = sms                 # > 0: the GEMMs on that many SMs (a green context, EXTRA.TRAIN_SMS)
-
     def __enter__(self):
         import threading
-
-        from utils import green_stream
         self.stop = threading.Event()
         a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
-        stream = green_stream(self.sms, torch.device('cuda')) if self.sms else torch.cuda.Stream()
 
         def run():
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(torch.cuda.Stream()):
                 while not self.stop.is_set():
                     for _ in range(4):
                         a @ a
@@ -148,17 +142,15 @@ def _raw_batches(root: str, workers: int, n: int):
     return train.transform, raws
 
 
-def contention(root: str, batches: int = 30, load_sms: tuple = ()) -> list:
+def contention(root: str, batches: int = 30) -> list:
     """The train transform's two stages alone, on raw batches read beforehand (so the workers are out
-    of it), with the GPU idle and with it kept busy by GEMMs (on all SMs, then on each of load_sms):
-    which stage a training step slows."""
+    of it), with the GPU idle and with it kept busy by GEMMs: which stage a training step slows."""
     t, raws = _raw_batches(root, 12, batches)
     for raw in raws[:2]:                     # compile the finish stage's kernels outside the timing
         t.finish(t.decode(*raw))
     rows = []
-    cases = [(False, 0, 0), (True, 0, 0), (True, -1, 0)] + [(True, 0, n) for n in load_sms]
-    for load, priority, sms in cases:
-        with (_GpuLoad(sms) if load else contextlib.nullcontext()), \
+    for load, priority in ((False, 0), (True, 0), (True, -1)):
+        with (_GpuLoad() if load else contextlib.nullcontext()), \
                 torch.cuda.stream(torch.cuda.Stream(priority=priority)):
             decoded = [t.decode(*raw) for raw in raws[:2]]
             torch.cuda.synchronize()
@@ -171,7 +163,7 @@ def contention(root: str, batches: int = 30, load_sms: tuple = ()) -> list:
             torch.cuda.synchronize()
             t2 = time.time()
         n = batches * raws[0][1].numel()
-        rows.append({'part': 'contention', 'gpu_load': load, 'load_sms': sms, 'stream_priority': priority,
+        rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
                      'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
         print(rows[-1], flush=True)
     return rows
@@ -195,13 +187,12 @@ def gpu_time(root: str, batches: int = 10) -> dict:
 
 
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              decode_batches: int = 1, train_sms: int = 0) -> list:
+              decode_batches: int = 1) -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES; train_sms:
-    EXTRA.TRAIN_SMS."""
+    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.DECODE_BATCHES',
-            str(decode_batches), 'EXTRA.TRAIN_SMS', str(train_sms)]
+            str(decode_batches)]
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -211,10 +202,10 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1, train_sms: int = 0, switch_interval: float = 0.0) -> dict:
+            decode_batches: int = 1, switch_interval: float = 0.0) -> dict:
     """One main.py run; switch_interval > 0: Python's GIL switch interval for it (sys.setswitchinterval,
     default 0.005 s: how long a thread waiting for the GIL waits before it asks the holder to drop it)."""
-    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches, train_sms)
+    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches)
     cmd = [sys.executable, 'main.py'] + args
     if switch_interval:
         cmd = [sys.executable, '-c', f'import runpy, sys; sys.setswitchinterval({switch_interval}); '
@@ -226,8 +217,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'decode_batches': decode_batches, 'train_sms': train_sms,
-            'switch_interval': switch_interval,
+            'workers': workers, 'decode_batches': decode_batches, 'switch_interval': switch_interval,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(['main.py'] + args)}
 
@@ -269,14 +259,12 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:SMS]]], STEP compile (default) '
-                        'or graph, N EXTRA.DECODE_BATCHES (default 1), SMS EXTRA.TRAIN_SMS (default 0: all)')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N]], STEP compile (default) or '
+                        'graph, N EXTRA.DECODE_BATCHES (default 1)')
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--switch-interval', type=float, default=0.0,
                    help="the main part's runs under this GIL switch interval (s; default: Python's 0.005)")
-    p.add_argument('--load-sms', nargs='+', type=int, default=[],
-                   help="the contention part's extra rows: the GEMM load on this many SMs (green contexts)")
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -298,15 +286,15 @@ def main() -> None:
             rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
-        rows += contention(a.root, load_sms=a.load_sms)
+        rows += contention(a.root)
     if 'gputime' in a.parts:
         rows.append(gpu_time(a.root))
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, n, sms = (run.split(':') + ['compile', '1', '0'][len(run.split(':')) - 2:])[:5]
+            pipeline, data, step, n = (run.split(':') + ['compile', '1'][len(run.split(':')) - 2:])[:4]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n), int(sms), a.switch_interval))
+                                a.images, step, int(n), a.switch_interval))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -323,7 +311,8 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'train_sms', 'switch_interval', 'load_sms', 'pin_memory', 'img/s', 'ms_per_batch', 'rc'], env))
+                                                 'decode_batches', 'switch_interval', 'pin_memory', 'img/s',
+                                                 'decode img/s', 'finish img/s', 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':

@@ -456,65 +456,6 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
         _config('EXTRA.DECODE_BATCHES', '0')
 
 
-def test_training_stream_on_fewer_sms():
-    """EXTRA.TRAIN_SMS: a stream of a green context runs its kernels on the SMs it was given and
-    nowhere else (each program of a wide grid records the SM it ran on), computes what the default
-    stream computes, and a count the GPU cannot give is refused by name."""
-    with pytest.raises(ConfigError, match='TRAIN_SMS'):
-        _config('EXTRA.TRAIN_SMS', '-1')
-    if DEVICE != 'cuda':
-        pytest.skip('green contexts need CUDA')
-    import triton
-    import triton.language as tl
-
-    from utils import green_sms, green_stream
-
-    @triton.jit
-    def sm_ids(out_ptr):
-        pid = tl.program_id(0)
-        smid = tl.inline_asm_elementwise('mov.u32 $0, %smid;', '=r', [], dtype=tl.int32, is_pure=False, pack=1)
-        tl.store(out_ptr + pid, smid)
-
-    total = torch.cuda.get_device_properties(0).multi_processor_count
-    with pytest.raises(ValueError, match='TRAIN_SMS'):
-        green_stream(total, torch.device('cuda'))
-    stream = green_stream(16, torch.device('cuda'))
-    assert 16 <= stream.num_sms < total
-    ids = {}
-    for name, s in (('all', torch.cuda.Stream()), ('green', stream)):
-        with torch.cuda.stream(s):
-            out = torch.full((total * 64,), -1, dtype=torch.int32, device='cuda')
-            sm_ids[(out.numel(),)](out)
-        s.synchronize()
-        ids[name] = set(out.tolist())
-    # CUDA graphs (--cuda-graph, --compile's reduce-overhead mode) replayed on the green stream: one
-    # captured on a side stream of the whole GPU, as PyTorch captures by default, and one captured on
-    # a green side stream, as cuda_graph.py captures for a green step
-    for name, side in (('graph captured elsewhere', torch.cuda.Stream()),
-                       ('graph captured green', green_stream(16, torch.device('cuda')))):
-        assert green_sms(side) == (16 if 'green' in name else 0)
-        out = torch.full((total * 64,), -1, dtype=torch.int32, device='cuda')
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
-            sm_ids[(out.numel(),)](out)                   # compile outside the capture
-        with torch.cuda.graph(graph, stream=side):
-            sm_ids[(out.numel(),)](out)
-        out.fill_(-1)
-        with torch.cuda.stream(stream):
-            graph.replay()
-        stream.synchronize()
-        ids[name] = set(out.tolist())
-    print({k: len(v) for k, v in ids.items()}, 'of', total, 'SMs; the green stream has', stream.num_sms)
-    assert -1 not in ids['green'] and len(ids['green']) <= stream.num_sms
-    assert len(ids['all']) > stream.num_sms
-    assert -1 not in ids['graph captured green'] and len(ids['graph captured green']) <= stream.num_sms
-    a = torch.randn(512, 384, device='cuda')
-    with torch.cuda.stream(stream):
-        b = a @ a.T + 1
-    stream.synchronize()
-    torch.testing.assert_close(b, a @ a.T + 1)
-
-
 # ----------------------------------------------------------------------------- main.py
 def test_main_trains_with_gpu_pipeline_on_jpegs(jpeg_data, tmp_path):
     """main.py --data-pipeline gpu on the messy JPEG folder, the default RandAugment + erasing +
