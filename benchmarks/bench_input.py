@@ -17,6 +17,8 @@ main:      main.py training Swin-T with the best flags (all flags, --fused_adam,
 profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-busy time per step, the GPU's
            idle gaps and what the host ran in them; the run stops after the profiled batches).
 contention: the train transform's decode and finish stages alone, with the GPU idle and kept busy.
+decode-profile: the decode stage alone under torch.profiler, GPU idle and kept busy: per batch, the host
+           calls it spends its time in (count, ms) and the GPU kernels it runs: what the wait is.
 harness:   bench_train.py's row for the same configuration (synthetic inputs on the GPU, no data
            loading at all).
 """
@@ -169,6 +171,40 @@ def contention(root: str, batches: int = 30) -> list:
     return rows
 
 
+def decode_profile(root: str, batches: int = 12) -> list:
+    """The decode stage alone (raw batches read beforehand) under torch.profiler, with the GPU idle and
+    with it kept busy by GEMMs: per batch, where the decoding thread's time goes (the CUDA runtime
+    calls it makes: how many, how long) and the kernels it runs."""
+    from torch.profiler import ProfilerActivity, profile
+    t, raws = _raw_batches(root, 12, batches + 2)
+    for raw in raws[:2]:
+        t.decode(*raw)
+    torch.cuda.synchronize()
+    rows = []
+    for load in (False, True):
+        with (_GpuLoad() if load else contextlib.nullcontext()), \
+                torch.cuda.stream(torch.cuda.Stream()):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.time()
+                for raw in raws[2:]:
+                    t.decode(*raw)
+                torch.cuda.current_stream().synchronize()
+                wall = time.time() - t0
+        events = prof.key_averages()
+        host = sorted((e for e in events if e.key.startswith('cu')), key=lambda e: -e.cpu_time_total)[:8]
+        kernels = sorted((e for e in events if e.self_device_time_total > 0),
+                         key=lambda e: -e.self_device_time_total)[:6]
+        rows.append({'part': 'decode-profile', 'gpu_load': load, 'ms_per_batch': 1e3 * wall / batches,
+                     'decode img/s': batches * raws[0][1].numel() / wall,
+                     'host calls per batch (count, ms)': [(e.key, round(e.count / batches, 1),
+                                                           round(e.cpu_time_total / 1e3 / batches, 3)) for e in host],
+                     'kernels per batch (ms)': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3))
+                                                for e in kernels]})
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    return rows
+
+
 def gpu_time(root: str, batches: int = 10) -> dict:
     """GPU kernel time of the train transform per batch (run inline, profiled)."""
     from torch.profiler import ProfilerActivity, profile
@@ -287,6 +323,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
+    if 'decode-profile' in a.parts:
+        rows += decode_profile(a.root)
     if 'gputime' in a.parts:
         rows.append(gpu_time(a.root))
         print(rows[-1], flush=True)

@@ -65,8 +65,9 @@ for part in $PARTS; do
              python3 benchmarks/bench_input.py --parts folder pipelines gputime --decode-batches 1 2 ;;
     input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
              python3 benchmarks/bench_input.py --parts folder main harness ;;
-    input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs
-             python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention ;;
+    input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
+             # decode under the profiler (which host calls and kernels it waits on)
+             python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;
     profile-main) # where main.py's step waits, synthetic inputs and the JPEG folder (benchmarks/profile_main.py)
              python3 benchmarks/bench_input.py --parts folder profile --main-runs gpu:synthetic gpu:jpeg ;;
     input-graph) # the same with --cuda-graph in place of --compile
