@@ -324,7 +324,8 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     read_late = graphed is not None or is_fused(optimizer)
     pending = None
     last_scale = precision.get_scale()
-    grad_norms = []
+    grad_norms = []     # since the last log line: floats read late (settle), else the step's own values
+                        # (device tensors under a plain optimizer), read once at the log line
 
     def settle(values: StepValues) -> bool:
         """Count a step's loss on the host, or count a non-finite one (stopping after
