@@ -325,7 +325,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     pending = None
     last_scale = precision.get_scale()
     grad_norms = []     # since the last log line: floats read late (settle), else the step's own values
-                        # (device tensors under a plain optimizer), read once at the log line
+                        # (tensors under a plain optimizer), read once at the log line
 
     def settle(values: StepValues) -> bool:
         """Count a step's loss on the host, or count a non-finite one (stopping after
