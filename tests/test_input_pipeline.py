@@ -267,6 +267,40 @@ def test_crop_resize_kernels_match_reference():
 
 
 # ----------------------------------------------------------------------------- samplers against timm
+def test_crop_boxes_and_flips_follow_upstreams_transform():
+    """The crop boxes and flips our workers draw against those the transform upstream builds draws on
+    the same ImageNet-sized picture (its RandomResizedCrop run for real, its sampler's boxes recorded):
+    area fraction, aspect ratio and centre, two-sample Kolmogorov-Smirnov p > 1e-3 for each (on the CPU
+    0.61, 0.84, 0.96, 0.59); the flip rate against its RandomHorizontalFlip's p within 4 sigma. Proven
+    by drawing with scale 0.12-1 (area p = 9e-4), ratio 3/4-3/2 (5e-45) and a flip rate of 0.45."""
+    from data.gpu_pipeline import BOX, FLIP
+    upstream = build_transform(True, _config(pipeline='pil'))
+    rrc, flip = upstream.transforms[0], upstream.transforms[1]
+    img = photo(np.random.default_rng(3), 500, 375)
+    theirs, draw = [], rrc.get_params
+    rrc.get_params = lambda image, scale, ratio: theirs.append(draw(image, scale, ratio)) or theirs[-1]
+    random.seed(4)
+    torch.manual_seed(4)
+    n = 2000
+    for _ in range(n):
+        rrc(img)
+    recipe = TrainRecipe(_config())
+    rows = [recipe.sample(img) for _ in range(n)]
+    ours = [tuple(int(v) for v in r[BOX]) for r in rows]
+
+    def stats(boxes):
+        b = np.array(boxes, dtype=np.float64)            # top, left, height, width
+        return {'area': b[:, 2] * b[:, 3] / (375 * 500), 'log ratio': np.log(b[:, 3] / b[:, 2]),
+                'centre x': (b[:, 1] + b[:, 3] / 2) / 500, 'centre y': (b[:, 0] + b[:, 2] / 2) / 375}
+    a, b = stats(theirs), stats(ours)
+    assert len(theirs) == n
+    for name in a:
+        d, p = _ks_two_sample(a[name], b[name])
+        assert p > 1e-3, (name, d, p)
+    flips = np.mean([float(r[FLIP]) for r in rows])
+    assert abs(flips - flip.p) < 4 * np.sqrt(flip.p * (1 - flip.p) / n), (flips, flip.p)
+
+
 def test_randaugment_program_follows_timms_distribution():
     """Our per-image programs vs timm's RandAugment applied for real (its image functions wrapped
     to record what they were called with): op frequencies and mean level per op."""
