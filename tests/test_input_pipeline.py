@@ -42,6 +42,16 @@ def _tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert('RGB')).copy()).permute(2, 0, 1).float()
 
 
+def _ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple:
+    """Two-sample Kolmogorov-Smirnov: (D, asymptotic p-value)."""
+    both = np.sort(np.concatenate([a, b]))
+    d = np.abs(np.searchsorted(np.sort(a), both, side='right') / len(a)
+               - np.searchsorted(np.sort(b), both, side='right') / len(b)).max()
+    lam = d * np.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    k = np.arange(1, 101)
+    return d, float(np.clip(2 * np.sum((-1.) ** (k - 1) * np.exp(-2 * k ** 2 * lam ** 2)), 0, 1))
+
+
 # ----------------------------------------------------------------------------- upstream's recipe
 def test_zero_bit_posterize_is_black_on_every_pillow():
     img = photo(np.random.default_rng(0), 64, 48)
@@ -411,16 +421,6 @@ def test_batched_train_transform_matches_pil_recipe(jpeg_data):
     # mean |diff| per image in pixel levels, measured on the CPU: median 0.21, worst 0.52 (with
     # grid_sample's affine ops, before Pillow's own transform: 0.26 and 0.81)
     assert np.median(diffs) < 0.3 and max(diffs) < 0.7, (np.median(diffs), max(diffs))
-
-
-def _ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple:
-    """Two-sample Kolmogorov-Smirnov: (D, asymptotic p-value)."""
-    both = np.sort(np.concatenate([a, b]))
-    d = np.abs(np.searchsorted(np.sort(a), both, side='right') / len(a)
-               - np.searchsorted(np.sort(b), both, side='right') / len(b)).max()
-    lam = d * np.sqrt(len(a) * len(b) / (len(a) + len(b)))
-    k = np.arange(1, 101)
-    return d, float(np.clip(2 * np.sum((-1.) ** (k - 1) * np.exp(-2 * k ** 2 * lam ** 2)), 0, 1))
 
 
 def test_train_recipe_matches_upstreams_distribution(jpeg_data):
