@@ -131,6 +131,13 @@ class _GpuLoad:
         self.thread.join()
 
 
+@contextlib.contextmanager
+def _stage_stream(load: bool, priority: int = 0):
+    """A pipeline stage's own stream (at `priority`), with the GPU idle or kept busy (_GpuLoad)."""
+    with (_GpuLoad() if load else contextlib.nullcontext()), torch.cuda.stream(torch.cuda.Stream(priority=priority)):
+        yield
+
+
 def _raw_batches(root: str, workers: int, n: int):
     """The train transform and n raw batches of the folder read through its DataLoader."""
     from data import build_loader
@@ -152,8 +159,7 @@ def contention(root: str, batches: int = 30) -> list:
         t.finish(t.decode(*raw))
     rows = []
     for load, priority in ((False, 0), (True, 0), (True, -1)):
-        with (_GpuLoad() if load else contextlib.nullcontext()), \
-                torch.cuda.stream(torch.cuda.Stream(priority=priority)):
+        with _stage_stream(load, priority):
             decoded = [t.decode(*raw) for raw in raws[:2]]
             torch.cuda.synchronize()
             t0 = time.time()
@@ -182,8 +188,7 @@ def decode_profile(root: str, batches: int = 12) -> list:
     torch.cuda.synchronize()
     rows = []
     for load in (False, True):
-        with (_GpuLoad() if load else contextlib.nullcontext()), \
-                torch.cuda.stream(torch.cuda.Stream()):
+        with _stage_stream(load):
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.time()
