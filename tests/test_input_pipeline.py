@@ -8,6 +8,7 @@ translate) compute Pillow's own math: at most one level off, on under 0.1% of pi
 """
 import argparse
 import glob
+import io
 import os
 import random
 
@@ -430,7 +431,10 @@ def test_train_recipe_matches_upstreams_distribution(jpeg_data):
     energy (where RandAugment's and the erasing's footprints show) must not tell the two apart
     (two-sample Kolmogorov-Smirnov, p > 1e-3 for each; 918 images a side: 54 files, 17 draws each).
     On the CPU the four p-values were 0.89, 0.20, 0.058 and 0.074; leaving out RandAugment gave 8e-8
-    (mean), leaving out the erasing 2e-17 (horizontal gradient)."""
+    (mean), leaving out the erasing 2e-17 (horizontal gradient). Both sides start from the same
+    decoded pixels: on an H200 (2026-11-29), with PIL's decode on upstream's side and nvJPEG's on
+    ours, the horizontal gradient energy told them apart (p = 3e-4, means 0.2162 vs 0.2239): nvJPEG's
+    decode is slightly sharper than libjpeg's, a difference of the decoder, not of the augmentation."""
     from torchvision import datasets
 
     from data.gpu_pipeline import collate_raw
@@ -445,9 +449,19 @@ def test_train_recipe_matches_upstreams_distribution(jpeg_data):
 
     reps = 17
     upstream = build_transform(True, _config(pipeline='pil'))
-    ours = []
-    theirs = [features(upstream(Image.open(path).convert('RGB'))) for _ in range(reps) for path, _ in source.samples]
     raw = RawImages(source, TrainRecipe(_config()), device_decode=DEVICE == 'cuda')
+
+    def decoded(i: int) -> Image.Image:
+        """The file as our pipeline decodes it: nvJPEG's pixels for the files it takes on CUDA (a
+        decode that differs slightly from libjpeg's, tested on its own above), else PIL's."""
+        if raw[i][1] != 0:
+            return Image.open(source.samples[i][0]).convert('RGB')
+        from torchvision.io import decode_jpeg, read_file
+        rgb = decode_jpeg(read_file(source.samples[i][0]), device='cuda')
+        return Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy())
+    images = [decoded(i) for i in range(len(source.samples))]
+    ours = []
+    theirs = [features(upstream(img)) for _ in range(reps) for img in images]
     transform = DeviceTransform(raw, torch.device(DEVICE), 224, train=True)
     for _ in range(reps):
         for start in range(0, len(raw), 27):
@@ -535,6 +549,73 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ConfigError, match='DECODE_BATCHES'):
         _config('EXTRA.DECODE_BATCHES', '0')
+
+
+def _jpeg(img: Image.Image, **save) -> torch.Tensor:
+    buf = io.BytesIO()
+    img.save(buf, 'JPEG', **save)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason='nvJPEG decodes on CUDA only')
+def test_hardware_jpeg_decoder_equals_torchvision():
+    """data/nvjpeg.py's decoder (nvJPEG's hardware backend through ctypes) returns byte for byte what
+    torchvision's decode_jpeg returns, in one batch of odd sizes (1 to 1029 px), every chroma
+    subsampling and grey, also from two decoders at once on two threads; progressive files are not
+    taken (they stay torchvision's)."""
+    import threading
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from data.nvjpeg import HardwareJpegDecoder
+    decoder = HardwareJpegDecoder.create(torch.device('cuda'))
+    if decoder is None:
+        pytest.skip('this GPU has no hardware JPEG engine (or no libnvjpeg beside torchvision)')
+    rng = np.random.default_rng(0)
+    payloads = []
+    for k, (w, h) in enumerate([(500, 375), (251, 333), (1029, 17), (64, 64), (9, 1), (375, 500), (97, 131)]):
+        img = photo(rng, max(w, 64), max(h, 64)).crop((0, 0, w, h))
+        payloads += [_jpeg(img, quality=90 - 5 * k, subsampling=s) for s in (0, 1, 2)]
+        payloads.append(_jpeg(img.convert('L'), quality=85))
+    assert all(decoder.supported(p) for p in payloads)
+    assert not decoder.supported(_jpeg(photo(rng, 64, 48), progressive=True))
+    stream = torch.cuda.current_stream()
+    ours = decoder.decode(payloads, stream)
+    theirs = decode_jpeg(payloads, mode=ImageReadMode.RGB, device='cuda')
+    torch.cuda.synchronize()
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.shape == b.shape and torch.equal(a, b), (k, a.shape, b.shape)
+    other, results = HardwareJpegDecoder.create(torch.device('cuda')), {}
+    side = threading.Thread(target=lambda: results.update(side=other.decode(payloads[::-1], stream)))
+    side.start()
+    results['main'] = decoder.decode(payloads, stream)       # the state reused, the other decoder at work
+    side.join()
+    assert all(torch.equal(a, b) for a, b in zip(results['main'], theirs))
+    assert all(torch.equal(a, b) for a, b in zip(results['side'], theirs[::-1]))
+
+
+def test_concurrent_decoders_decode_the_same(jpeg_data):
+    """EXTRA.DECODE_THREADS: a batch split over 1 or 3 decoders at once (the messy val folder:
+    nvJPEG's files and host-decoded ones, 21 images, chunks of unequal length) gives the images
+    torchvision's decode_jpeg alone gives (0). A negative value is refused at start."""
+    from torchvision import datasets
+    from data.gpu_pipeline import collate_raw
+    with pytest.raises(ConfigError, match='DECODE_THREADS'):
+        _config('EXTRA.DECODE_THREADS', '-1')
+    if DEVICE != 'cuda':
+        pytest.skip('nvJPEG decodes on CUDA only')
+    from data.nvjpeg import HardwareJpegDecoder
+    if HardwareJpegDecoder.create(torch.device('cuda')) is None:
+        pytest.skip('this GPU has no hardware JPEG engine (or no libnvjpeg beside torchvision)')
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
+    raw = RawImages(source, None, device_decode=True)
+    batch = collate_raw([raw[i] for i in range(len(raw))])
+    assert {0, 1} <= set(batch[3].tolist())
+    out = {}
+    for threads in (0, 1, 3):
+        transform = DeviceTransform(raw, torch.device('cuda'), 224, train=False, decode_threads=threads)
+        out[threads] = transform.decode(*batch)[0]
+        assert len(transform._hardware_decoders()) == threads
+    for threads in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(out[0], out[threads]))
 
 
 # ----------------------------------------------------------------------------- main.py

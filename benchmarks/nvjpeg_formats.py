@@ -1,0 +1,150 @@
+"""Which of nvJPEG's output formats its hardware batched decode can serve without an SM kernel a
+image, and how fast each is with the GPU idle and kept busy by GEMMs (a training step's stand-in).
+
+torchvision's GPU decode asks for planar RGB; on an H200 each image then ends in an `rgba2rgb`
+conversion kernel and nvJPEG waits for it (an event synchronisation an image) before the next, so
+next to a training step every image waits for SMs. If a format comes straight off the JPEG engine
+(YUV planes, say), the conversion could move into the pipeline's own batched kernels. This script
+measures that hypothesis; nothing in the training code uses it. GPU only.
+
+    python benchmarks/nvjpeg_formats.py [--images 256]
+"""
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_input import _GpuLoad, _encode  # noqa: E402
+
+FORMATS = {'unchanged': 0, 'yuv': 1, 'y': 2, 'rgb': 3, 'rgbi': 5}
+BACKEND_HARDWARE = 3
+
+
+def library() -> ctypes.CDLL:
+    import torchvision.io.image  # noqa: F401  (its extension links the libnvjpeg it uses)
+    with open('/proc/self/maps') as f:
+        for line in f:
+            path = line.split()[-1]
+            if 'libnvjpeg' in os.path.basename(path):
+                return ctypes.CDLL(path)
+    return ctypes.CDLL('libnvjpeg.so')
+
+
+class Decoder:
+    def __init__(self, lib):
+        self.lib = lib
+        self.handle, self.state = ctypes.c_void_p(), ctypes.c_void_p()
+        self.check(lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle)), 'create')
+        self.check(lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)), 'state')
+        self.stream = torch.cuda.Stream()
+
+    @staticmethod
+    def check(status, what):
+        if status != 0:
+            raise RuntimeError(f'{what}: nvjpegStatus {status}')
+
+    def decode(self, payloads, hw, fmt: int) -> torch.Tensor:
+        """Every image into three full-size planes (enough for any subsampling and format; interleaved
+        formats use plane 0 with a 3w pitch)."""
+        n = len(payloads)
+        interleaved = fmt == FORMATS['rgbi']
+        plane = hw[:, 0] * hw[:, 1] * (3 if interleaved else 1)
+        start = np.concatenate([[0], np.cumsum(3 * plane)[:-1]])
+        buffer = torch.empty(int(3 * plane.sum()), dtype=torch.uint8, device='cuda')
+        images = np.zeros((n, 8), dtype=np.uint64)
+        for c in range(3):
+            images[:, c] = buffer.data_ptr() + start + c * plane
+            images[:, 4 + c] = hw[:, 1] * (3 if interleaved else 1)
+        data = np.array([p.data_ptr() for p in payloads], dtype=np.uint64)
+        lengths = np.array([p.numel() for p in payloads], dtype=np.uint64)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        self.check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, fmt), 'initialize')
+        self.check(self.lib.nvjpegDecodeBatched(self.handle, self.state, ctypes.c_void_p(data.ctypes.data),
+                                                ctypes.c_void_p(lengths.ctypes.data),
+                                                ctypes.c_void_p(images.ctypes.data),
+                                                ctypes.c_void_p(self.stream.cuda_stream)), 'decode')
+        self.stream.synchronize()
+        return buffer
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--images', type=int, default=256)
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--no-formats', dest='formats', action='store_false', help='the threads rows only')
+    args = p.parse_args()
+    from multiprocessing import Pool
+    with Pool(16) as pool:
+        blobs = pool.map(_encode, range(args.images))
+    payloads = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    import io
+    import PIL.Image
+    hw = np.array([PIL.Image.open(io.BytesIO(b)).size[::-1] for b in blobs], dtype=np.int64)
+    dec = Decoder(library())
+    batches = [(payloads[i:i + args.batch], hw[i:i + args.batch]) for i in range(0, args.images, args.batch)]
+    rows = []
+    from torch.profiler import ProfilerActivity, profile
+    for name, fmt in (FORMATS.items() if args.formats else ()):
+        try:
+            out = dec.decode(*batches[0], fmt)
+        except RuntimeError as e:
+            rows.append({'format': name, 'error': str(e)})
+            print(rows[-1], flush=True)
+            continue
+        row = {'format': name, 'checksum': int(out[:1000].sum())}
+        for load in (False, True):
+            with _GpuLoad() if load else contextlib.nullcontext():
+                reps = 6
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    t0 = time.time()
+                    for _ in range(reps):
+                        for b in batches:
+                            dec.decode(*b, fmt)
+                    wall = time.time() - t0
+            ev = prof.key_averages()
+            key = 'loaded' if load else 'idle'
+            row[key + ' img/s'] = round(reps * args.images / wall)
+            row[key + ' kernels'] = sorted({e.key[:50] for e in ev if e.self_device_time_total > 0
+                                            and 'nvjet' not in e.key and 'gemm' not in e.key.lower()})
+            row[key + ' syncs per batch'] = {e.key: round(e.count / (reps * len(batches)), 1) for e in ev
+                                             if e.key in ('cudaEventSynchronize', 'cudaStreamSynchronize')}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # several decoders (each its own nvJPEG handle, state and stream) on as many threads at once:
+    # whether the hardware engines serve concurrent batch calls faster than one under load
+    import threading
+    for threads in (1, 2, 4):
+        decoders = [Decoder(dec.lib) for _ in range(threads)]
+        for d in decoders:
+            d.decode(*batches[0], FORMATS['rgb'])
+        row = {'part': 'threads', 'format': 'rgb', 'threads': threads}
+        for load in (False, True):
+            reps = 6
+            with _GpuLoad() if load else contextlib.nullcontext():
+                workers = [threading.Thread(target=lambda d=d: [d.decode(*b, FORMATS['rgb'])
+                                                                for _ in range(reps) for b in batches])
+                           for d in decoders]
+                t0 = time.time()
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                wall = time.time() - t0
+            row[('loaded' if load else 'idle') + ' img/s'] = round(threads * reps * args.images / wall)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = os.environ.get('OUT', 'benchmarks/results')
+    os.makedirs(out, exist_ok=True)
+    json.dump(rows, open(os.path.join(out, 'nvjpeg_formats.json'), 'w'), indent=1)
+
+
+if __name__ == '__main__':
+    main()
