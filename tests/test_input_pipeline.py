@@ -456,8 +456,8 @@ def test_train_recipe_matches_upstreams_distribution(jpeg_data):
         decode that differs slightly from libjpeg's, tested on its own above), else PIL's."""
         if raw[i][1] != 0:
             return Image.open(source.samples[i][0]).convert('RGB')
-        from torchvision.io import decode_jpeg, read_file
-        rgb = decode_jpeg(read_file(source.samples[i][0]), device='cuda')
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+        rgb = decode_jpeg(read_file(source.samples[i][0]), mode=ImageReadMode.RGB, device='cuda')
         return Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy())
     images = [decoded(i) for i in range(len(source.samples))]
     ours = []
