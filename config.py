@@ -166,10 +166,6 @@ _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorw
 _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a subset of FP8_LAYER_NAMES)
 # --data-pipeline gpu on CUDA: raw batches decoded per nvJPEG call (each call has a fixed cost)
 _C.EXTRA.DECODE_BATCHES = 1
-# --data-pipeline gpu on CUDA: nvJPEG calls made at once on a batch (its images split between them),
-# each on its own decoder (data/nvjpeg.py): one call slows ~4x next to a training step, concurrent
-# ones overlap. 0: torchvision's decode_jpeg, one call at a time (also where data/nvjpeg.py cannot run)
-_C.EXTRA.DECODE_THREADS = 4
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -336,8 +332,6 @@ def _validate(config: CN) -> None:
     for key, value, choices in checks:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
-    if config.EXTRA.DECODE_THREADS < 0:
-        raise ConfigError(f'EXTRA.DECODE_THREADS = {config.EXTRA.DECODE_THREADS} must be 0 or more')
     if config.EXTRA.DECODE_BATCHES < 1:
         raise ConfigError(f'EXTRA.DECODE_BATCHES = {config.EXTRA.DECODE_BATCHES} must be 1 or more')
     fp8_layers = list(config.EXTRA.FP8_LAYERS)

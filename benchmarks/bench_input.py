@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from multiprocessing import Pool
-from typing import Optional
 
 import numpy as np
 import torch
@@ -74,19 +73,18 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
 
 
 def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True,
-            decode_batches: int = 1, decode_threads: Optional[int] = None):
+            decode_batches: int = 1):
     from config import get_config
-    opts = ['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch), 'DATA.PIN_MEMORY', str(pin),
-            'EXTRA.DECODE_BATCHES', str(decode_batches)]
-    opts += ['EXTRA.DECODE_THREADS', str(decode_threads)] if decode_threads is not None else []
-    return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate, opts=opts))
+    return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
+                                         opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
+                                               'DATA.PIN_MEMORY', str(pin), 'EXTRA.DECODE_BATCHES',
+                                               str(decode_batches)]))
 
 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
-                  decode_batches: int = 1, decode_threads: Optional[int] = None) -> dict:
+                  decode_batches: int = 1) -> dict:
     from data import build_loader
-    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches,
-                  decode_threads=decode_threads)
+    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches)
     _, _, train, val, _ = build_loader(cfg)
     loader = train if split == 'train' else val
     if split == 'train':
@@ -105,8 +103,7 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     torch.cuda.synchronize()
     rate = n / (time.time() - t0)
     return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
-            'decode_batches': decode_batches, 'decode_threads': cfg.EXTRA.DECODE_THREADS, 'img/s': rate,
-            'batches_timed': i - 10}
+            'decode_batches': decode_batches, 'img/s': rate, 'batches_timed': i - 10}
 
 
 class _GpuLoad:
@@ -231,14 +228,12 @@ def gpu_time(root: str, batches: int = 10) -> dict:
 
 
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              decode_batches: int = 1, decode_threads: Optional[int] = None) -> list:
+              decode_batches: int = 1) -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); decode_batches / decode_threads: EXTRA.DECODE_BATCHES /
-    EXTRA.DECODE_THREADS (None: the config's default)."""
+    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.DECODE_BATCHES',
             str(decode_batches)]
-    opts += ['EXTRA.DECODE_THREADS', str(decode_threads)] if decode_threads is not None else []
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -248,10 +243,10 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1, switch_interval: float = 0.0, decode_threads: Optional[int] = None) -> dict:
+            decode_batches: int = 1, switch_interval: float = 0.0) -> dict:
     """One main.py run; switch_interval > 0: Python's GIL switch interval for it (sys.setswitchinterval,
     default 0.005 s: how long a thread waiting for the GIL waits before it asks the holder to drop it)."""
-    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches, decode_threads)
+    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches)
     cmd = [sys.executable, 'main.py'] + args
     if switch_interval:
         cmd = [sys.executable, '-c', f'import runpy, sys; sys.setswitchinterval({switch_interval}); '
@@ -263,8 +258,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'decode_batches': decode_batches, 'decode_threads': decode_threads,
-            'switch_interval': switch_interval,
+            'workers': workers, 'decode_batches': decode_batches, 'switch_interval': switch_interval,
             'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(['main.py'] + args)}
 
@@ -306,14 +300,10 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:T]]], STEP compile (default) '
-                        'or graph, N EXTRA.DECODE_BATCHES (default 1), T EXTRA.DECODE_THREADS (default: the '
-                        "config's)")
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N]], STEP compile (default) or '
+                        'graph, N EXTRA.DECODE_BATCHES (default 1)')
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
-    p.add_argument('--decode-threads', nargs='+', type=int, default=[None],
-                   help="the pipelines part's EXTRA.DECODE_THREADS values (gpu pipeline, pinned rows; "
-                        "default: the config's)")
     p.add_argument('--switch-interval', type=float, default=0.0,
                    help="the main part's runs under this GIL switch interval (s; default: Python's 0.005)")
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
@@ -326,15 +316,15 @@ def main() -> None:
     print('folder', info, flush=True)
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
-        runs = [('gpu', 'train', a.workers, a.batches, True, n, t) for n in a.decode_batches for t in a.decode_threads]
-        runs += [('gpu', 'train', a.workers, a.batches, False, 1, None)]
-        runs += [('gpu', 'val', a.workers, 45, True, n, t) for n in a.decode_batches for t in a.decode_threads]
-        runs += [('pil', 'train', 8, 40, True, 1, None), ('pil', 'train', cores - 1, 50, True, 1, None),
-                 ('pil', 'val', cores - 1, 45, True, 1, None)]
-        for pipeline, split, workers, batches, pin, n, t in runs:
+        runs = [('gpu', 'train', a.workers, a.batches, True, n) for n in a.decode_batches]
+        runs += [('gpu', 'train', a.workers, a.batches, False, 1)]
+        runs += [('gpu', 'val', a.workers, 45, True, n) for n in a.decode_batches]
+        runs += [('pil', 'train', 8, 40, True, 1), ('pil', 'train', cores - 1, 50, True, 1),
+                 ('pil', 'val', cores - 1, 45, True, 1)]
+        for pipeline, split, workers, batches, pin, n in runs:
             if pipeline not in a.pipelines:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, t))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
@@ -345,9 +335,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, n, t = (run.split(':') + ['compile', '1', ''][len(run.split(':')) - 2:])[:5]
+            pipeline, data, step, n = (run.split(':') + ['compile', '1'][len(run.split(':')) - 2:])[:4]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n), a.switch_interval, int(t) if t else None))
+                                a.images, step, int(n), a.switch_interval))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -364,8 +354,7 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'decode_threads', 'switch_interval',
-                                                 'pin_memory', 'img/s',
+                                                 'decode_batches', 'switch_interval', 'pin_memory', 'img/s',
                                                  'decode img/s', 'finish img/s', 'ms_per_batch', 'rc'], env))
 
 

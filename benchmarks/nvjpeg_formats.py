@@ -1,13 +1,18 @@
-"""Which of nvJPEG's output formats its hardware batched decode can serve without an SM kernel a
-image, and how fast each is with the GPU idle and kept busy by GEMMs (a training step's stand-in).
+"""nvJPEG's hardware batched decode alone (ctypes, no build step), with the GPU idle and kept busy
+by GEMMs (a training step's stand-in): which output formats need an SM kernel an image, how fast each
+is, and how several decoders (each its own handle, state and stream) do when they decode at once.
 
-torchvision's GPU decode asks for planar RGB; on an H200 each image then ends in an `rgba2rgb`
-conversion kernel and nvJPEG waits for it (an event synchronisation an image) before the next, so
-next to a training step every image waits for SMs. If a format comes straight off the JPEG engine
-(YUV planes, say), the conversion could move into the pipeline's own batched kernels. This script
-measures that hypothesis; nothing in the training code uses it. GPU only.
+Why: next to a training step one batched call slows ~4x. Measured on an H200 (2026-11-29,
+results/nvjpeg_formats_h200_2026-11-29.json, nvjpeg_threads_h200_2026-11-29.json): every format
+slows the same (planar RGB, which ends each image in an `rgba2rgb` kernel, and YUV / Y / unchanged,
+which need none: 3,700-3,900 img/s loaded), so the conversion kernel is not the cause; nvJPEG
+synchronises once an image in every format. Concurrent 128-image calls on 2 / 4 decoders did 5,790 /
+8,518 img/s under the load against 3,897 for one. In the pipeline, though (a batch split over 4
+decoders, or 4 batches a call over 4), main.py on JPEGs did not get faster (4,450 / 4,628 img/s
+against 4,465 / 4,672 with torchvision's decode, results/input_decode_threads_h200_2026-11-29*.md),
+so the pipeline keeps torchvision's decode_jpeg. GPU only.
 
-    python benchmarks/nvjpeg_formats.py [--images 256]
+    python benchmarks/nvjpeg_formats.py [--images 256] [--no-formats]
 """
 import argparse
 import contextlib

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|input-decode|input-main|input-contention|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -63,11 +63,9 @@ for part in $PARTS; do
                  "all flags + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
     input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py)
              python3 benchmarks/bench_input.py --parts folder pipelines gputime --decode-batches 1 2 ;;
-    input-decode) # nvJPEG calls one at a time (EXTRA.DECODE_THREADS 0: torchvision's decode) vs four at once
-             # (data/nvjpeg.py): the pipelines alone, then main.py on JPEGs beside its synthetic-input run
-             python3 benchmarks/bench_input.py --images 13000 --val-images 6400 --parts folder pipelines main \
-               --pipelines gpu --decode-threads 0 4 --main-runs gpu:synthetic gpu:jpeg:compile:1:0 \
-               gpu:jpeg:compile:1:4 ;;
+    nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
+             # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
+             python3 benchmarks/nvjpeg_formats.py ;;
     input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
              python3 benchmarks/bench_input.py --parts folder main harness ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the

@@ -9,8 +9,7 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   noise, increasing variants) and the RandomErasing rectangles. They return the compressed bytes
   and a row of parameters: ~100 KB instead of 600 KB of float32 per image, no pixel work.
 - On the training device, a background thread decodes the batch (nvJPEG, on the GPU's hardware
-  JPEG engines, for baseline JPEGs in YCbCr or grey; several calls at once through data/nvjpeg.py,
-  EXTRA.DECODE_THREADS, since one call slows ~4x next to a training step), crops and resizes each image (antialiased
+  JPEG engines, for baseline JPEGs in YCbCr or grey), crops and resizes each image (antialiased
   bicubic), and applies flip, RandAugment, normalisation and erasing as batched tensor ops
   (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
@@ -24,7 +23,6 @@ What is not implemented (a clear error at start names it; use --data-pipeline pi
 (timm applies it only without an auto-augment policy, or with '3a'), AutoAugment / AugMix policies,
 DATA.INTERPOLATION other than bicubic.
 """
-import concurrent.futures
 import io
 import math
 import queue
@@ -246,11 +244,8 @@ class DeviceTransform:
     stages: `decode` (nvJPEG) and `finish` (crop + resize, flip, RandAugment, normalise, erase)."""
 
     def __init__(self, dataset: RawImages, device: torch.device, img_size: int, train: bool,
-                 test_crop: bool = True, decode_threads: int = 0):
+                 test_crop: bool = True):
         self.dataset, self.device, self.size, self.train, self.test_crop = dataset, device, img_size, train, test_crop
-        # EXTRA.DECODE_THREADS: nvJPEG calls at once through data/nvjpeg.py's decoders (made on first
-        # use; None: not yet, False: not available here), 0 for torchvision's decode_jpeg alone
-        self.decode_threads, self._decoders, self._pool = decode_threads, None, None
         self.recipe = dataset.recipe
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).reshape(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
@@ -283,55 +278,14 @@ class DeviceTransform:
                     images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
             batches.append((images, kind, params, labels, indices, seed))
         if jobs:
-            decoded = self._decode_jpegs([job[2] for job in jobs], [int(job[3][job[1]]) for job in jobs])
+            from torchvision.io import ImageReadMode, decode_jpeg
+            try:
+                decoded = decode_jpeg([job[2] for job in jobs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:      # one bad file fails the whole call: decode these on the host, one by one
+                decoded = [self._decode_on_host(payload, int(indices[i])) for _, i, payload, indices in jobs]
             for (images, i, _, _), img in zip(jobs, decoded):
                 images[i] = img
         return batches
-
-    def _hardware_decoders(self) -> list:
-        """decode_threads decoders of data/nvjpeg.py (and a thread pool for all but one), or []."""
-        if self._decoders is None:
-            self._decoders = False
-            if self.decode_threads and self.device.type == 'cuda':
-                from .nvjpeg import HardwareJpegDecoder
-                first = HardwareJpegDecoder.create(self.device)
-                if first is not None:
-                    self._decoders = [first] + [HardwareJpegDecoder(self.device) for _ in range(self.decode_threads - 1)]
-                    if self.decode_threads > 1:
-                        self._pool = concurrent.futures.ThreadPoolExecutor(self.decode_threads - 1, 'nvjpeg')
-        return self._decoders or []
-
-    def _decode_jpegs(self, payloads: list, indices: list) -> list:
-        """JPEG bitstreams -> [3, h, w] uint8 on the device, ready on the current stream. The ones the
-        hardware engines take are split over the decoders, one call each at the same time (the
-        calling thread runs the first); the rest go to torchvision's decode_jpeg."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-        decoders = self._hardware_decoders()
-        ours = [k for k, p in enumerate(payloads) if decoders[0].supported(p)] if decoders else []
-        theirs = sorted(set(range(len(payloads))) - set(ours))
-        stream = torch.cuda.current_stream(self.device) if self.device.type == 'cuda' else None
-        chunks = [c.tolist() for c in np.array_split(np.array(ours, dtype=np.int64), len(decoders)) if len(c)] \
-            if ours else []
-        futures = [self._pool.submit(decoders[d].decode, [payloads[k] for k in chunk], stream)
-                   for d, chunk in enumerate(chunks) if d > 0]
-        out = [None] * len(payloads)
-        try:
-            try:
-                if chunks:
-                    for k, img in zip(chunks[0], decoders[0].decode([payloads[k] for k in chunks[0]], stream)):
-                        out[k] = img
-                if theirs:
-                    for k, img in zip(theirs, decode_jpeg([payloads[k] for k in theirs], mode=ImageReadMode.RGB,
-                                                          device=self.device)):
-                        out[k] = img
-            finally:
-                concurrent.futures.wait(futures)      # every decoder is idle again before anything else
-            for chunk, future in zip(chunks[1:], futures):
-                for k, img in zip(chunk, future.result()):
-                    out[k] = img
-        except RuntimeError:      # one bad file fails a whole call: decode these on the host, one by one
-            out = [self._decode_on_host(payload, index) for payload, index in zip(payloads, indices)]
-        return out
 
     def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
         try:
@@ -587,8 +541,7 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,
         persistent_workers=False)
-    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP,
-                                config.EXTRA.DECODE_THREADS)
+    transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
     return raw, DeviceLoader(loader, transform, decode_batches=config.EXTRA.DECODE_BATCHES)
 
 

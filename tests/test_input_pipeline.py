@@ -8,7 +8,6 @@ translate) compute Pillow's own math: at most one level off, on under 0.1% of pi
 """
 import argparse
 import glob
-import io
 import os
 import random
 
@@ -549,73 +548,6 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ConfigError, match='DECODE_BATCHES'):
         _config('EXTRA.DECODE_BATCHES', '0')
-
-
-def _jpeg(img: Image.Image, **save) -> torch.Tensor:
-    buf = io.BytesIO()
-    img.save(buf, 'JPEG', **save)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-
-@pytest.mark.skipif(DEVICE != 'cuda', reason='nvJPEG decodes on CUDA only')
-def test_hardware_jpeg_decoder_equals_torchvision():
-    """data/nvjpeg.py's decoder (nvJPEG's hardware backend through ctypes) returns byte for byte what
-    torchvision's decode_jpeg returns, in one batch of odd sizes (1 to 1029 px), every chroma
-    subsampling and grey, also from two decoders at once on two threads; progressive files are not
-    taken (they stay torchvision's)."""
-    import threading
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from data.nvjpeg import HardwareJpegDecoder
-    decoder = HardwareJpegDecoder.create(torch.device('cuda'))
-    if decoder is None:
-        pytest.skip('this GPU has no hardware JPEG engine (or no libnvjpeg beside torchvision)')
-    rng = np.random.default_rng(0)
-    payloads = []
-    for k, (w, h) in enumerate([(500, 375), (251, 333), (1029, 17), (64, 64), (9, 1), (375, 500), (97, 131)]):
-        img = photo(rng, max(w, 64), max(h, 64)).crop((0, 0, w, h))
-        payloads += [_jpeg(img, quality=90 - 5 * k, subsampling=s) for s in (0, 1, 2)]
-        payloads.append(_jpeg(img.convert('L'), quality=85))
-    assert all(decoder.supported(p) for p in payloads)
-    assert not decoder.supported(_jpeg(photo(rng, 64, 48), progressive=True))
-    stream = torch.cuda.current_stream()
-    ours = decoder.decode(payloads, stream)
-    theirs = decode_jpeg(payloads, mode=ImageReadMode.RGB, device='cuda')
-    torch.cuda.synchronize()
-    for k, (a, b) in enumerate(zip(ours, theirs)):
-        assert a.shape == b.shape and torch.equal(a, b), (k, a.shape, b.shape)
-    other, results = HardwareJpegDecoder.create(torch.device('cuda')), {}
-    side = threading.Thread(target=lambda: results.update(side=other.decode(payloads[::-1], stream)))
-    side.start()
-    results['main'] = decoder.decode(payloads, stream)       # the state reused, the other decoder at work
-    side.join()
-    assert all(torch.equal(a, b) for a, b in zip(results['main'], theirs))
-    assert all(torch.equal(a, b) for a, b in zip(results['side'], theirs[::-1]))
-
-
-def test_concurrent_decoders_decode_the_same(jpeg_data):
-    """EXTRA.DECODE_THREADS: a batch split over 1 or 3 decoders at once (the messy val folder:
-    nvJPEG's files and host-decoded ones, 21 images, chunks of unequal length) gives the images
-    torchvision's decode_jpeg alone gives (0). A negative value is refused at start."""
-    from torchvision import datasets
-    from data.gpu_pipeline import collate_raw
-    with pytest.raises(ConfigError, match='DECODE_THREADS'):
-        _config('EXTRA.DECODE_THREADS', '-1')
-    if DEVICE != 'cuda':
-        pytest.skip('nvJPEG decodes on CUDA only')
-    from data.nvjpeg import HardwareJpegDecoder
-    if HardwareJpegDecoder.create(torch.device('cuda')) is None:
-        pytest.skip('this GPU has no hardware JPEG engine (or no libnvjpeg beside torchvision)')
-    source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
-    raw = RawImages(source, None, device_decode=True)
-    batch = collate_raw([raw[i] for i in range(len(raw))])
-    assert {0, 1} <= set(batch[3].tolist())
-    out = {}
-    for threads in (0, 1, 3):
-        transform = DeviceTransform(raw, torch.device('cuda'), 224, train=False, decode_threads=threads)
-        out[threads] = transform.decode(*batch)[0]
-        assert len(transform._hardware_decoders()) == threads
-    for threads in (1, 3):
-        assert all(torch.equal(a, b) for a, b in zip(out[0], out[threads]))
 
 
 # ----------------------------------------------------------------------------- main.py
