@@ -21,7 +21,7 @@ Tensors follow data.tensor_ops: float32 [n, 3, H, W] holding whole numbers 0..25
 """
 import torch
 
-from ._utils import check_triton_device, triton_available
+from ._utils import cdiv, check_triton_device, triton_available
 
 
 # ----------------------------------------------------------------------------- reference
@@ -141,5 +141,5 @@ def affine_resample(x: torch.Tensor, matrix: torch.Tensor, fill, out: torch.Tens
     out = torch.empty_like(x) if out is None else out
     fill_t = _fill_tensor(fill, x.device)
     block = 1024
-    _affine_kernel[(n, triton.cdiv(h * w, block))](x, matrix.double().contiguous(), fill_t, out, h, w, BLOCK=block)
+    _affine_kernel[(n, cdiv(h * w, block))](x, matrix.double().contiguous(), fill_t, out, h, w, BLOCK=block)
     return out

@@ -24,7 +24,7 @@ which can move a result by one level where it sits on a rounding edge (the tests
 """
 import torch
 
-from ._utils import check_triton_device, triton_available
+from ._utils import cdiv, check_triton_device, triton_available
 
 NONE, TABLE, AUTOCONTRAST, EQUALIZE, COLOR, CONTRAST, SHARPNESS = range(7)
 CODES = {'invert': TABLE, 'posterize': TABLE, 'solarize': TABLE, 'solarize_add': TABLE, 'brightness': TABLE,
@@ -189,7 +189,7 @@ def colour_ops(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables
     mean = torch.empty(n, dtype=torch.float32, device=dev)         # written and read for CONTRAST only
     out = torch.empty_like(x)
     block = 1024
-    grid = (n, triton.cdiv(h * w, block))
+    grid = (n, cdiv(h * w, block))
     exact = dict(enable_fp_fusion=False)       # torch's separately rounded multiply and add
     _stats_kernel[grid](x, code, luma, lo, hi, hist, h * w, BLOCK=block)
     _tables_kernel[(n * 3,)](code, tables.double().contiguous(), luma, lo, hi, hist, lut, mean, h * w, **exact)

@@ -25,7 +25,7 @@ floats per image and channel.
 """
 import torch
 
-from ._utils import check_triton_device, next_power_of_2, triton_available
+from ._utils import cdiv, check_triton_device, next_power_of_2, triton_available
 
 META_FIELDS = ('offset', 'H', 'W', 'top', 'left', 'h', 'w', 'out_h', 'out_w', 'out_top', 'out_left')
 
@@ -169,9 +169,9 @@ def crop_resize_fwd(images: list, meta: torch.Tensor, size: int, out: torch.Tens
     out = torch.empty(B, 3, size, size, device=buf.device) if out is None else out
     block_s = next_power_of_2(size)
     rows_per_program = 4
-    _horizontal_kernel[(B * 3, triton.cdiv(max_h, rows_per_program))](
+    _horizontal_kernel[(B * 3, cdiv(max_h, rows_per_program))](
         buf, meta_dev, tmp, max_h, taps_x, S=size, ROWS=rows_per_program, BLOCK_S=block_s)
-    _vertical_kernel[(B * 3, triton.cdiv(size, rows_per_program))](
+    _vertical_kernel[(B * 3, cdiv(size, rows_per_program))](
         tmp, meta_dev, out, max_h, taps_y, S=size, ROWS=rows_per_program, BLOCK_S=block_s)
     return out
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._utils import check_triton_device, next_power_of_2, sm_count, triton_available, triton_interpret
+from ._utils import cdiv, check_triton_device, next_power_of_2, sm_count, triton_available, triton_interpret
 
 
 if triton_available():
@@ -119,13 +119,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     assert K == K2, (a.shape, b.shape)
     out_dtype = out_dtype or a.dtype
     bm, bn, bk, warps, stages = _blocks(M, N, K)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     if split is None and (bias is not None or gelu_grad_of is not None):
         split = 1
     if split is None:
-        split = max(1, min(triton.cdiv(2 * sm_count(a.device), tiles), K // (8 * bk)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_per_split) if K else 1
+        split = max(1, min(cdiv(2 * sm_count(a.device), tiles), K // (8 * bk)))
+    k_per_split = cdiv(cdiv(K, split), bk) * bk
+    split = cdiv(K, k_per_split) if K else 1
     partial = split > 1
     out = torch.empty((split, M, N) if partial else (M, N), dtype=torch.float32 if partial else out_dtype,
                       device=a.device)

@@ -29,12 +29,13 @@ Saves mean and rstd (fp32, one per row) for the backward. Any width (one row per
 C = 16384). Parameter names are nn.LayerNorm's: the module keeps its `weight` and `bias`.
 apex: `apex.normalization.fused_layer_norm_affine` where apex is importable (KERNEL_BACKEND apex).
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._utils import apex_available, check_triton_device, next_power_of_2, sm_count, triton_available
+from ._utils import apex_available, cdiv, check_triton_device, next_power_of_2, sm_count, triton_available
 from .window_process import check_tokens, check_window, window_merge_ref, window_partition_ref
 
 APEX_MODULE = 'apex.normalization'
@@ -186,6 +187,7 @@ if triton_available():
         tl.store(db_part_ptr + pid * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
+@functools.lru_cache(None)
 def _bwd_launch(C: int):
     """(rows a tile, warps, programs per SM) for the backward. From the sweep on an H100 (bf16,
     2026-11-26, benchmarks/results/tune_layer_norm.md): narrow rows want more programs (16/SM at
@@ -197,6 +199,7 @@ def _bwd_launch(C: int):
     return block_rows, num_warps, 16 if C <= 256 else 8
 
 
+@functools.lru_cache(None)
 def _tile(C: int):
     block_c = next_power_of_2(C)
     if block_c > 16384:
@@ -264,7 +267,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     block_rows, block_c, num_warps = _tile(C)
     scale_flat = scale.reshape(-1).contiguous() if scale is not None else x2
     if M:
-        _layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
+        _layer_norm_fwd_kernel[(cdiv(M, block_rows),)](
             x2, res2, scale_flat, h, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C,
             _rows_per_sample(M, scale), float(eps),
             HAS_RESIDUAL=residual is not None and not post, HAS_SCALE=scale is not None, POST=post, **geometry,
@@ -305,9 +308,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     block_rows = launch.get('bwd_rows') or block_rows
     num_warps = launch.get('bwd_warps') or num_warps
     per_sm = launch.get('bwd_programs_per_sm') or per_sm
-    programs = max(1, min(per_sm * sm_count(x.device), triton.cdiv(M, block_rows)))
-    rows_per_program = triton.cdiv(M, programs)
-    programs = triton.cdiv(M, rows_per_program) if M else 1
+    programs = max(1, min(per_sm * sm_count(x.device), cdiv(M, block_rows)))
+    rows_per_program = cdiv(M, programs)
+    programs = cdiv(M, rows_per_program) if M else 1
     # every program writes its whole row of partial sums: no zero-fill needed, except with no rows
     # at all, where no program runs and the weight gradients are zero
     alloc = torch.empty if M else torch.zeros

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._utils import apex_available, check_triton_device, triton_available
+from ._utils import apex_available, check_triton_device, next_power_of_2, triton_available
 
 APEX_MODULE = 'apex.optimizers'
 CHUNK = 16384          # elements per program: ~1.7k programs for Swin-T, enough to fill any GPU
@@ -481,7 +481,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 _lamb_apply_kernel[grid](b['params'], b['exp_avg'], b['exp_avg_sq'], outs_t, b['numel'],
                                          b['chunk_tensor'], b['chunk_index'], s, out, parts,
                                          eps, b['max_chunks'], OUT_DTYPE=o_dtype, HAS_OUT=has_out,
-                                         MAX_CHUNKS=triton.next_power_of_2(b['max_chunks']), **common)
+                                         MAX_CHUNKS=next_power_of_2(b['max_chunks']), **common)
         return out[1], out[2:3]
 
     # ------------------------------------------------------------------ reference

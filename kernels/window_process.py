@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._utils import check_triton_device, next_power_of_2, triton_available
+from ._utils import cdiv, check_triton_device, next_power_of_2, triton_available
 
 
 # ----------------------------------------------------------------------------- reference
@@ -144,7 +144,7 @@ def _launch(map_t: torch.Tensor, win_t: torch.Tensor, window_size: int, shift_si
     B, H, W, C = map_t.shape
     n_rows = B * H * W
     block_rows, block_c, num_warps = _tile(C, map_t.element_size(), launch)
-    _window_shuffle_kernel[(triton.cdiv(n_rows, block_rows),)](
+    _window_shuffle_kernel[(cdiv(n_rows, block_rows),)](
         map_t, win_t, n_rows, *map_t.stride(), H=H, W=W, C=C, WS=window_size, SHIFT=shift_size,
         TO_WINDOWS=to_windows, C_CONTIGUOUS=map_t.stride(3) == 1,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
