@@ -166,6 +166,11 @@ _C.EXTRA.FP8_RECIPE = 'tensorwise'   # torchao float8 recipe with --fp8: tensorw
 _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a subset of FP8_LAYER_NAMES)
 # --data-pipeline gpu on CUDA: raw batches decoded per nvJPEG call (each call has a fixed cost)
 _C.EXTRA.DECODE_BATCHES = 1
+# --data-pipeline gpu: where JPEGs are decoded. 'device': nvJPEG on the training GPU (fast; its pixels
+# differ slightly from libjpeg-turbo's, its chroma upsampling being another); 'workers': PIL in the
+# DataLoader workers, upstream's own decode, each image cut to its crop box before it is sent (slower:
+# decode is most of upstream's per-image CPU cost). The augmentation runs on the device either way.
+_C.EXTRA.JPEG_DECODE = 'device'
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -325,6 +330,7 @@ def _validate(config: CN) -> None:
         ('KERNEL_BACKEND', config.KERNEL_BACKEND, KERNEL_BACKENDS),
         ('DATA.CACHE_MODE', config.DATA.CACHE_MODE, ('no', 'full', 'part')),
         ('DATA.PIPELINE', config.DATA.PIPELINE, ('pil', 'gpu')),
+        ('EXTRA.JPEG_DECODE', config.EXTRA.JPEG_DECODE, ('device', 'workers')),
         ('TRAIN.OPTIMIZER.NAME', config.TRAIN.OPTIMIZER.NAME.lower(),
          ('adamw', 'sgd', 'fused_adam', 'fused_lamb')),
         ('TRAIN.LR_SCHEDULER.NAME', config.TRAIN.LR_SCHEDULER.NAME, ('cosine', 'linear', 'step', 'multistep')),

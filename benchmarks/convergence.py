@@ -7,10 +7,16 @@ a real `main.py` training run on the generated shapes dataset; curves come from 
 model at patch 4 / window 7, upstream's default RandAugment and random erasing (mixup off, so that
 the small model learns in a short run), each pipeline with seeds 0 and 1.
 
+`--set pipeline` also runs the gpu pipeline with upstream's decode (`EXTRA.JPEG_DECODE workers`: PIL
+in the workers), which tells nvJPEG's decode apart from the augmentation.
+
+`--set fp8`: the recommended flags at O2 bf16 with and without `--fp8` (torchao; Hopper or newer) on
+the same 224-px JPEGs and micro model (PIL pipeline), seeds 0 and 1.
+
 `--set v2`: the micro model as Swin V2 (same dims, MODEL.TYPE swinv2), flags off vs all flags +
 fused AdamW at O2 bf16, seeds 0 and 1, on the demo's shapes.
 
-    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] [--set pipeline|v2]   # GPU machine
+    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] [--set pipeline|v2|fp8]   # GPU machine
     python benchmarks/convergence.py plot --out DIR                                              # anywhere
 """
 import argparse
@@ -42,6 +48,17 @@ PIPELINE_VARIANTS = {   # name: (extra main.py args, extra --opts)
                                         JPEG224),
     'gpu pipeline, JPEG 224, O1 bf16': (['--data-pipeline', 'gpu', '--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'],
                                         JPEG224),
+    # the same with upstream's decode (PIL in the workers): separates nvJPEG's decode from the augmentation
+    'gpu pipeline, PIL decode, JPEG 224, O1 bf16': (['--data-pipeline', 'gpu', '--amp-opt-level', 'O1', '--amp-dtype',
+                                                     'bfloat16'], JPEG224 + ['EXTRA.JPEG_DECODE', 'workers']),
+}
+
+# the recommended flags at O2 bf16, with and without float8 GEMMs (torchao; Hopper or newer)
+BEST = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_adam', '--amp-opt-level', 'O2',
+        '--amp-dtype', 'bfloat16']
+FP8_VARIANTS = {   # name: (extra main.py args, extra --opts)
+    'best flags, O2 bf16, JPEG 224': (BEST, JPEG224),
+    '--fp8 + best flags, O2 bf16, JPEG 224': (BEST + ['--fp8'], JPEG224),
 }
 
 
@@ -68,12 +85,21 @@ def run_v2(args):
     run_set(args, V2_VARIANTS, data, 'convergence_v2.csv')
 
 
-def run_pipelines(args):
+def _shapes224(args) -> str:
+    """The demo's shapes drawn at 224 px as JPEGs (with the odd files), made once under --out."""
     data = os.path.join(args.out, 'shapes224')
     if not os.path.isdir(data):
         subprocess.run([sys.executable, '-m', 'data.jpeg_folder', '--out', data, '--demo-shapes', '--size', '224',
                         '--train-per-class', '200', '--val-per-class', '50'], cwd=ROOT, check=True)
-    run_set(args, PIPELINE_VARIANTS, data, 'convergence_pipeline.csv')
+    return data
+
+
+def run_pipelines(args):
+    run_set(args, PIPELINE_VARIANTS, _shapes224(args), 'convergence_pipeline.csv')
+
+
+def run_fp8(args):
+    run_set(args, FP8_VARIANTS, _shapes224(args), 'convergence_fp8.csv')
 
 
 def _slug(name: str) -> str:
@@ -214,15 +240,15 @@ def main():
     p.add_argument('--gpus', type=int, default=2)
     p.add_argument('--png', default=None)
     p.add_argument('--only', nargs='*', default=None, help='variant names to run (default: all)')
-    p.add_argument('--set', choices=['model', 'pipeline', 'v2'], default='model',
+    p.add_argument('--set', choices=['model', 'pipeline', 'v2', 'fp8'], default='model',
                    help='model: flags / precision / DDP variants; pipeline: PIL vs gpu input pipeline on JPEGs; '
-                        'v2: the micro model as Swin V2, flags off vs on')
+                        'v2: the micro model as Swin V2, flags off vs on; fp8: --fp8 on vs off on JPEGs')
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.action == 'plot':
         plot(a)
     else:
-        {'model': run, 'pipeline': run_pipelines, 'v2': run_v2}[a.set](a)
+        {'model': run, 'pipeline': run_pipelines, 'v2': run_v2, 'fp8': run_fp8}[a.set](a)
 
 
 if __name__ == '__main__':

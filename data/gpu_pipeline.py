@@ -14,7 +14,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
   decoded in the worker with PIL's convert('RGB'), as upstream decodes them; a file PIL cannot
-  read is an error naming it. Nothing is dropped.
+  read is an error naming it. Nothing is dropped. EXTRA.JPEG_DECODE 'workers' decodes every file
+  that way (upstream's exact pixels, at the workers' decode speed).
 
 On a machine without CUDA the same code runs on the CPU (workers decode with PIL, the batch ops run
 in the main process): slower, for tests and the demo.
@@ -535,7 +536,7 @@ class DeviceLoader:
 def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler):
     """The DataLoader over raw items, wrapped in a DeviceLoader."""
     recipe = TrainRecipe(config) if train else None
-    decode_on_device = device.type == 'cuda'
+    decode_on_device = device.type == 'cuda' and config.EXTRA.JPEG_DECODE == 'device'
     raw = RawImages(dataset, recipe, decode_on_device)
     loader = torch.utils.data.DataLoader(
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,

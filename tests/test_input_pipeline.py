@@ -509,6 +509,31 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
         raw_bad[0]
 
 
+def test_jpeg_decode_in_workers_gives_pils_pixels(jpeg_data):
+    """EXTRA.JPEG_DECODE 'workers': every file of the messy val folder decoded by PIL in the workers,
+    none left for nvJPEG, and the device receives PIL's convert('RGB') pixels exactly; 'device' leaves
+    the baseline JPEGs to nvJPEG on CUDA. Any other value is refused at start."""
+    from data import build_loader
+    from data.gpu_pipeline import collate_raw
+    with pytest.raises(ConfigError, match='JPEG_DECODE'):
+        _config('EXTRA.JPEG_DECODE', 'nvjpeg')
+    kinds = {}
+    for where in ('device', 'workers'):
+        cfg = _config('DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0', 'EXTRA.JPEG_DECODE', where, data_path=jpeg_data)
+        _, _, _, val, _ = build_loader(cfg)
+        raw = val.dataset
+        items = [raw[i] for i in range(len(raw))]
+        kinds[where] = {it[1] for it in items}
+        if where == 'workers':
+            decoded = val.transform.decode(*collate_raw(items))[0]
+            assert len(decoded) == len(raw.source.samples) == 21
+            for (path, _), img in zip(raw.source.samples, decoded):
+                pil = torch.from_numpy(np.asarray(Image.open(path).convert('RGB')).copy()).permute(2, 0, 1)
+                assert torch.equal(img.cpu(), pil), path
+    assert kinds['workers'] == {1}
+    assert kinds['device'] == ({0, 1} if DEVICE == 'cuda' else {1})
+
+
 def test_decoding_batches_together_changes_nothing(jpeg_data):
     """EXTRA.DECODE_BATCHES: raw batches decoded in one call give the images each gives alone (the
     messy val folder: nvJPEG's files and host-decoded ones in one call, a short last batch); on CUDA
