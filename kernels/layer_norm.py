@@ -186,6 +186,36 @@ if triton_available():
         tl.store(dw_part_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=col_ok)
         tl.store(db_part_ptr + pid * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
+    @triton.jit
+    def _layer_norm_wgrad_kernel(part_ptr, dw_ptr, db_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dw, db = the backward's per-program partial sums part [2, P, C] (fp32) summed over P, in a
+        fixed order (deterministic), written in the weight's dtype: one launch where torch took four
+        (two column sums, two casts). Program (column block, 0 for dw / 1 for db)."""
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        which = tl.program_id(1)
+        base = part_ptr + which.to(tl.int64) * P * C
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            rows = p0 + tl.arange(0, BLOCK_P)
+            ok = (rows < P)[:, None] & col_ok[None, :]
+            acc += tl.load(base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=ok, other=0.)
+        total = tl.sum(acc, axis=0)
+        tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=col_ok & (which == 0))
+        tl.store(db_ptr + cols, total.to(db_ptr.dtype.element_ty), mask=col_ok & (which == 1))
+
+
+_WGRAD_ROWS, _WGRAD_COLS = 64, 32    # the weight-gradient sum's tile: partial rows x columns a step
+
+
+def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """part [2, P, C] fp32 (the backward's per-program sums for dw and db) -> (dw, db) [C] in `dtype`,
+    summed over P in a fixed order, in one launch."""
+    _, P, C = part.shape
+    dw, db = torch.empty(C, dtype=dtype, device=part.device), torch.empty(C, dtype=dtype, device=part.device)
+    _layer_norm_wgrad_kernel[(cdiv(C, _WGRAD_COLS), 2)](part, dw, db, P, C, BLOCK_P=_WGRAD_ROWS, BLOCK_C=_WGRAD_COLS)
+    return dw, db
+
 
 @functools.lru_cache(None)
 def _bwd_launch(C: int):
@@ -313,16 +343,14 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     programs = cdiv(M, rows_per_program) if M else 1
     # every program writes its whole row of partial sums: no zero-fill needed, except with no rows
     # at all, where no program runs and the weight gradients are zero
-    alloc = torch.empty if M else torch.zeros
-    dw_part = alloc((programs, C), dtype=torch.float32, device=x.device)
-    db_part = alloc((programs, C), dtype=torch.float32, device=x.device)
+    part = (torch.empty if M else torch.zeros)((2, programs, C), dtype=torch.float32, device=x.device)
     if M:
         _layer_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, dres2, scale_flat, dbranch,
+            dy2, x2, weight.contiguous(), mean, rstd, dx, part[0], part[1], dres2, scale_flat, dbranch,
             M, C, rows_per_program, _rows_per_sample(M, scale),
             HAS_DRES=dres is not None, HAS_DBRANCH=branch_dtype is not None, HAS_SCALE=scale is not None,
             POST=post, **geometry, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    out = dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    out = (dx.view(x.shape),) + sum_partials(part, weight.dtype)
     if branch_dtype is None:
         return out
     ws = geometry['WS']
