@@ -10,7 +10,9 @@ synchronises once an image in every format. Concurrent 128-image calls on 2 / 4 
 8,518 img/s under the load against 3,897 for one. In the pipeline, though (a batch split over 4
 decoders, or 4 batches a call over 4), main.py on JPEGs did not get faster (4,450 / 4,628 img/s
 against 4,465 / 4,672 with torchvision's decode, results/input_decode_threads_h200_2026-11-29*.md),
-so the pipeline keeps torchvision's decode_jpeg. GPU only.
+so the pipeline keeps torchvision's decode_jpeg. The `inputs` rows time torchvision's call beside
+the direct one on JPEGs held as separate pageable tensors, views of a pageable buffer and views of a
+pinned buffer (the pipeline's case), with the GPU idle. GPU only.
 
     python benchmarks/nvjpeg_formats.py [--images 256] [--no-formats]
 """
@@ -123,6 +125,33 @@ def main():
                                              if e.key in ('cudaEventSynchronize', 'cudaStreamSynchronize')}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # the same 128-image calls, GPU idle, no profiler: torchvision's decode_jpeg (what the pipeline calls)
+    # beside the direct call, on JPEGs held the three ways they can arrive: separate pageable tensors,
+    # views of one pageable buffer, views of one pinned buffer (the pipeline's: the DataLoader pins the
+    # batch's bytes). Why the pipeline's decode stage runs at ~10k img/s where the direct call did ~25k.
+    from torchvision.io import ImageReadMode, decode_jpeg
+    flat = torch.cat(payloads)
+    sizes = [p.numel() for p in payloads]
+    held = {'separate pageable': payloads, 'views of a pageable buffer': list(torch.split(flat, sizes)),
+            'views of a pinned buffer': list(torch.split(flat.pin_memory(), sizes))}
+    for how, inputs in held.items():
+        for caller in ('torchvision', 'direct'):
+            def call(k):
+                chunk = inputs[k:k + args.batch]
+                if caller == 'torchvision':
+                    decode_jpeg(chunk, mode=ImageReadMode.RGB, device='cuda')
+                else:
+                    dec.decode(chunk, hw[k:k + args.batch], FORMATS['rgb'])
+            call(0)
+            torch.cuda.synchronize()
+            t0 = time.time()
+            for _ in range(6):
+                for k in range(0, args.images, args.batch):
+                    call(k)
+            torch.cuda.synchronize()
+            rows.append({'part': 'inputs', 'jpegs': how, 'caller': caller,
+                         'idle img/s': round(6 * args.images / (time.time() - t0))})
+            print(json.dumps(rows[-1]), flush=True)
     # several decoders (each its own nvJPEG handle, state and stream) on as many threads at once:
     # whether the hardware engines serve concurrent batch calls faster than one under load
     import threading
