@@ -43,6 +43,7 @@ Limits: N <= 1024 (windows up to 32), head_dim 16..128; fp32/fp16/bf16 with fp32
 (fp32 inputs use IEEE fp32 products, not TF32: the flag never changes the math); no attention
 dropout (rejected at model build). Offsets are int64 and the grid is 1-D (no 65535 limit).
 """
+import collections
 from typing import Optional
 
 import torch
@@ -338,6 +339,48 @@ if triton_available():
             tl.store(dbias_base + rows[:, None] * N + cols[None, :], dbias_acc,
                      mask=(rows < N)[:, None] & (cols < N)[None, :])
 
+    @triton.jit
+    def _table_grad_kernel(dbias_ptr, order_ptr, starts_ptr, dtable_ptr, NN, heads,
+                           BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+        """dtable[r, h] = the sum of dbias[h, p] over the positions p whose index is r. dbias
+        [heads, NN] fp32; row r's positions are order[starts[r]:starts[r + 1]]. Program r."""
+        r = tl.program_id(0)
+        lo = tl.load(starts_ptr + r)
+        hi = tl.load(starts_ptr + r + 1)
+        hs = tl.arange(0, BLOCK_H)
+        h_ok = hs < heads
+        acc = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+        for k0 in range(lo, hi, BLOCK_P):
+            k = k0 + tl.arange(0, BLOCK_P)
+            k_ok = k < hi
+            pos = tl.load(order_ptr + k, mask=k_ok, other=0).to(tl.int64)
+            acc += tl.load(dbias_ptr + hs[None, :].to(tl.int64) * NN + pos[:, None],
+                           mask=k_ok[:, None] & h_ok[None, :], other=0.)
+        tl.store(dtable_ptr + r * heads + hs, tl.sum(acc, axis=0), mask=h_ok)
+
+
+def _positions_by_row(index: torch.Tensor, table_rows: int) -> tuple:
+    """-> (order, starts): the flat positions of `index` sorted by their table row (stable: ascending
+    position within a row) and where each row's run starts ([table_rows + 1], int32), for the table
+    gradient's scatter. Built once per index buffer (a few kernels, no host sync) and cached: an
+    entry holds the index itself, so its address cannot be reused while cached, and its version
+    counter, so an in-place change (a checkpoint loaded into the buffer) rebuilds it."""
+    key = (index.data_ptr(), tuple(index.shape), index.dtype, index.device, table_rows)
+    hit = _POSITIONS.get(key)
+    if hit is not None and hit[1] == index._version:
+        _POSITIONS.move_to_end(key)
+        return hit[2], hit[3]
+    flat = index.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    starts = torch.searchsorted(flat[order], torch.arange(table_rows + 1, device=index.device))
+    _POSITIONS[key] = (index, index._version, order.to(torch.int32), starts.to(torch.int32))
+    while len(_POSITIONS) > 64:
+        _POSITIONS.popitem(last=False)
+    return _POSITIONS[key][2], _POSITIONS[key][3]
+
+
+_POSITIONS = collections.OrderedDict()
+
 
 def _bias_mask(table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor],
                rows_pad: int, cols_pad: int) -> torch.Tensor:
@@ -466,9 +509,13 @@ def window_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, bm: torch.Tensor
             num_warps=num_warps)
     dbias = dbias_partial.sum(0)                                      # heads, N, N (fixed order)
     dscale = dscale_partial.sum(0) if hs is not None else dscale_partial.new_zeros(0)
-    # Scatter to the table rows through the index: a one-hot matmul, deterministic.
-    onehot = F.one_hot(index.reshape(-1).long(), table_rows).to(torch.float32)      # N*N, rows
-    dtable = onehot.T @ dbias.permute(1, 2, 0).reshape(N * N, num_heads)             # rows, heads
+    # Scatter to the table rows through the index, each row summing its positions in a fixed order
+    # (deterministic, exact fp32). A one-hot matmul did this before: [N*N, rows] floats written and
+    # read every call (window 24: 2.9 GB), several launches, and TF32 where a user allows it.
+    order, starts = _positions_by_row(index, table_rows)
+    dtable = torch.empty((table_rows, num_heads), dtype=torch.float32, device=qkv.device)
+    _table_grad_kernel[(table_rows,)](dbias, order, starts, dtable, N * N, num_heads,
+                                      BLOCK_P=64, BLOCK_H=max(2, next_power_of_2(num_heads)))
     return dqkv, dtable, dscale
 
 

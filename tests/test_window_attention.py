@@ -80,6 +80,22 @@ def test_bias_table_gradient_is_deterministic(window):
         assert torch.equal(grads[0][0], other[0]) and torch.equal(grads[0][1], other[1])
 
 
+def test_table_gradient_follows_an_index_changed_in_place():
+    """The table gradient's scatter keeps each index buffer's positions grouped by table row between
+    calls; loading other values into the same buffer (load_state_dict copies in place) must regroup
+    them: the gradient with the changed buffer equals the reference's with the new index."""
+    qkv, table, index, mask, dout = _inputs(1, 7, 2, 16, True, torch.float32, seed=5)
+    buffer = index.to(DEVICE)
+    for new_index in (index, index.flip(0), index.flip(1)):
+        buffer.copy_(new_index.to(DEVICE))
+        ref_table = table.clone().requires_grad_()
+        wa.window_attention_ref(qkv, ref_table, new_index, mask, 2, 0.25).backward(dout)
+        t = table.float().to(DEVICE).requires_grad_()
+        wa.window_attention(qkv.float().to(DEVICE), t, buffer, mask.float().to(DEVICE), 2, 0.25) \
+            .backward(dout.float().to(DEVICE))
+        assert _rel(t.grad.cpu(), ref_table.grad) < TOLERANCE[torch.float32]
+
+
 def test_no_windows_gives_zero_table_gradient():
     index = relative_position_index(7).to(DEVICE)
     t = torch.randn(169, 2, device=DEVICE, requires_grad=True)
