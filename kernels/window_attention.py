@@ -373,10 +373,14 @@ def _positions_by_row(index: torch.Tensor, table_rows: int) -> tuple:
     flat = index.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     starts = torch.searchsorted(flat[order], torch.arange(table_rows + 1, device=index.device))
-    _POSITIONS[key] = (index, index._version, order.to(torch.int32), starts.to(torch.int32))
-    while len(_POSITIONS) > 64:
-        _POSITIONS.popitem(last=False)
-    return _POSITIONS[key][2], _POSITIONS[key][3]
+    order, starts = order.to(torch.int32), starts.to(torch.int32)
+    # not cached while a CUDA graph is being captured: memory allocated then belongs to the graph's
+    # pool, which later replays may reuse (the warm-up steps before a capture fill the cache)
+    if not (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _POSITIONS[key] = (index, index._version, order, starts)
+        while len(_POSITIONS) > 64:
+            _POSITIONS.popitem(last=False)
+    return order, starts
 
 
 _POSITIONS = collections.OrderedDict()
