@@ -96,6 +96,23 @@ def test_table_gradient_follows_an_index_changed_in_place():
         assert _rel(t.grad.cpu(), ref_table.grad) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.skipif(DEVICE != 'cuda', reason='device memory is measured on CUDA')
+def test_backward_memory_does_not_grow_with_table_rows_times_tokens():
+    """Window 24 (N = 576, 2209 table rows), one window: the backward's peak stays far below one
+    [N*N, rows] tensor (a one-hot scatter needed 5.9 GB int64 + 2.9 GB fp32 a call)."""
+    qkv, table, index, _, dout = _inputs(1, 24, 2, 16, False, torch.float32, seed=1)
+    q = qkv[:1].float().cuda().requires_grad_()
+    t = table.float().cuda().requires_grad_()
+    out = wa.window_attention(q, t, index.cuda(), None, 2, 0.25)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out.backward(dout[:1].float().cuda())
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 256 * 2 ** 20
+    assert torch.isfinite(t.grad).all()
+
+
 def test_no_windows_gives_zero_table_gradient():
     index = relative_position_index(7).to(DEVICE)
     t = torch.randn(169, 2, device=DEVICE, requires_grad=True)
