@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -76,6 +76,11 @@ for part in $PARTS; do
     input-graph) # the same with --cuda-graph in place of --compile
              python3 benchmarks/bench_input.py --images 13000 --val-images 1024 --parts folder main harness \
                --main-runs gpu:synthetic:graph gpu:jpeg:graph --harness-steps graph ;;
+    convergence-pipeline|convergence-fp8|convergence-v2) # benchmarks/convergence.py's sets (each run a real
+             # main.py training, two seeds a variant, spread over the GPUs; data and runs in /tmp); the curves
+             # (csv) are copied to $OUT
+             python3 benchmarks/convergence.py run --out /tmp/convergence --set "${part#convergence-}" --epochs 15 \
+               --gpus "$(nvidia-smi -L | wc -l)" && cp /tmp/convergence/*.csv "$OUT"/ ;;
     kernels) python3 benchmarks/bench_kernels.py ;;
     optim)   python3 benchmarks/bench_optim.py ;;
     host)    python3 benchmarks/launch_overhead.py ;;
