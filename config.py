@@ -168,8 +168,9 @@ _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a sub
 _C.EXTRA.DECODE_BATCHES = 1
 # --data-pipeline gpu: where JPEGs are decoded. 'device': nvJPEG on the training GPU (fast; its pixels
 # differ slightly from libjpeg-turbo's, its chroma upsampling being another); 'workers': PIL in the
-# DataLoader workers, upstream's own decode, each image cut to its crop box before it is sent (slower:
-# decode is most of upstream's per-image CPU cost). The augmentation runs on the device either way.
+# DataLoader workers, upstream's own decode, each training image cut to its crop box before it is
+# sent (slower: decode is most of upstream's per-image CPU cost). The augmentation runs on the
+# device either way.
 _C.EXTRA.JPEG_DECODE = 'device'
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
