@@ -62,14 +62,14 @@ class Decoder:
         """Every image into three full-size planes (enough for any subsampling and format; interleaved
         formats use plane 0 with a 3w pitch)."""
         n = len(payloads)
-        interleaved = fmt == FORMATS['rgbi']
-        plane = hw[:, 0] * hw[:, 1] * (3 if interleaved else 1)
+        row = hw[:, 1] * (3 if fmt == FORMATS['rgbi'] else 1)       # bytes a row of a plane
+        plane = hw[:, 0] * row
         start = np.concatenate([[0], np.cumsum(3 * plane)[:-1]])
         buffer = torch.empty(int(3 * plane.sum()), dtype=torch.uint8, device='cuda')
         images = np.zeros((n, 8), dtype=np.uint64)
         for c in range(3):
             images[:, c] = buffer.data_ptr() + start + c * plane
-            images[:, 4 + c] = hw[:, 1] * (3 if interleaved else 1)
+            images[:, 4 + c] = row
         data = np.array([p.data_ptr() for p in payloads], dtype=np.uint64)
         lengths = np.array([p.numel() for p in payloads], dtype=np.uint64)
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -86,7 +86,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--images', type=int, default=256)
     p.add_argument('--batch', type=int, default=128)
-    p.add_argument('--no-formats', dest='formats', action='store_false', help='the threads rows only')
+    p.add_argument('--no-formats', dest='formats', action='store_false', help='skip the per-format rows')
     args = p.parse_args()
     from multiprocessing import Pool
     with Pool(16) as pool:

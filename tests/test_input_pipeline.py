@@ -452,7 +452,7 @@ def test_train_recipe_matches_upstreams_distribution(jpeg_data):
 
     def decoded(i: int) -> Image.Image:
         """The file as our pipeline decodes it: nvJPEG's pixels for the files it takes on CUDA (a
-        decode that differs slightly from libjpeg's, tested on its own above), else PIL's."""
+        decode that differs slightly from libjpeg's: test_messy_files_decode_as_pil_does), else PIL's."""
         if raw[i][1] != 0:
             return Image.open(source.samples[i][0]).convert('RGB')
         from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -528,8 +528,7 @@ def test_jpeg_decode_in_workers_gives_pils_pixels(jpeg_data):
             decoded = val.transform.decode(*collate_raw(items))[0]
             assert len(decoded) == len(raw.source.samples) == 21
             for (path, _), img in zip(raw.source.samples, decoded):
-                pil = torch.from_numpy(np.asarray(Image.open(path).convert('RGB')).copy()).permute(2, 0, 1)
-                assert torch.equal(img.cpu(), pil), path
+                assert torch.equal(img.cpu().float(), _tensor(Image.open(path))), path
     assert kinds['workers'] == {1}
     assert kinds['device'] == ({0, 1} if DEVICE == 'cuda' else {1})
 

@@ -85,7 +85,7 @@ def test_table_gradient_follows_an_index_changed_in_place():
     calls; loading other values into the same buffer (load_state_dict copies in place) must regroup
     them: the gradient with the changed buffer equals the reference's with the new index."""
     qkv, table, index, mask, dout = _inputs(1, 7, 2, 16, True, torch.float32, seed=5)
-    buffer = index.to(DEVICE)
+    buffer = index.clone().to(DEVICE)
     for new_index in (index, index.flip(0), index.flip(1)):
         buffer.copy_(new_index.to(DEVICE))
         ref_table = table.clone().requires_grad_()
