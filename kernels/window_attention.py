@@ -20,8 +20,8 @@ Backward (recompute S and P from lse):
 dQ, dK, dV are written straight into one [B_, N, 3C] tensor, the qkv projection's layout.
 dB is deterministic: each program owns a strided group of windows and accumulates dS for them
 in registers (or, when the queries span several blocks, in its own slice of a global buffer);
-the groups are then summed by torch, and dB is scattered to the table by a fixed one-hot
-matmul (no float atomics anywhere).
+the groups are then summed by torch, and dB is scattered to the table by a kernel that walks each
+table row's positions in a fixed order (no float atomics anywhere).
 
 Swin V2's scaled cosine attention (`cosine_window_attention`) runs through the same kernel: its
 differences from V1 are two switches of it (NORM_QK, HEAD_SCALE), no second kernel. Per head h with
@@ -44,6 +44,8 @@ Limits: N <= 1024 (windows up to 32), head_dim 16..128; fp32/fp16/bf16 with fp32
 dropout (rejected at model build). Offsets are int64 and the grid is 1-D (no 65535 limit).
 """
 import collections
+import concurrent.futures
+import functools
 from typing import Optional
 
 import torch
@@ -359,6 +361,39 @@ if triton_available():
         tl.store(dtable_ptr + r * heads + hs, tl.sum(acc, axis=0), mask=h_ok)
 
 
+def _group_by_row(index: torch.Tensor, table_rows: int) -> tuple:
+    flat = index.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    starts = torch.searchsorted(flat[order], torch.arange(table_rows + 1, device=index.device))
+    return order.to(torch.int32), starts.to(torch.int32)
+
+
+def _group_off_pool(index: torch.Tensor, table_rows: int) -> tuple:
+    """_group_by_row on a helper thread, ordered with the caller's stream by events. torch.compile's
+    CUDA graph trees route every allocation of the calling thread into their graph's memory pool during
+    their warm-up runs, and refuse to record a graph while a tensor they did not hand out lives in
+    that pool: a cached tensor must come from another thread."""
+    caller = torch.cuda.current_stream(index.device)
+    ready = caller.record_event()
+
+    def build():
+        with torch.cuda.device(index.device):
+            stream = torch.cuda.current_stream()
+            stream.wait_event(ready)
+            return _group_by_row(index, table_rows), stream.record_event()
+
+    grouped, done = _helper().submit(build).result()
+    caller.wait_event(done)
+    for t in grouped:          # freed (evicted) only once the caller's stream is done with them
+        t.record_stream(caller)
+    return grouped
+
+
+@functools.lru_cache(maxsize=1)
+def _helper() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='window-attention-cache')
+
+
 def _positions_by_row(index: torch.Tensor, table_rows: int) -> tuple:
     """-> (order, starts): the flat positions of `index` sorted by their table row (stable: ascending
     position within a row) and where each row's run starts ([table_rows + 1], int32), for the table
@@ -370,17 +405,18 @@ def _positions_by_row(index: torch.Tensor, table_rows: int) -> tuple:
     if hit is not None and hit[1] == index._version:
         _POSITIONS.move_to_end(key)
         return hit[2], hit[3]
-    flat = index.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    starts = torch.searchsorted(flat[order], torch.arange(table_rows + 1, device=index.device))
-    order, starts = order.to(torch.int32), starts.to(torch.int32)
-    # not cached while a CUDA graph is being captured: memory allocated then belongs to the graph's
-    # pool, which later replays may reuse (the warm-up steps before a capture fill the cache)
-    if not (index.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _POSITIONS[key] = (index, index._version, order, starts)
-        while len(_POSITIONS) > 64:
-            _POSITIONS.popitem(last=False)
-    return order, starts
+    if not index.is_cuda:
+        grouped = _group_by_row(index, table_rows)
+    elif torch.cuda.is_current_stream_capturing():
+        # built inside the graph being captured, not cached: the warm-up steps before a capture fill
+        # the cache, and another thread may not allocate while a capture is under way
+        return _group_by_row(index, table_rows)
+    else:
+        grouped = _group_off_pool(index, table_rows)
+    _POSITIONS[key] = (index, index._version, *grouped)
+    while len(_POSITIONS) > 64:
+        _POSITIONS.popitem(last=False)
+    return grouped
 
 
 _POSITIONS = collections.OrderedDict()

@@ -1,5 +1,6 @@
 """The fused ops are registered custom ops: torch.library.opcheck passes (schema, fake tensors,
 autograd registration), and dynamo traces a model with every flag on without a graph break."""
+import pytest
 import torch
 
 from conftest import DEVICE
@@ -107,6 +108,39 @@ def test_compiled_backward_with_every_flag_matches_reference():
     for name, p in fused.named_parameters():
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason="CUDA graph trees need CUDA")
+def test_reduce_overhead_compile_trains_a_model_whose_kernels_never_ran():
+    """torch.compile mode 'reduce-overhead' (CUDA graph trees: EXTRA.COMPILE_MODE, the benchmarks' best
+    configuration) on a model no kernel has seen: what a kernel caches during the trees' warm-up run
+    must not live in the graph's memory pool (the trees then refuse to record: the window attention's
+    table-gradient positions did). Three training steps (warm-up, record, replay), each's output and
+    every gradient against the uncompiled reference."""
+    torch.manual_seed(0)
+    small = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                 num_classes=10, drop_path_rate=0.0)
+    ref = SwinTransformer(**small).to(DEVICE)
+    fused = SwinTransformer(**small, fused_window_process=True, fused_attention=True, fused_layernorm=True,
+                            fused_mlp=True, fused_dense=True, kernel_backend='triton').to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    wa._POSITIONS.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, mode='reduce-overhead', fullgraph=True)
+    for step in range(3):
+        x = torch.randn(2, 3, 32, 32, device=DEVICE)
+        g = torch.randn(2, 10, device=DEVICE)
+        for m in (ref, fused):
+            m.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x)
+        (out * g).sum().backward()
+        out_ref = ref(x)
+        (out_ref * g).sum().backward()
+        torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5, msg=f'step {step}')
+        ref_grads = dict(ref.named_parameters())
+        for name, p in fused.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-5, msg=f'{name}, step {step}')
 
 
 def test_no_graph_breaks_swinv2_and_swin_mlp_with_their_flags():
