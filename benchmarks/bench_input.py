@@ -228,12 +228,13 @@ def gpu_time(root: str, batches: int = 10) -> dict:
 
 
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              decode_batches: int = 1) -> list:
+              decode_batches: int = 1, decode: str = 'device') -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
-    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES."""
+    (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES; decode:
+    EXTRA.JPEG_DECODE."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.DECODE_BATCHES',
-            str(decode_batches)]
+            str(decode_batches), 'EXTRA.JPEG_DECODE', decode]
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -243,10 +244,10 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1, switch_interval: float = 0.0) -> dict:
+            decode_batches: int = 1, switch_interval: float = 0.0, decode: str = 'device') -> dict:
     """One main.py run; switch_interval > 0: Python's GIL switch interval for it (sys.setswitchinterval,
     default 0.005 s: how long a thread waiting for the GIL waits before it asks the holder to drop it)."""
-    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches)
+    args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches, decode)
     cmd = [sys.executable, 'main.py'] + args
     if switch_interval:
         cmd = [sys.executable, '-c', f'import runpy, sys; sys.setswitchinterval({switch_interval}); '
@@ -258,8 +259,8 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
-            'workers': workers, 'decode_batches': decode_batches, 'switch_interval': switch_interval,
-            'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
+            'workers': workers, 'decode_batches': decode_batches, 'decode': decode,
+            'switch_interval': switch_interval, 'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(['main.py'] + args)}
 
 
@@ -300,8 +301,8 @@ def main() -> None:
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
-                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N]], STEP compile (default) or '
-                        'graph, N EXTRA.DECODE_BATCHES (default 1)')
+                   help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:DECODE]]], STEP compile (default) or '
+                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE EXTRA.JPEG_DECODE (device or workers)')
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--switch-interval', type=float, default=0.0,
@@ -335,9 +336,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, n = (run.split(':') + ['compile', '1'][len(run.split(':')) - 2:])[:4]
+            pipeline, data, step, n, decode = (run.split(':') + ['compile', '1', 'device'][len(run.split(':')) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n), a.switch_interval))
+                                a.images, step, int(n), a.switch_interval, decode))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -354,7 +355,7 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'switch_interval', 'pin_memory', 'img/s',
+                                                 'decode_batches', 'decode', 'switch_interval', 'pin_memory', 'img/s',
                                                  'decode img/s', 'finish img/s', 'ms_per_batch', 'rc'], env))
 
 

@@ -3,19 +3,20 @@
 Upstream decodes and augments every image in CPU workers with PIL (about 150 images/s per core) and
 ships float32 images to the GPU. Here the work is split where each part is cheapest:
 
-- CPU workers read the file's bytes, parse only its header (size, format, colour mode) and draw
-  every random choice of upstream's recipe from timm's and torchvision's own samplers: the
-  RandomResizedCrop box, the flip, the RandAugment program (timm's ops, probabilities, magnitude
-  noise, increasing variants) and the RandomErasing rectangles. They return the compressed bytes
-  and a row of parameters: ~100 KB instead of 600 KB of float32 per image, no pixel work.
-- On the training device, a background thread decodes the batch (nvJPEG, on the GPU's hardware
-  JPEG engines, for baseline JPEGs in YCbCr or grey), crops and resizes each image (antialiased
-  bicubic), and applies flip, RandAugment, normalisation and erasing as batched tensor ops
-  (data/tensor_ops.py, which match Pillow's ops), on its own CUDA stream, a few batches ahead.
-- Files nvJPEG does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are
-  decoded in the worker with PIL's convert('RGB'), as upstream decodes them; a file PIL cannot
-  read is an error naming it. Nothing is dropped. EXTRA.JPEG_DECODE 'workers' decodes every file
-  that way (upstream's exact pixels, at the workers' decode speed).
+- CPU workers read the file, decode it with PIL as upstream does (EXTRA.JPEG_DECODE 'workers', the
+  default) and cut it to its crop box, and draw every random choice of upstream's recipe from timm's
+  and torchvision's own samplers: the RandomResizedCrop box, the flip, the RandAugment program (timm's
+  ops, probabilities, magnitude noise, increasing variants) and the RandomErasing rectangles. They
+  return uint8 pixels and a row of parameters: no float32 images, no per-image augmentation on the CPU.
+- On the training device, a background thread crops and resizes each image (antialiased bicubic) and
+  applies flip, RandAugment, normalisation and erasing as batched tensor ops (data/tensor_ops.py,
+  which match Pillow's ops), on its own CUDA stream, a few batches ahead.
+- EXTRA.JPEG_DECODE 'device': the workers send baseline JPEGs (YCbCr or grey) as compressed bytes and
+  the background thread decodes the batch with nvJPEG, on the GPU's hardware JPEG engines (slightly
+  different pixels; slower than 12+ workers next to a training step, see config.py). Files nvJPEG
+  does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are decoded in the
+  worker with PIL's convert('RGB') either way; a file PIL cannot read is an error naming it. Nothing
+  is dropped.
 
 On a machine without CUDA the same code runs on the CPU (workers decode with PIL, the batch ops run
 in the main process): slower, for tests and the demo.

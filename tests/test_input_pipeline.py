@@ -558,7 +558,7 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
     runs = {}
     for n in (1, 2, 3):
         cfg = _config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', 'EXTRA.DECODE_BATCHES', str(n),
-                      data_path=jpeg_data)
+                      'EXTRA.JPEG_DECODE', 'device', data_path=jpeg_data)
         _, _, train, val, _ = build_loader(cfg)
         train.sampler.set_epoch(0)
         torch.manual_seed(0)
@@ -577,8 +577,8 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
 # ----------------------------------------------------------------------------- main.py
 def test_main_trains_with_gpu_pipeline_on_jpegs(jpeg_data, tmp_path):
     """main.py --data-pipeline gpu on the messy JPEG folder, the default RandAugment + erasing +
-    mixup recipe at 64 px (random-resized-crop path), then --eval; and the demo's 32 px recipe
-    (padded random crop) on its PNGs with 2-process DDP."""
+    mixup recipe at 64 px (random-resized-crop path; the default decode, PIL in the workers), then
+    --eval with EXTRA.JPEG_DECODE device (nvJPEG on CUDA)."""
     out = run_main(['--cfg', DEMO_CFG, '--data-path', jpeg_data, '--output', str(tmp_path / 'a'),
                     '--data-pipeline', 'gpu', '--opts', 'TRAIN.EPOCHS', '2', 'DATA.IMG_SIZE', '64',
                     'AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1', 'AUG.REPROB', '0.25', 'AUG.MIXUP', '0.8',
@@ -587,7 +587,7 @@ def test_main_trains_with_gpu_pipeline_on_jpegs(jpeg_data, tmp_path):
     ckpt = tmp_path / 'a' / 'swin_micro_shapes10' / 'default' / 'ckpt_best.pth'
     out = run_main(['--cfg', DEMO_CFG, '--data-path', jpeg_data, '--output', str(tmp_path / 'b'), '--eval',
                     '--resume', str(ckpt), '--data-pipeline', 'gpu', '--opts', 'DATA.IMG_SIZE', '64',
-                    'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '1'])
+                    'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '1', 'EXTRA.JPEG_DECODE', 'device'])
     assert 0 <= result(out)['acc1'] <= 100
 
 
