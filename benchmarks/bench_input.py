@@ -7,7 +7,8 @@ folder:    writes <root>/{train,val}/<class>/*.JPEG, 100 classes, ~100 KB baseli
            and written under every file name in turn (the decode cost is per file all the same).
 pipelines: each pipeline alone, as main.py builds it (data.build_loader), images moved to the
            GPU: img/s over batches 10..N (the prefetch queue drained, steady state only). Upstream's
-           PIL pipeline with its 8 workers and with one worker per core, ours with `--workers`.
+           PIL pipeline with its 8 workers and with one worker per core, ours with `--workers`, with
+           each decode of `--decode` (nvJPEG on the device, PIL in the workers).
 gputime:   GPU kernel time of our train transform per batch of 128 (torch.profiler, the sum of
            every kernel's time, nvJPEG's included), beside the Swin-T step it must hide under.
 main:      main.py training Swin-T with the best flags (all flags, --fused_adam, O2 bf16, compile
@@ -73,18 +74,20 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
 
 
 def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True,
-            decode_batches: int = 1):
+            decode_batches: int = 1, decode: str = 'device'):
+    """main.py's config for the folder; decode: EXTRA.JPEG_DECODE (the stage measurements take nvJPEG's)."""
     from config import get_config
     return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
                                          opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
                                                'DATA.PIN_MEMORY', str(pin), 'EXTRA.DECODE_BATCHES',
-                                               str(decode_batches)]))
+                                               str(decode_batches), 'EXTRA.JPEG_DECODE', decode]))
 
 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
-                  decode_batches: int = 1) -> dict:
+                  decode_batches: int = 1, decode: str = 'device') -> dict:
     from data import build_loader
-    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches)
+    cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches,
+                  decode=decode)
     _, _, train, val, _ = build_loader(cfg)
     loader = train if split == 'train' else val
     if split == 'train':
@@ -103,7 +106,8 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     torch.cuda.synchronize()
     rate = n / (time.time() - t0)
     return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
-            'decode_batches': decode_batches, 'img/s': rate, 'batches_timed': i - 10}
+            'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers', 'img/s': rate,
+            'batches_timed': i - 10}
 
 
 class _GpuLoad:
@@ -228,7 +232,7 @@ def gpu_time(root: str, batches: int = 10) -> dict:
 
 
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-              decode_batches: int = 1, decode: str = 'device') -> list:
+              decode_batches: int = 1, decode: str = 'workers') -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
     (--cuda-graph: the eager step captured); decode_batches: EXTRA.DECODE_BATCHES; decode:
     EXTRA.JPEG_DECODE."""
@@ -244,7 +248,7 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1, switch_interval: float = 0.0, decode: str = 'device') -> dict:
+            decode_batches: int = 1, switch_interval: float = 0.0, decode: str = 'workers') -> dict:
     """One main.py run; switch_interval > 0: Python's GIL switch interval for it (sys.setswitchinterval,
     default 0.005 s: how long a thread waiting for the GIL waits before it asks the holder to drop it)."""
     args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches, decode)
@@ -300,9 +304,11 @@ def main() -> None:
     p.add_argument('--batches', type=int, default=120)
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
-    p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'pil:jpeg'],
+    p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'gpu:jpeg:compile:1:device', 'pil:jpeg'],
                    help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:DECODE]]], STEP compile (default) or '
-                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE EXTRA.JPEG_DECODE (device or workers)')
+                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE EXTRA.JPEG_DECODE (workers, the default, or device)')
+    p.add_argument('--decode', nargs='+', choices=['device', 'workers'], default=['device', 'workers'],
+                   help="the pipelines part's decodes for the gpu pipeline (EXTRA.JPEG_DECODE)")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--switch-interval', type=float, default=0.0,
@@ -317,15 +323,18 @@ def main() -> None:
     print('folder', info, flush=True)
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
-        runs = [('gpu', 'train', a.workers, a.batches, True, n) for n in a.decode_batches]
-        runs += [('gpu', 'train', a.workers, a.batches, False, 1)]
-        runs += [('gpu', 'val', a.workers, 45, True, n) for n in a.decode_batches]
-        runs += [('pil', 'train', 8, 40, True, 1), ('pil', 'train', cores - 1, 50, True, 1),
-                 ('pil', 'val', cores - 1, 45, True, 1)]
-        for pipeline, split, workers, batches, pin, n in runs:
+        runs = [('gpu', 'train', a.workers, a.batches, True, n, 'device') for n in a.decode_batches]
+        runs += [('gpu', 'train', a.workers, a.batches, False, 1, 'device')]
+        runs += [('gpu', 'val', a.workers, 45, True, n, 'device') for n in a.decode_batches]
+        runs = [r for r in runs if 'device' in a.decode]
+        if 'workers' in a.decode:
+            runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'), ('gpu', 'val', a.workers, 45, True, 1, 'workers')]
+        runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
+                 ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
+        for pipeline, split, workers, batches, pin, n, decode in runs:
             if pipeline not in a.pipelines:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
@@ -336,7 +345,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, n, decode = (run.split(':') + ['compile', '1', 'device'][len(run.split(':')) - 2:])[:5]
+            pipeline, data, step, n, decode = (run.split(':') + ['compile', '1', 'workers'][len(run.split(':')) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
                                 a.images, step, int(n), a.switch_interval, decode))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
