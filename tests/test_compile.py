@@ -80,22 +80,35 @@ def test_opcheck_mlp_and_dense():
     torch.library.opcheck(dense._fwd_op, (x, w1, None, False), test_utils=CHECKS)
 
 
-def test_compiled_backward_with_every_flag_matches_reference():
-    """torch.compile (aot_eager on the CPU, inductor on CUDA), fullgraph, with all five flags on the
-    Triton kernels: forward and every parameter gradient against the uncompiled reference model.
-    This runs each custom op's registered backward under AOT autograd, as --compile does."""
-    from kernels.layer_norm import layer_norm_partition, merge_add_layer_norm
+def _reference_and_fused():
+    """A small reference Swin and the same weights with all five flags on the Triton kernels."""
     torch.manual_seed(0)
     small = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
                  num_classes=10, drop_path_rate=0.0)
     ref = SwinTransformer(**small).to(DEVICE)
     fused = SwinTransformer(**small, fused_window_process=True, fused_attention=True, fused_layernorm=True,
                             fused_mlp=True, fused_dense=True, kernel_backend='triton').to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _assert_same_grads(fused, ref, msg=''):
+    ref_grads = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-5, msg=f'{name}{msg}')
+
+
+def test_compiled_backward_with_every_flag_matches_reference():
+    """torch.compile (aot_eager on the CPU, inductor on CUDA), fullgraph, with all five flags on the
+    Triton kernels: forward and every parameter gradient against the uncompiled reference model.
+    This runs each custom op's registered backward under AOT autograd, as --compile does."""
+    from kernels.layer_norm import layer_norm_partition, merge_add_layer_norm
+    ref, fused = _reference_and_fused()
     assert dict(fused.ops.chosen) == {op: 'triton' for op in ('window_process', 'window_attention', 'layer_norm',
                                                               'add_layer_norm', 'norm_partition', 'merge_add_norm',
                                                               'mlp', 'dense')}
     assert fused.ops.norm_partition is layer_norm_partition and fused.ops.merge_add_norm is merge_add_layer_norm
-    fused.load_state_dict(ref.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
@@ -104,10 +117,7 @@ def test_compiled_backward_with_every_flag_matches_reference():
     (out_ref * g).sum().backward()
     (out * g).sum().backward()
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
-    ref_grads = dict(ref.named_parameters())
-    for name, p in fused.named_parameters():
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+    _assert_same_grads(fused, ref)
 
 
 @pytest.mark.skipif(DEVICE != 'cuda', reason="CUDA graph trees need CUDA")
@@ -117,13 +127,7 @@ def test_reduce_overhead_compile_trains_a_model_whose_kernels_never_ran():
     must not live in the graph's memory pool (the trees then refuse to record: the window attention's
     table-gradient positions did). Three training steps (warm-up, record, replay), each's output and
     every gradient against the uncompiled reference."""
-    torch.manual_seed(0)
-    small = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                 num_classes=10, drop_path_rate=0.0)
-    ref = SwinTransformer(**small).to(DEVICE)
-    fused = SwinTransformer(**small, fused_window_process=True, fused_attention=True, fused_layernorm=True,
-                            fused_mlp=True, fused_dense=True, kernel_backend='triton').to(DEVICE)
-    fused.load_state_dict(ref.state_dict())
+    ref, fused = _reference_and_fused()
     wa._POSITIONS.clear()
     torch._dynamo.reset()
     compiled = torch.compile(fused, mode='reduce-overhead', fullgraph=True)
@@ -138,9 +142,7 @@ def test_reduce_overhead_compile_trains_a_model_whose_kernels_never_ran():
         out_ref = ref(x)
         (out_ref * g).sum().backward()
         torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5, msg=f'step {step}')
-        ref_grads = dict(ref.named_parameters())
-        for name, p in fused.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-5, msg=f'{name}, step {step}')
+        _assert_same_grads(fused, ref, f', step {step}')
 
 
 def test_no_graph_breaks_swinv2_and_swin_mlp_with_their_flags():
