@@ -20,6 +20,9 @@ profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-bu
 contention: the train transform's decode and finish stages alone, with the GPU idle and kept busy.
 decode-profile: the decode stage alone under torch.profiler, GPU idle and kept busy: per batch, the host
            calls it spends its time in (count, ms) and the GPU kernels it runs: what the wait is.
+worker:    one worker's cost of a training item (read, sample the recipe, decode, cut the crop; no GPU
+           needed), the gpu pipeline's decode in the workers with torchvision's libjpeg-turbo and with
+           PIL's convert('RGB'), alternating, one process.
 harness:   bench_train.py's row for the same configuration (synthetic inputs on the GPU, no data
            loading at all).
 """
@@ -231,6 +234,32 @@ def gpu_time(root: str, batches: int = 10) -> dict:
             'top': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3)) for e in top]}
 
 
+def worker_cost(root: str, images: int = 256, rounds: int = 4) -> list:
+    """ms per training item in one process with one torch thread (as a DataLoader worker has),
+    torchvision's host decode and PIL's, alternating."""
+    import data.gpu_pipeline as gp
+    from data import build_loader
+    _, _, train, _, _ = build_loader(_config(root, 'gpu', 0, decode='workers'))
+    raw = train.dataset
+    n = min(images, len(raw))
+    fast, rows, threads = gp._decode_as_pil, [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in range(rounds):
+            for name, decode in (('torchvision (libjpeg-turbo)', fast), ("PIL convert('RGB')", lambda data: None)):
+                gp._decode_as_pil = decode
+                t0 = time.perf_counter()
+                for i in range(n):
+                    raw[i]
+                rows.append({'part': 'worker', 'decode': name, 'round': r,
+                             'ms_per_item': (time.perf_counter() - t0) / n * 1e3})
+                print(rows[-1], flush=True)
+    finally:
+        gp._decode_as_pil = fast
+        torch.set_num_threads(threads)
+    return rows
+
+
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
               decode_batches: int = 1, decode: str = 'workers') -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
@@ -356,6 +385,8 @@ def main() -> None:
                                      a.workers if pipeline == 'gpu' else cores - 1, a.images, step,
                                      a.profile_options.split()))
             print(json.dumps(rows[-1], indent=1), flush=True)
+    if 'worker' in a.parts:
+        rows += worker_cost(a.root)
     if 'harness' in a.parts:
         for step in a.harness_steps:
             rows.append(harness(step))
@@ -364,8 +395,9 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'decode', 'switch_interval', 'pin_memory', 'img/s',
-                                                 'decode img/s', 'finish img/s', 'ms_per_batch', 'rc'], env))
+                                                 'decode_batches', 'decode', 'round', 'switch_interval', 'pin_memory',
+                                                 'img/s', 'ms_per_item', 'decode img/s', 'finish img/s', 'ms_per_batch',
+                                                 'rc'], env))
 
 
 if __name__ == '__main__':

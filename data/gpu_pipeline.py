@@ -3,8 +3,9 @@
 Upstream decodes and augments every image in CPU workers with PIL (about 150 images/s per core) and
 ships float32 images to the GPU. Here the work is split where each part is cheapest:
 
-- CPU workers read the file, decode it with PIL as upstream does (EXTRA.JPEG_DECODE 'workers', the
-  default) and cut it to its crop box, and draw every random choice of upstream's recipe from timm's
+- CPU workers read the file, decode it to PIL's convert('RGB') pixels as upstream does
+  (EXTRA.JPEG_DECODE 'workers', the default; baseline JPEGs through torchvision's libjpeg-turbo where
+  it gives exactly those pixels, checked once a process, else PIL) and cut it to its crop box, and draw every random choice of upstream's recipe from timm's
   and torchvision's own samplers: the RandomResizedCrop box, the flip, the RandAugment program (timm's
   ops, probabilities, magnitude noise, increasing variants) and the RandomErasing rectangles. They
   return uint8 pixels and a row of parameters: no float32 images, no per-image augmentation on the CPU.
@@ -25,11 +26,13 @@ What is not implemented (a clear error at start names it; use --data-pipeline pi
 (timm applies it only without an auto-augment policy, or with '3a'), AutoAugment / AugMix policies,
 DATA.INTERPOLATION other than bicubic.
 """
+import functools
 import io
 import math
 import queue
 import random
 import threading
+from typing import Optional
 
 import numpy as np
 import torch
@@ -180,12 +183,6 @@ class RawImages(torch.utils.data.Dataset):
         with open(s.samples[index][0], 'rb') as f:
             return f.read()
 
-    def _decodable_on_device(self, image: Image.Image, data: bytes) -> bool:
-        """Baseline JPEGs in YCbCr or grey, complete (ending in the EOI marker)."""
-        return (self.device_decode and image.format == 'JPEG' and image.mode in ('RGB', 'L')
-                and not image.info.get('progressive') and not image.info.get('progression')
-                and data.rstrip(b'\0')[-2:] == b'\xff\xd9')
-
     def __getitem__(self, index: int):
         label = self.source.samples[index][1]
         try:
@@ -193,18 +190,75 @@ class RawImages(torch.utils.data.Dataset):
             image = Image.open(io.BytesIO(data))
             params = self.recipe.sample(image) if self.recipe else torch.tensor(
                 [image.size[1], image.size[0]], dtype=torch.float64)
-            if self._decodable_on_device(image, data):
+            baseline = _baseline_jpeg(image, data)
+            if baseline and self.device_decode:
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, params, label, index
-            rgb = image.convert('RGB')
+            chw = _decode_as_pil(data) if baseline else None
+            rgb = image.convert('RGB') if chw is None else None
         except DataError:
             raise
         except Exception as e:
             raise DataError(f'cannot read image {self.name(index)}: {e}. Remove or replace the file.') from None
         kind = 1
-        if self.recipe is not None and not self.recipe.small:     # send only the crop box's pixels
+        crop = self.recipe is not None and not self.recipe.small      # send only the crop box's pixels
+        if crop:
             top, left, h, w = (int(v) for v in params[BOX])
-            rgb, kind = rgb.crop((left, top, left + w, top + h)), 2
+            kind = 2
+        if chw is not None:
+            if crop:
+                chw = chw[:, top:top + h, left:left + w]
+            return chw.permute(1, 2, 0).contiguous(), kind, params, label, index
+        if crop:
+            rgb = rgb.crop((left, top, left + w, top + h))
         return torch.from_numpy(np.asarray(rgb).copy()), kind, params, label, index
+
+
+def _baseline_jpeg(image: Image.Image, data: bytes) -> bool:
+    """Baseline JPEGs in YCbCr or grey, complete (ending in the EOI marker): the files nvJPEG
+    decodes, and libjpeg-turbo through torchvision on the host."""
+    return (image.format == 'JPEG' and image.mode in ('RGB', 'L') and not image.info.get('progressive')
+            and not image.info.get('progression') and data.rstrip(b'\0')[-2:] == b'\xff\xd9')
+
+
+def _decode_as_pil(data: bytes) -> Optional[torch.Tensor]:
+    """A baseline JPEG -> [3, H, W] uint8 through torchvision's libjpeg-turbo decode, where that gives
+    PIL's convert('RGB') pixels (_libjpeg_is_pils); None where it does not or the decode fails (the
+    caller then decodes with PIL, whose result or error is upstream's). Pillow's wheels decode with
+    libjpeg-turbo too, with more copies around it: a worker's training item took 1.43-1.53 ms against
+    1.51-1.59, 2.2-2.65 against 2.4-3.5 on a busy box (2-core CPU box, 2026-11-29; bench_input.py's
+    worker part), and the crop is then a slice."""
+    if not _libjpeg_is_pils():
+        return None
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _libjpeg_is_pils() -> bool:
+    """Whether torchvision's host JPEG decode equals PIL's convert('RGB') here, checked once per
+    process on small JPEGs of each kind it would take (4:2:0 and 4:4:4 colour, grey; odd sizes, so
+    partial blocks and the chroma upsampling's edges count). A Pillow built on IJG's libjpeg 9, which
+    upsamples chroma another way, fails it, and then PIL decodes everything."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        rng = np.random.default_rng(0)
+        ramp = np.linspace(0, 255, 45 * 37 * 3).reshape(37, 45, 3)
+        pixels = np.clip(ramp + rng.normal(0, 40, ramp.shape), 0, 255).astype(np.uint8)
+        for image, subsampling in ((Image.fromarray(pixels), 2), (Image.fromarray(pixels), 0),
+                                   (Image.fromarray(pixels[..., 0]), 0)):
+            buf = io.BytesIO()
+            image.save(buf, 'JPEG', quality=90, subsampling=subsampling)
+            data = buf.getvalue()
+            ours = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            pils = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+            if not np.array_equal(ours.permute(1, 2, 0).numpy(), pils):
+                return False
+    except Exception:
+        return False
+    return True
 
 
 def collate_raw(batch):

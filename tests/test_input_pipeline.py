@@ -533,6 +533,43 @@ def test_jpeg_decode_in_workers_gives_pils_pixels(jpeg_data):
     assert kinds['device'] == ({0, 1} if DEVICE == 'cuda' else {1})
 
 
+def test_host_jpeg_decode_is_pils_on_every_kind_of_file(jpeg_data, monkeypatch):
+    """Without nvJPEG the workers decode baseline JPEGs with torchvision's libjpeg-turbo (faster than
+    PIL's path around the same library): each training item's payload, cut to its crop box, equals
+    PIL's convert('RGB') cut to that box, for every file of the messy train folder, and that decode
+    did serve the baseline files. The once-a-process check refuses a decoder that is one level off
+    anywhere."""
+    import data.gpu_pipeline as gp
+    from torchvision import datasets
+    assert gp._libjpeg_is_pils(), 'torchvision and Pillow decode JPEGs differently here'
+    served = []
+    fast = gp._decode_as_pil
+    monkeypatch.setattr(gp, '_decode_as_pil', lambda data: served.append(fast(data)) or served[-1])
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
+    raw = RawImages(source, TrainRecipe(_config()), device_decode=False)
+    for index, (path, _) in enumerate(source.samples):
+        payload, kind, params, _, _ = raw[index]
+        top, left, h, w = (int(v) for v in params[:4])
+        expected = np.asarray(Image.open(path).convert('RGB').crop((left, top, left + w, top + h)))
+        assert kind == 2 and np.array_equal(payload.numpy(), expected), path
+    assert sum(t is not None for t in served) == 3 * 14 + 3        # the photos and the grey files
+    # a decoder one level off on one pixel fails the check (and PIL then decodes everything)
+    from torchvision import io as tvio
+    real = tvio.decode_jpeg
+
+    def off_by_one(*args, **kwargs):
+        out = real(*args, **kwargs).clone()
+        out[0, -1, -1] ^= 1
+        return out
+    monkeypatch.setattr(tvio, 'decode_jpeg', off_by_one)
+    gp._libjpeg_is_pils.cache_clear()
+    try:
+        assert not gp._libjpeg_is_pils() and fast(open(source.samples[0][0], 'rb').read()) is None
+    finally:
+        monkeypatch.setattr(tvio, 'decode_jpeg', real)
+        gp._libjpeg_is_pils.cache_clear()
+
+
 def test_decoding_batches_together_changes_nothing(jpeg_data):
     """EXTRA.DECODE_BATCHES: raw batches decoded in one call give the images each gives alone (the
     messy val folder: nvJPEG's files and host-decoded ones in one call, a short last batch); on CUDA
