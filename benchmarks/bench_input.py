@@ -39,10 +39,9 @@ from multiprocessing import Pool
 import numpy as np
 import torch
 
-from common import ROOT, environment, write_results
+from common import RECOMMENDED, ROOT, environment, write_results
 
-BEST = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_adam', '--amp-opt-level', 'O2',
-        '--amp-dtype', 'bfloat16', '--compile']
+BEST = RECOMMENDED + ['--compile']
 TINY = os.path.join(ROOT, 'configs/swin/swin_tiny_patch4_window7_224.yaml')
 
 

@@ -11,6 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# main.py's recommended flags (README): the fused window process, attention and LayerNorm, fused AdamW, O2 bf16
+RECOMMENDED = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_adam', '--amp-opt-level', 'O2',
+               '--amp-dtype', 'bfloat16']
+
 
 def environment() -> dict:
     import triton

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from common import RECOMMENDED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = 'configs/demo/swin_micro_shapes10.yaml'
 FLAGS = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_mlp', '--fused_dense',
@@ -54,8 +56,7 @@ PIPELINE_VARIANTS = {   # name: (extra main.py args, extra --opts)
 }
 
 # the recommended flags at O2 bf16, with and without float8 GEMMs (torchao; Hopper or newer)
-BEST = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_adam', '--amp-opt-level', 'O2',
-        '--amp-dtype', 'bfloat16']
+BEST = RECOMMENDED
 FP8_VARIANTS = {   # name: (extra main.py args, extra --opts)
     'best flags, O2 bf16, JPEG 224': (BEST, JPEG224),
     '--fp8 + best flags, O2 bf16, JPEG 224': (BEST + ['--fp8'], JPEG224),
