@@ -9,7 +9,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   and torchvision's own samplers: the RandomResizedCrop box, the flip, the RandAugment program (timm's
   ops, probabilities, magnitude noise, increasing variants) and the RandomErasing rectangles. They
   return uint8 pixels and a row of parameters: no float32 images, no per-image augmentation on the CPU.
-- On the training device, a background thread crops and resizes each image (antialiased bicubic) and
+- On the training device, a background thread copies the batch's pixels in one transfer, crops and
+  resizes each image (antialiased bicubic, reading the workers' HWC layout in place) and
   applies flip, RandAugment, normalisation and erasing as batched tensor ops (data/tensor_ops.py,
   which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - EXTRA.JPEG_DECODE 'device': the workers send baseline JPEGs (YCbCr or grey) as compressed bytes and
@@ -323,15 +324,18 @@ class DeviceTransform:
         call, 17,822 at 256, i.e. ~3.6 ms a call + ~42 us an image)."""
         batches, jobs = [], []       # jobs: (images list, position, payload, indices) for nvJPEG
         for blob, sizes, shapes, kinds, params, labels, indices, seed in raws:
-            payloads = torch.split(blob, sizes.tolist())
             kind = kinds.tolist()
+            # decoded pixels only (the workers decode): the batch reaches the device in one copy, each
+            # image an HWC view of it that the resize kernels read in place
+            on_device = 0 not in kind
+            payloads = torch.split(blob.to(self.device, non_blocking=True) if on_device else blob, sizes.tolist())
             images = [None] * len(payloads)
             for i, k in enumerate(kind):
                 if k == 0:
                     jobs.append((images, i, payloads[i], indices))
                 else:
-                    hwc = payloads[i].reshape(shapes[i].tolist())
-                    images[i] = hwc.to(self.device, non_blocking=True).permute(2, 0, 1)
+                    hwc = payloads[i].view(shapes[i].tolist())
+                    images[i] = (hwc if on_device else hwc.to(self.device, non_blocking=True)).permute(2, 0, 1)
             batches.append((images, kind, params, labels, indices, seed))
         if jobs:
             from torchvision.io import ImageReadMode, decode_jpeg

@@ -19,15 +19,19 @@ result is rounded to the 8-bit grid (floor(x + 0.5), clipped to 0..255), as `dat
 Each image b has a box (top, left, h, w) of its (H, W) image that is resized to a virtual
 (out_h, out_w) image, of which the window (out_top, out_left, S, S) is written: a random-resized
 crop is box = the crop, virtual = (S, S), window at 0; resize-shorter-side + centre crop is box =
-the whole image, virtual = the resized size, window = the centre. Limits: uint8 RGB (3 channels,
-CHW) input; any image sizes (element offsets are int64); the intermediate holds max(box h) x S
-floats per image and channel.
+the whole image, virtual = the resized size, window = the centre. Limits: uint8 RGB (3 channels),
+each image in CHW (nvJPEG's output) or HWC (what the workers decode) layout, read in place: a batch
+of HWC images reaches the device in one copy and is resized without a per-image transpose; any
+image sizes (element offsets are int64); the intermediate holds max(box h) x S floats per image and
+channel.
 """
 import torch
 
 from ._utils import cdiv, check_triton_device, next_power_of_2, triton_available
 
 META_FIELDS = ('offset', 'H', 'W', 'top', 'left', 'h', 'w', 'out_h', 'out_w', 'out_top', 'out_left')
+# the launcher appends each image's layout to its row: 0 CHW, 1 HWC
+_ROW = len(META_FIELDS) + 1
 
 
 # ----------------------------------------------------------------------------- reference
@@ -45,10 +49,16 @@ def crop_resize_ref(images: list, meta: torch.Tensor, size: int) -> torch.Tensor
 
 
 def pack(images: list) -> tuple:
-    """(uint8 buffer of every image's CHW pixels, int64 element offset of each image)."""
-    sizes = [img.numel() for img in images]
-    offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
-    return torch.cat([img.reshape(-1) for img in images]), offsets
+    """(uint8 buffer of every image's pixels as stored, int64 element offset of each image, its
+    layout: 1 where the [3, H, W] tensor is an HWC image seen channels-first, else 0). Images in
+    neither layout are copied to CHW."""
+    flat, layouts = [], []
+    for img in images:
+        hwc = not img.is_contiguous() and img.permute(1, 2, 0).is_contiguous()
+        flat.append(img.permute(1, 2, 0).reshape(-1) if hwc else img.contiguous().reshape(-1))
+        layouts.append(int(hwc))
+    offsets = torch.tensor([0] + [f.numel() for f in flat[:-1]]).cumsum(0)
+    return torch.cat(flat), offsets, torch.tensor(layouts)
 
 
 def taps(n_in: int, n_out: int) -> int:
@@ -83,13 +93,13 @@ if triton_available():
 
     @triton.jit
     def _horizontal_kernel(src_ptr, meta_ptr, tmp_ptr, max_h, max_taps,
-                           S: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+                           S: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, ROW: tl.constexpr):
         """tmp[b, c, y, x] for the box's rows y and output columns x of the window."""
         pid_bc = tl.program_id(0)
         pid_y = tl.program_id(1)
         b = pid_bc // 3
         c = pid_bc % 3
-        m = meta_ptr + b * 11
+        m = meta_ptr + b * ROW
         offset = tl.load(m + 0)
         H = tl.load(m + 1)
         W = tl.load(m + 2)
@@ -99,19 +109,23 @@ if triton_available():
         w = tl.load(m + 6)
         out_w = tl.load(m + 8)
         out_left = tl.load(m + 10)
+        hwc = tl.load(m + 11) == 1                # strides of the image's layout: CHW or HWC
+        c_stride = tl.where(hwc, 1, H * W)
+        row_stride = tl.where(hwc, 3 * W, W)
+        px = tl.where(hwc, 3, 1)
         xs = tl.arange(0, BLOCK_S)
         center, lo, hi, inv = _window(w, out_w, out_left, xs)
         ys = pid_y * ROWS + tl.arange(0, ROWS)
         row_ok = ys < h
         col_ok = xs < S
-        base = src_ptr + offset + c.to(tl.int64) * H * W + (top + ys).to(tl.int64)[:, None] * W + left
+        base = src_ptr + offset + c.to(tl.int64) * c_stride + (top + ys).to(tl.int64)[:, None] * row_stride + left * px
         acc = tl.zeros((ROWS, BLOCK_S), dtype=tl.float32)
         wsum = tl.zeros((BLOCK_S,), dtype=tl.float32)
         for j in range(0, max_taps):
             src_x = lo + j
             valid = (src_x < hi) & col_ok
             wj = tl.where(valid, _cubic((src_x - center + 0.5) * inv), 0.0)
-            v = tl.load(base + src_x.to(tl.int64)[None, :], mask=row_ok[:, None] & valid[None, :], other=0)
+            v = tl.load(base + src_x.to(tl.int64)[None, :] * px, mask=row_ok[:, None] & valid[None, :], other=0)
             acc += wj[None, :] * v.to(tl.float32)
             wsum += wj
         acc = acc / tl.where(wsum == 0.0, 1.0, wsum)[None, :]
@@ -120,12 +134,12 @@ if triton_available():
 
     @triton.jit
     def _vertical_kernel(tmp_ptr, meta_ptr, out_ptr, max_h, max_taps,
-                         S: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+                         S: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, ROW: tl.constexpr):
         """out[b, c, y, x] from tmp's columns, rounded to the 8-bit grid."""
         pid_bc = tl.program_id(0)
         pid_y = tl.program_id(1)
         b = pid_bc // 3
-        m = meta_ptr + b * 11
+        m = meta_ptr + b * ROW
         h = tl.load(m + 5)
         out_h = tl.load(m + 7)
         out_top = tl.load(m + 9)
@@ -154,9 +168,10 @@ if triton_available():
 # ----------------------------------------------------------------------------- launcher
 def crop_resize_fwd(images: list, meta: torch.Tensor, size: int, out: torch.Tensor = None) -> torch.Tensor:
     """The batch [B, 3, size, size] float32 on the 8-bit grid, as crop_resize_ref. images: [3, H, W]
-    uint8 tensors on one device; meta: [B, 11] int64 (META_FIELDS; offset is filled here)."""
-    buf, offsets = pack(images)
-    meta = meta.clone()
+    uint8 tensors on one device, CHW or HWC underneath (see pack); meta: [B, 11] int64 (META_FIELDS;
+    offset is filled here)."""
+    buf, offsets, layouts = pack(images)
+    meta = torch.cat([meta, layouts[:, None]], 1)
     meta[:, 0] = offsets
     check_triton_device(buf)
     rows = meta.tolist()
@@ -170,8 +185,8 @@ def crop_resize_fwd(images: list, meta: torch.Tensor, size: int, out: torch.Tens
     block_s = next_power_of_2(size)
     rows_per_program = 4
     _horizontal_kernel[(B * 3, cdiv(max_h, rows_per_program))](
-        buf, meta_dev, tmp, max_h, taps_x, S=size, ROWS=rows_per_program, BLOCK_S=block_s)
+        buf, meta_dev, tmp, max_h, taps_x, S=size, ROWS=rows_per_program, BLOCK_S=block_s, ROW=_ROW)
     _vertical_kernel[(B * 3, cdiv(size, rows_per_program))](
-        tmp, meta_dev, out, max_h, taps_y, S=size, ROWS=rows_per_program, BLOCK_S=block_s)
+        tmp, meta_dev, out, max_h, taps_y, S=size, ROWS=rows_per_program, BLOCK_S=block_s, ROW=_ROW)
     return out
 

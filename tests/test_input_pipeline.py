@@ -256,16 +256,25 @@ def test_crop_resize_is_close_to_pillow():
 
 def test_crop_resize_kernels_match_reference():
     """The batched kernels against one F.interpolate per image: different image sizes in one batch,
-    down- and up-sampling, odd sizes, a window inside a larger virtual image (the val path)."""
-    from kernels.crop_resize import crop_resize_ref
+    down- and up-sampling, odd sizes, a window inside a larger virtual image (the val path); each
+    image stored CHW (nvJPEG's output), HWC (the workers' decode, read in place) or neither (a
+    strided view, copied)."""
+    from kernels.crop_resize import crop_resize_ref, pack
     g = torch.Generator().manual_seed(0)
     S = 24
     specs = [((37, 53), (3, 5, 30, 40), (S, S, 0, 0)), ((20, 16), (0, 0, 20, 16), (S, S, 0, 0)),
              ((90, 61), (10, 7, 11, 50), (S, S, 0, 0)), ((61, 90), (0, 0, 61, 90), (27, 39, 2, 8))]
     images, meta = [], []
-    for (H, W), box, window in specs:
-        images.append(torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8).to(DEVICE))
-        meta.append([0, H, W, *box, *window])
+    for layout in ('chw', 'hwc', 'strided'):
+        for (H, W), box, window in specs:
+            if layout == 'hwc':
+                img = torch.randint(0, 256, (H, W, 3), generator=g, dtype=torch.uint8).to(DEVICE).permute(2, 0, 1)
+            else:
+                img = torch.randint(0, 256, (3, H, 2 * W if layout == 'strided' else W), generator=g,
+                                    dtype=torch.uint8).to(DEVICE)[:, :, ::2 if layout == 'strided' else 1]
+            images.append(img)
+            meta.append([0, H, W, *box, *window])
+    assert pack(images)[2].tolist() == [0] * 4 + [1] * 4 + [0] * 4
     meta = torch.tensor(meta)
     out = torch.full((len(images), 3, S, S), float('nan'), device=DEVICE)
     from kernels.crop_resize import crop_resize_fwd
