@@ -292,7 +292,8 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
             'workers': workers, 'decode_batches': decode_batches, 'decode': decode,
-            'switch_interval': switch_interval, 'img/s': float(m.group(1)) if m else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
+            'switch_interval': switch_interval, 'img/s': float(m.group(1)) if m else None,
+            'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(['main.py'] + args)}
 
 
@@ -332,9 +333,11 @@ def main() -> None:
     p.add_argument('--batches', type=int, default=120)
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
-    p.add_argument('--main-runs', nargs='+', default=['gpu:synthetic', 'gpu:jpeg', 'gpu:jpeg:compile:1:device', 'pil:jpeg'],
+    p.add_argument('--main-runs', nargs='+',
+                   default=['gpu:synthetic', 'gpu:jpeg', 'gpu:jpeg:compile:1:device', 'pil:jpeg'],
                    help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:DECODE]]], STEP compile (default) or '
-                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE EXTRA.JPEG_DECODE (workers, the default, or device)')
+                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE EXTRA.JPEG_DECODE (workers, the '
+                        'default, or device)')
     p.add_argument('--decode', nargs='+', choices=['device', 'workers'], default=['device', 'workers'],
                    help="the pipelines part's decodes for the gpu pipeline (EXTRA.JPEG_DECODE)")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
@@ -356,7 +359,8 @@ def main() -> None:
         runs += [('gpu', 'val', a.workers, 45, True, n, 'device') for n in a.decode_batches]
         runs = [r for r in runs if 'device' in a.decode]
         if 'workers' in a.decode:
-            runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'), ('gpu', 'val', a.workers, 45, True, 1, 'workers')]
+            runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'),
+                     ('gpu', 'val', a.workers, 45, True, 1, 'workers')]
         runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
                  ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
         for pipeline, split, workers, batches, pin, n, decode in runs:
@@ -373,7 +377,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     if 'main' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step, n, decode = (run.split(':') + ['compile', '1', 'workers'][len(run.split(':')) - 2:])[:5]
+            fields = run.split(':')
+            pipeline, data, step, n, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
                                 a.images, step, int(n), a.switch_interval, decode))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)

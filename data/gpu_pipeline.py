@@ -5,10 +5,11 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
 
 - CPU workers read the file, decode it to PIL's convert('RGB') pixels as upstream does
   (EXTRA.JPEG_DECODE 'workers', the default; baseline JPEGs through torchvision's libjpeg-turbo where
-  it gives exactly those pixels, checked once a process, else PIL) and cut it to its crop box, and draw every random choice of upstream's recipe from timm's
-  and torchvision's own samplers: the RandomResizedCrop box, the flip, the RandAugment program (timm's
-  ops, probabilities, magnitude noise, increasing variants) and the RandomErasing rectangles. They
-  return uint8 pixels and a row of parameters: no float32 images, no per-image augmentation on the CPU.
+  it gives exactly those pixels, checked once a process, else PIL), cut it to its crop box, and draw
+  every random choice of upstream's recipe from timm's and torchvision's own samplers: the
+  RandomResizedCrop box, the flip, the RandAugment program (timm's ops, probabilities, magnitude
+  noise, increasing variants) and the RandomErasing rectangles. They return uint8 pixels and a row
+  of parameters: no float32 images, no per-image augmentation on the CPU.
 - On the training device, a background thread copies the batch's pixels in one transfer, crops and
   resizes each image (antialiased bicubic, reading the workers' HWC layout in place) and
   applies flip, RandAugment, normalisation and erasing as batched tensor ops (data/tensor_ops.py,
@@ -20,8 +21,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   worker with PIL's convert('RGB') either way; a file PIL cannot read is an error naming it. Nothing
   is dropped.
 
-On a machine without CUDA the same code runs on the CPU (workers decode with PIL, the batch ops run
-in the main process): slower, for tests and the demo.
+On a machine without CUDA the same code runs on the CPU (the workers decode, the batch ops run in
+the main process): slower, for tests and the demo.
 
 What is not implemented (a clear error at start names it; use --data-pipeline pil): colour jitter
 (timm applies it only without an auto-augment policy, or with '3a'), AutoAugment / AugMix policies,
