@@ -23,6 +23,7 @@ from timm.utils import AverageMeter, accuracy
 from amp import Precision, check_fp8, enable_fp8
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
+from data.build import workers_hint
 from cuda_graph import GraphedTrainStep, check_cuda_graph_config
 from kernels import KernelUnavailable
 from kernels.optimizers import is_fused
@@ -186,6 +187,9 @@ def main(config, logger=None):
 
     scalars = Scalars(config.OUTPUT, config.EXTRA.TENSORBOARD and rank() == 0)   # fails at start if missing
     dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    hint = workers_hint(config)
+    if hint:
+        logger.info(hint)
 
     precision = Precision(amp_opt_level(config), config.AMP_DTYPE, device, tf32=config.EXTRA.TF32)
     logger.info(f'Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME} ({precision.describe()})')

@@ -201,6 +201,26 @@ def build_loader(config):
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
 
 
+def workers_hint(config, cores: int = 0, processes: int = 0, cuda: bool = None):
+    """A line for the log when --data-pipeline gpu decodes in the workers and DATA.NUM_WORKERS leaves
+    most of the host's cores per training process idle (upstream's default is 8 workers; the decode
+    scales with them), else None. cores / processes / cuda default to this host and launch."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if (config.DATA.PIPELINE != 'gpu' or config.EXTRA.JPEG_DECODE != 'workers' or not cuda
+            or config.DATA.DATASET == 'synthetic'):
+        return None
+    if not cores:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    per_process = cores // max(1, processes or int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    workers = config.DATA.NUM_WORKERS
+    # the main process's threads (training loop, pipeline stages) need a few of the cores
+    if workers >= per_process - 4:
+        return None
+    return (f'--data-pipeline gpu decodes the images in the {workers} DataLoader workers, and this host has '
+            f'{per_process} CPU cores for each training process: --opts DATA.NUM_WORKERS {per_process - 4} '
+            f'feeds the GPU faster (EXTRA.JPEG_DECODE device decodes on the GPU instead)')
+
+
 def build_mixup(config):
     """timm's Mixup/CutMix on the batch, or None when both are off (as upstream)."""
     mixup_fn = None

@@ -653,6 +653,19 @@ def test_ddp_and_zip_with_gpu_pipeline(demo_data, tmp_path):
     assert 'EPOCH 0 training takes' in out and '40 images)' in out
 
 
+def test_workers_hint_names_the_worker_count_to_use():
+    """With the decode in the workers, main.py logs how many workers the host's cores allow when
+    DATA.NUM_WORKERS leaves most of them idle; nothing for the other pipelines and decodes, or a
+    worker count that already uses the cores."""
+    from data.build import workers_hint
+    hint = workers_hint(_config('DATA.NUM_WORKERS', '8'), cores=128, processes=8, cuda=True)
+    assert 'DATA.NUM_WORKERS 12' in hint and 'the 8 DataLoader workers' in hint and '16 CPU cores' in hint
+    assert workers_hint(_config('DATA.NUM_WORKERS', '12'), cores=16, processes=1, cuda=True) is None
+    assert workers_hint(_config('DATA.NUM_WORKERS', '8'), cores=128, processes=8, cuda=False) is None
+    assert workers_hint(_config('EXTRA.JPEG_DECODE', 'device'), cores=128, processes=8, cuda=True) is None
+    assert workers_hint(_config(pipeline='pil'), cores=128, processes=8, cuda=True) is None
+
+
 def test_unsupported_recipe_is_refused_at_start(demo_data, tmp_path):
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path), '--data-pipeline', 'gpu',
                     '--opts', 'AUG.COLOR_JITTER', '0.4'] + FAST, expect_ok=False)
