@@ -61,8 +61,9 @@ for part in $PARTS; do
                python3 benchmarks/bench_train.py --model "$m" --skip-infer --only "reference eager O1 fp16" \
                  "apex:" "ours:" "all flags + --fused_adam eager, O2" "all five flags + --fused_adam eager, O2 bf16" \
                  "all flags + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
-    input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py)
-             python3 benchmarks/bench_input.py --parts folder pipelines gputime --decode-batches 1 2 ;;
+    input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py),
+             # ours with each decode (nvJPEG, the workers), and one worker's cost a training image
+             python3 benchmarks/bench_input.py --parts folder pipelines gputime worker --decode-batches 1 2 ;;
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;
