@@ -168,10 +168,10 @@ _C.EXTRA.FP8_LAYERS = list(FP8_LAYER_NAMES)   # which Linears --fp8 swaps (a sub
 _C.EXTRA.DECODE_BATCHES = 1
 # --data-pipeline gpu: where JPEGs are decoded. 'workers': in the DataLoader workers, with upstream's
 # pixels (PIL's convert('RGB'); baseline JPEGs through torchvision's libjpeg-turbo, a few to 25% less
-# worker time, where a check at start finds it identical to PIL's), each training image cut to its crop box
-# before it is sent; 'device': nvJPEG
-# on the training GPU (its pixels differ slightly from libjpeg-turbo's: sharper, another chroma
-# upsampling; it learns faster in the first epochs of the convergence check, then the same). On one
+# worker time, where a check at start finds it identical to PIL's), each training image cut to its
+# crop box before it is sent; 'device': nvJPEG on the training GPU (its pixels differ slightly from
+# libjpeg-turbo's: sharper, another chroma upsampling; it learns faster in the first epochs of the
+# convergence check, then the same). On one
 # H200 host (16 cores, 12 workers, 2026-11-29) main.py trained Swin-T on JPEGs at 5469-6220 img/s with
 # 'workers', 5096 with 'device' (nvJPEG slows ~3x next to a training step): 'device' is for hosts
 # with few CPU cores a GPU. The augmentation runs on the device either way.

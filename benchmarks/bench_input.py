@@ -354,10 +354,11 @@ def main() -> None:
     print('folder', info, flush=True)
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
-        runs = [('gpu', 'train', a.workers, a.batches, True, n, 'device') for n in a.decode_batches]
-        runs += [('gpu', 'train', a.workers, a.batches, False, 1, 'device')]
-        runs += [('gpu', 'val', a.workers, 45, True, n, 'device') for n in a.decode_batches]
-        runs = [r for r in runs if 'device' in a.decode]
+        runs = []
+        if 'device' in a.decode:
+            runs += [('gpu', 'train', a.workers, a.batches, True, n, 'device') for n in a.decode_batches]
+            runs += [('gpu', 'train', a.workers, a.batches, False, 1, 'device')]
+            runs += [('gpu', 'val', a.workers, 45, True, n, 'device') for n in a.decode_batches]
         if 'workers' in a.decode:
             runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'),
                      ('gpu', 'val', a.workers, 45, True, 1, 'workers')]

@@ -231,11 +231,15 @@ def _decode_as_pil(data: bytes) -> Optional[torch.Tensor]:
     worker part), and the crop is then a slice."""
     if not _libjpeg_is_pils():
         return None
-    from torchvision.io import ImageReadMode, decode_jpeg
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return _torchvision_decode(data)
     except Exception:
         return None
+
+
+def _torchvision_decode(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 @functools.lru_cache(maxsize=1)
@@ -245,7 +249,6 @@ def _libjpeg_is_pils() -> bool:
     partial blocks and the chroma upsampling's edges count). A Pillow built on IJG's libjpeg 9, which
     upsamples chroma another way, fails it, and then PIL decodes everything."""
     try:
-        from torchvision.io import ImageReadMode, decode_jpeg
         rng = np.random.default_rng(0)
         ramp = np.linspace(0, 255, 45 * 37 * 3).reshape(37, 45, 3)
         pixels = np.clip(ramp + rng.normal(0, 40, ramp.shape), 0, 255).astype(np.uint8)
@@ -254,9 +257,8 @@ def _libjpeg_is_pils() -> bool:
             buf = io.BytesIO()
             image.save(buf, 'JPEG', quality=90, subsampling=subsampling)
             data = buf.getvalue()
-            ours = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             pils = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
-            if not np.array_equal(ours.permute(1, 2, 0).numpy(), pils):
+            if not np.array_equal(_torchvision_decode(data).permute(1, 2, 0).numpy(), pils):
                 return False
     except Exception:
         return False

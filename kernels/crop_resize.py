@@ -118,7 +118,8 @@ if triton_available():
         ys = pid_y * ROWS + tl.arange(0, ROWS)
         row_ok = ys < h
         col_ok = xs < S
-        base = src_ptr + offset + c.to(tl.int64) * c_stride + (top + ys).to(tl.int64)[:, None] * row_stride + left * px
+        base = (src_ptr + offset + c.to(tl.int64) * c_stride + (top + ys).to(tl.int64)[:, None] * row_stride
+                + left * px)
         acc = tl.zeros((ROWS, BLOCK_S), dtype=tl.float32)
         wsum = tl.zeros((BLOCK_S,), dtype=tl.float32)
         for j in range(0, max_taps):

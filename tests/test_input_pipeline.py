@@ -575,8 +575,7 @@ def test_host_jpeg_decode_is_pils_on_every_kind_of_file(jpeg_data, monkeypatch):
     try:
         assert not gp._libjpeg_is_pils() and fast(open(source.samples[0][0], 'rb').read()) is None
     finally:
-        monkeypatch.setattr(tvio, 'decode_jpeg', real)
-        gp._libjpeg_is_pils.cache_clear()
+        gp._libjpeg_is_pils.cache_clear()       # monkeypatch restores decode_jpeg; the next check redoes it
 
 
 def test_decoding_batches_together_changes_nothing(jpeg_data):
