@@ -176,6 +176,9 @@ _C.EXTRA.DECODE_BATCHES = 1
 # 'workers', 5096 with 'device' (nvJPEG slows ~3x next to a training step): 'device' is for hosts
 # with few CPU cores a GPU. The augmentation runs on the device either way.
 _C.EXTRA.JPEG_DECODE = 'workers'
+# with EXTRA.JPEG_DECODE 'device': the share of the baseline JPEGs (spread evenly over the indices) sent
+# to nvJPEG; the workers decode the rest as with 'workers', at the same time (the two decoders add up)
+_C.EXTRA.DEVICE_DECODE_SHARE = 1.0
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...
 
@@ -343,6 +346,8 @@ def _validate(config: CN) -> None:
     for key, value, choices in checks:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
+    if not 0.0 <= config.EXTRA.DEVICE_DECODE_SHARE <= 1.0:
+        raise ConfigError(f'EXTRA.DEVICE_DECODE_SHARE = {config.EXTRA.DEVICE_DECODE_SHARE} must be between 0 and 1')
     if config.EXTRA.DECODE_BATCHES < 1:
         raise ConfigError(f'EXTRA.DECODE_BATCHES = {config.EXTRA.DECODE_BATCHES} must be 1 or more')
     fp8_layers = list(config.EXTRA.FP8_LAYERS)

@@ -75,6 +75,13 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
     return info
 
 
+def decode_opts(decode: str) -> list:
+    """main.py's --opts for a decode: 'workers', 'device', or 'device@SHARE' (EXTRA.DEVICE_DECODE_SHARE:
+    that share of the JPEGs to nvJPEG, the rest decoded in the workers)."""
+    where, _, share = decode.partition('@')
+    return ['EXTRA.JPEG_DECODE', where] + (['EXTRA.DEVICE_DECODE_SHARE', share] if share else [])
+
+
 def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: bool = False, pin: bool = True,
             decode_batches: int = 1, decode: str = 'device'):
     """main.py's config for the folder; decode: EXTRA.JPEG_DECODE (the stage measurements take nvJPEG's)."""
@@ -82,7 +89,7 @@ def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: 
     return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
                                          opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
                                                'DATA.PIN_MEMORY', str(pin), 'EXTRA.DECODE_BATCHES',
-                                               str(decode_batches), 'EXTRA.JPEG_DECODE', decode]))
+                                               str(decode_batches)] + decode_opts(decode)))
 
 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
@@ -266,7 +273,7 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
     EXTRA.JPEG_DECODE."""
     opts = ['TRAIN.EPOCHS', '1', 'DATA.NUM_WORKERS', str(workers), 'PRINT_FREQ', '50', 'EXTRA.COMPILE_MODE',
             'reduce-overhead', 'SAVE_FREQ', '10', 'TRAIN.AUTO_RESUME', 'False', 'EXTRA.DECODE_BATCHES',
-            str(decode_batches), 'EXTRA.JPEG_DECODE', decode]
+            str(decode_batches)] + decode_opts(decode)
     flags = BEST if step == 'compile' else [f for f in BEST if f != '--compile'] + ['--cuda-graph']
     if synthetic:
         opts += ['DATA.DATASET', 'synthetic', 'EXTRA.SYNTHETIC_TRAIN_SIZE', str(epochs_images),
@@ -336,10 +343,11 @@ def main() -> None:
     p.add_argument('--main-runs', nargs='+',
                    default=['gpu:synthetic', 'gpu:jpeg', 'gpu:jpeg:compile:1:device', 'pil:jpeg'],
                    help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:DECODE]]], STEP compile (default) or '
-                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE EXTRA.JPEG_DECODE (workers, the '
-                        'default, or device)')
-    p.add_argument('--decode', nargs='+', choices=['device', 'workers'], default=['device', 'workers'],
-                   help="the pipelines part's decodes for the gpu pipeline (EXTRA.JPEG_DECODE)")
+                        'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE workers (the default), device or '
+                        'device@SHARE (see decode_opts)')
+    p.add_argument('--decode', nargs='+', default=['device', 'workers'],
+                   help="the pipelines part's decodes for the gpu pipeline: device, workers, device@SHARE (see "
+                        "decode_opts)")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--switch-interval', type=float, default=0.0,
@@ -362,6 +370,8 @@ def main() -> None:
         if 'workers' in a.decode:
             runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'),
                      ('gpu', 'val', a.workers, 45, True, 1, 'workers')]
+        for mixed in (d for d in a.decode if '@' in d):
+            runs += [('gpu', 'train', a.workers, a.batches, True, 1, mixed), ('gpu', 'val', a.workers, 45, True, 1, mixed)]
         runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
                  ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
         for pipeline, split, workers, batches, pin, n, decode in runs:

@@ -167,12 +167,17 @@ class RawImages(torch.utils.data.Dataset):
     uint8 (PIL's convert('RGB')); kind 2: the same, already cut to the training crop box.
     params: TrainRecipe.sample's row (training) or the image's (h, w) (validation)."""
 
-    def __init__(self, source, recipe=None, device_decode: bool = False):
-        self.source, self.recipe, self.device_decode = source, recipe, device_decode
+    def __init__(self, source, recipe=None, device_share: float = 0.0):
+        self.source, self.recipe, self.device_share = source, recipe, device_share
         self.classes = source.classes
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def to_device(self, index: int) -> bool:
+        """Whether a baseline JPEG goes to the device's decoder: a `device_share` of the indices, spread
+        evenly over any run of them (the golden-ratio sequence), so every batch has about that share."""
+        return (index * 0.6180339887498949) % 1.0 < self.device_share
 
     def name(self, index: int) -> str:
         s = self.source
@@ -193,7 +198,7 @@ class RawImages(torch.utils.data.Dataset):
             params = self.recipe.sample(image) if self.recipe else torch.tensor(
                 [image.size[1], image.size[0]], dtype=torch.float64)
             baseline = _baseline_jpeg(image, data)
-            if baseline and self.device_decode:
+            if baseline and self.to_device(index):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, params, label, index
             chw = _decode_as_pil(data) if baseline else None
             rgb = image.convert('RGB') if chw is None else None
@@ -328,17 +333,17 @@ class DeviceTransform:
         batches, jobs = [], []       # jobs: (images list, position, payload, indices) for nvJPEG
         for blob, sizes, shapes, kinds, params, labels, indices, seed in raws:
             kind = kinds.tolist()
-            # decoded pixels only (the workers decode): the batch reaches the device in one copy, each
-            # image an HWC view of it that the resize kernels read in place
-            on_device = 0 not in kind
-            payloads = torch.split(blob.to(self.device, non_blocking=True) if on_device else blob, sizes.tolist())
-            images = [None] * len(payloads)
+            host = torch.split(blob, sizes.tolist())
+            # decoded pixels reach the device in one copy of the whole batch (with the compressed bytes of
+            # the images nvJPEG takes, if any: small next to pixels), each image an HWC view of it that
+            # the resize kernels read in place; nvJPEG reads its files from the host
+            pixels = torch.split(blob.to(self.device, non_blocking=True), sizes.tolist()) if any(kind) else host
+            images = [None] * len(host)
             for i, k in enumerate(kind):
                 if k == 0:
-                    jobs.append((images, i, payloads[i], indices))
+                    jobs.append((images, i, host[i], indices))
                 else:
-                    hwc = payloads[i].view(shapes[i].tolist())
-                    images[i] = (hwc if on_device else hwc.to(self.device, non_blocking=True)).permute(2, 0, 1)
+                    images[i] = pixels[i].view(shapes[i].tolist()).permute(2, 0, 1)
             batches.append((images, kind, params, labels, indices, seed))
         if jobs:
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -598,8 +603,8 @@ class DeviceLoader:
 def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler):
     """The DataLoader over raw items, wrapped in a DeviceLoader."""
     recipe = TrainRecipe(config) if train else None
-    decode_on_device = device.type == 'cuda' and config.EXTRA.JPEG_DECODE == 'device'
-    raw = RawImages(dataset, recipe, decode_on_device)
+    share = config.EXTRA.DEVICE_DECODE_SHARE if device.type == 'cuda' and config.EXTRA.JPEG_DECODE == 'device' else 0.0
+    raw = RawImages(dataset, recipe, share)
     loader = torch.utils.data.DataLoader(
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,

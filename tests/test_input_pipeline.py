@@ -211,7 +211,7 @@ def test_augment_with_colour_kernels_equals_per_op_path(jpeg_data):
     from data.gpu_pipeline import collate_raw
     cfg = _config('AUG.REPROB', '0.0', data_path=jpeg_data)
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
-    raw = RawImages(source, TrainRecipe(cfg), device_decode=False)
+    raw = RawImages(source, TrainRecipe(cfg), device_share=0.0)
     transform = DeviceTransform(raw, torch.device(DEVICE), 64, train=True)
     torch.manual_seed(6)
     random.seed(6)
@@ -410,7 +410,7 @@ def test_batched_train_transform_matches_pil_recipe(jpeg_data):
     cfg = _config('AUG.REPROB', '0.0', data_path=jpeg_data)
     from torchvision import datasets
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
-    raw = RawImages(source, TrainRecipe(cfg), device_decode=False)
+    raw = RawImages(source, TrainRecipe(cfg), device_share=0.0)
     transform = DeviceTransform(raw, torch.device(DEVICE), 224, train=True)
     random.seed(5)
     np.random.seed(5)
@@ -457,7 +457,7 @@ def test_train_recipe_matches_upstreams_distribution(jpeg_data):
 
     reps = 17
     upstream = build_transform(True, _config(pipeline='pil'))
-    raw = RawImages(source, TrainRecipe(_config()), device_decode=DEVICE == 'cuda')
+    raw = RawImages(source, TrainRecipe(_config()), device_share=float(DEVICE == "cuda"))
 
     def decoded(i: int) -> Image.Image:
         """The file as our pipeline decodes it: nvJPEG's pixels for the files it takes on CUDA (a
@@ -488,7 +488,7 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     truncated file is an error that names it."""
     from torchvision import datasets
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
-    raw = RawImages(source, None, device_decode=DEVICE == 'cuda')
+    raw = RawImages(source, None, device_share=float(DEVICE == "cuda"))
     transform = DeviceTransform(raw, torch.device(DEVICE), 224, train=False)
     odd = [i for i, (p, _) in enumerate(source.samples) if '_odd_' in p]
     assert len(odd) == 12
@@ -513,7 +513,7 @@ def test_messy_files_decode_as_pil_does(jpeg_data, tmp_path):
     bad.mkdir(parents=True)
     data = open(source.samples[plain[0]][0], 'rb').read()
     (bad / 'cut.JPEG').write_bytes(data[:len(data) // 3])
-    raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'val')), None, device_decode=DEVICE == 'cuda')
+    raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'val')), None, device_share=float(DEVICE == "cuda"))
     with pytest.raises(DataError, match='cut.JPEG'):
         raw_bad[0]
 
@@ -542,6 +542,45 @@ def test_jpeg_decode_in_workers_gives_pils_pixels(jpeg_data):
     assert kinds['device'] == ({0, 1} if DEVICE == 'cuda' else {1})
 
 
+def test_device_decode_share_splits_the_files_and_changes_no_pixel(jpeg_data):
+    """EXTRA.DEVICE_DECODE_SHARE: that share of the baseline JPEGs goes to the device's decoder, spread
+    over the indices, the rest decoded in the workers; a batch mixing the two gives the training images
+    the workers' decode alone gives (the same random draws): exactly where the device decodes with
+    libjpeg-turbo too (the CPU), within nvJPEG's decode difference on CUDA. Out of [0, 1] is refused."""
+    from torchvision import datasets
+    from data.gpu_pipeline import _baseline_jpeg, collate_raw
+    for bad in ('1.5', '-0.1'):
+        with pytest.raises(ConfigError, match='DEVICE_DECODE_SHARE'):
+            _config('EXTRA.JPEG_DECODE', 'device', 'EXTRA.DEVICE_DECODE_SHARE', bad)
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
+    baseline = [i for i, (path, _) in enumerate(source.samples)
+                if _baseline_jpeg(Image.open(path), open(path, 'rb').read())]
+    assert len(baseline) == 3 * 14 + 3
+    recipe = TrainRecipe(_config())
+    out, kinds = {}, {}
+    for share in (0.0, 0.5, 1.0):
+        raw = RawImages(source, recipe, device_share=share)
+        random.seed(3)
+        np.random.seed(3)
+        torch.manual_seed(3)
+        items = [raw[i] for i in range(len(raw))]
+        kinds[share] = [it[1] for it in items]
+        transform = DeviceTransform(raw, torch.device(DEVICE), 64, train=True)
+        out[share] = torch.cat([transform(*collate_raw(items[k:k + 16]))[0].cpu()
+                                for k in range(0, len(items), 16)])
+    to_device = [i for i, k in enumerate(kinds[0.5]) if k == 0]
+    half = RawImages(source, recipe, device_share=0.5)
+    assert to_device == [i for i in baseline if half.to_device(i)] and 15 <= len(to_device) <= 30
+    assert all(abs(sum(map(half.to_device, range(start, start + 128))) - 64) <= 2 for start in (0, 999, 10 ** 6))
+    assert [i for i, k in enumerate(kinds[1.0]) if k == 0] == baseline and 0 not in kinds[0.0]
+    assert {k for share in kinds for k in kinds[share][:16]} == {0, 2}     # a batch with both kinds
+    for share in (0.5, 1.0):
+        if DEVICE == 'cpu':
+            assert torch.equal(out[share], out[0.0]), share
+        else:       # normalised units; nvJPEG's decode is ~4 levels (0.07 here) off on average
+            assert (out[share] - out[0.0]).abs().mean() < 0.1, share
+
+
 def test_host_jpeg_decode_is_pils_on_every_kind_of_file(jpeg_data, monkeypatch):
     """Without nvJPEG the workers decode baseline JPEGs with torchvision's libjpeg-turbo (faster than
     PIL's path around the same library): each training item's payload, cut to its crop box, equals
@@ -555,7 +594,7 @@ def test_host_jpeg_decode_is_pils_on_every_kind_of_file(jpeg_data, monkeypatch):
     fast = gp._decode_as_pil
     monkeypatch.setattr(gp, '_decode_as_pil', lambda data: served.append(fast(data)) or served[-1])
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
-    raw = RawImages(source, TrainRecipe(_config()), device_decode=False)
+    raw = RawImages(source, TrainRecipe(_config()), device_share=0.0)
     for index, (path, _) in enumerate(source.samples):
         payload, kind, params, _, _ = raw[index]
         top, left, h, w = (int(v) for v in params[:4])
@@ -586,7 +625,7 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
     from data import build_loader
     from data.gpu_pipeline import collate_raw
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
-    raw = RawImages(source, None, device_decode=DEVICE == 'cuda')
+    raw = RawImages(source, None, device_share=float(DEVICE == "cuda"))
     transform = DeviceTransform(raw, torch.device(DEVICE), 64, train=False)
     items = [raw[i] for i in range(len(raw))]
     assert len(items) == 21
