@@ -30,6 +30,7 @@ DATA.INTERPOLATION other than bicubic.
 """
 import functools
 import io
+import itertools
 import math
 import queue
 import random
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from kernels.crop_resize import Packed
 
 from . import tensor_ops as T
 from .build import DataError
@@ -323,7 +326,8 @@ class DeviceTransform:
         return self.finish(self.decode(*raw))
 
     def decode(self, blob, sizes, shapes, kinds, params, labels, indices, seed):
-        """-> (images, kind, params, labels, indices, seed); images: [3, h, w] uint8 on the device."""
+        """-> (images, kind, params, labels, indices, seed); images: [3, h, w] uint8 tensors on the device,
+        or a Packed batch of them (every image decoded in the workers)."""
         return self.decode_batches([(blob, sizes, shapes, kinds, params, labels, indices, seed)])[0]
 
     def decode_batches(self, raws: list) -> list:
@@ -333,10 +337,18 @@ class DeviceTransform:
         batches, jobs = [], []       # jobs: (images list, position, payload, indices) for nvJPEG
         for blob, sizes, shapes, kinds, params, labels, indices, seed in raws:
             kind = kinds.tolist()
+            if 0 not in kind:
+                # the workers decoded every image (the default): the batch reaches the device in one copy
+                # and stays one buffer, which the resize kernels read in place (HWC)
+                offsets = [0] + list(itertools.accumulate(sizes.tolist()))[:-1]
+                hw = [s[:2] for s in shapes.tolist()]
+                batches.append((Packed(blob.to(self.device, non_blocking=True), offsets, hw), kind, params, labels,
+                                indices, seed))
+                continue
             host = torch.split(blob, sizes.tolist())
             # decoded pixels reach the device in one copy of the whole batch (with the compressed bytes of
-            # the images nvJPEG takes, if any: small next to pixels), each image an HWC view of it that
-            # the resize kernels read in place; nvJPEG reads its files from the host
+            # the images nvJPEG takes: small next to pixels), each image an HWC view of it; nvJPEG reads
+            # its files from the host
             pixels = torch.split(blob.to(self.device, non_blocking=True), sizes.tolist()) if any(kind) else host
             images = [None] * len(host)
             for i, k in enumerate(kind):
@@ -382,9 +394,9 @@ class DeviceTransform:
         (kernels/crop_resize.py) for the whole batch; elsewhere one interpolate per image."""
         from kernels.crop_resize import crop_resize_fwd, crop_resize_ref
         S, rows = self.size, params.tolist()
+        hw = images.hw if isinstance(images, Packed) else [img.shape[1:] for img in images]
         meta = []
-        for img, k, row in zip(images, kind, rows):
-            H, W = img.shape[1], img.shape[2]
+        for (H, W), k, row in zip(hw, kind, rows):
             if self.train:
                 top, left, h, w = (0, 0, H, W) if k == 2 else (int(v) for v in row[:4])
                 meta.append([0, H, W, top, left, h, w, S, S, 0, 0])
@@ -573,7 +585,7 @@ class DeviceLoader:
         def finish(item, stream):
             out, event = item
             stream.wait_event(event)
-            for img in out[0]:
+            for img in ([out[0].buf] if isinstance(out[0], Packed) else out[0]):
                 img.record_stream(stream)
             return [self.transform.finish(out)]
 

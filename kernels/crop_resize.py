@@ -34,11 +34,29 @@ META_FIELDS = ('offset', 'H', 'W', 'top', 'left', 'h', 'w', 'out_h', 'out_w', 'o
 _ROW = len(META_FIELDS) + 1
 
 
+class Packed:
+    """A batch of HWC uint8 images stored back to back in one flat buffer, as the input pipeline's
+    workers send them: the kernels read it as it is, with no per-image tensor made on the host (a
+    tensor call costs microseconds of host time under the GIL, and a batch had ~1000 of them).
+    Iterating gives each image as a [3, H, W] view of the buffer, for the per-image paths."""
+
+    def __init__(self, buf: torch.Tensor, offsets: list, hw: list):
+        self.buf, self.offsets, self.hw = buf, offsets, hw     # flat uint8; element offsets; (H, W) each
+
+    def __len__(self) -> int:
+        return len(self.hw)
+
+    def __iter__(self):
+        for o, (h, w) in zip(self.offsets, self.hw):
+            yield self.buf[o:o + h * w * 3].view(h, w, 3).permute(2, 0, 1)
+
+
 # ----------------------------------------------------------------------------- reference
-def crop_resize_ref(images: list, meta: torch.Tensor, size: int) -> torch.Tensor:
+def crop_resize_ref(images, meta: torch.Tensor, size: int) -> torch.Tensor:
     """One F.interpolate per image: [B, 3, size, size] float32 on the 8-bit grid. images: [3, H, W]
-    uint8 tensors; meta: [B, 11] int64 rows as META_FIELDS (offset unused here)."""
+    uint8 tensors or a Packed batch; meta: [B, 11] int64 rows as META_FIELDS (offset unused here)."""
     import torch.nn.functional as F
+    images = list(images)
     out = torch.empty(len(images), 3, size, size, device=images[0].device)
     for i, (img, m) in enumerate(zip(images, meta.tolist())):
         _, _, _, top, left, h, w, oh, ow, ot, ol = m
@@ -167,11 +185,14 @@ if triton_available():
 
 
 # ----------------------------------------------------------------------------- launcher
-def crop_resize_fwd(images: list, meta: torch.Tensor, size: int, out: torch.Tensor = None) -> torch.Tensor:
+def crop_resize_fwd(images, meta: torch.Tensor, size: int, out: torch.Tensor = None) -> torch.Tensor:
     """The batch [B, 3, size, size] float32 on the 8-bit grid, as crop_resize_ref. images: [3, H, W]
-    uint8 tensors on one device, CHW or HWC underneath (see pack); meta: [B, 11] int64 (META_FIELDS;
-    offset is filled here)."""
-    buf, offsets, layouts = pack(images)
+    uint8 tensors on one device, CHW or HWC underneath (see pack), or a Packed batch; meta: [B, 11]
+    int64 (META_FIELDS; offset is filled here)."""
+    if isinstance(images, Packed):
+        buf, offsets, layouts = images.buf, torch.tensor(images.offsets), torch.ones(len(images), dtype=torch.int64)
+    else:
+        buf, offsets, layouts = pack(images)
     meta = torch.cat([meta, layouts[:, None]], 1)
     meta[:, 0] = offsets
     check_triton_device(buf)
@@ -179,7 +200,7 @@ def crop_resize_fwd(images: list, meta: torch.Tensor, size: int, out: torch.Tens
     max_h = max(r[5] for r in rows)
     taps_x = max(taps(r[6], r[8]) for r in rows)
     taps_y = max(taps(r[5], r[7]) for r in rows)
-    B = len(images)
+    B = len(rows)
     meta_dev = meta.to(buf.device, non_blocking=True)
     tmp = torch.empty(B * 3, max_h, size, device=buf.device)
     out = torch.empty(B, 3, size, size, device=buf.device) if out is None else out

@@ -258,8 +258,8 @@ def test_crop_resize_kernels_match_reference():
     """The batched kernels against one F.interpolate per image: different image sizes in one batch,
     down- and up-sampling, odd sizes, a window inside a larger virtual image (the val path); each
     image stored CHW (nvJPEG's output), HWC (the workers' decode, read in place) or neither (a
-    strided view, copied)."""
-    from kernels.crop_resize import crop_resize_ref, pack
+    strided view, copied); the HWC images also as one Packed buffer."""
+    from kernels.crop_resize import Packed, crop_resize_ref, pack
     g = torch.Generator().manual_seed(0)
     S = 24
     specs = [((37, 53), (3, 5, 30, 40), (S, S, 0, 0)), ((20, 16), (0, 0, 20, 16), (S, S, 0, 0)),
@@ -283,6 +283,13 @@ def test_crop_resize_kernels_match_reference():
     diff = (out - ref).abs()
     # identical but where float rounding puts a value on the other side of a .5 boundary
     assert not out.isnan().any() and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, diff.max()
+    # the HWC images as one Packed buffer (the workers' batches), an odd gap between two of them
+    hwc = [img.permute(1, 2, 0).reshape(-1) for img in images[4:8]]
+    hwc.insert(2, torch.zeros(7, dtype=torch.uint8, device=DEVICE))
+    offsets = [0] + list(np.cumsum([t.numel() for t in hwc]))[:-1]
+    packed = Packed(torch.cat(hwc), [int(o) for k, o in enumerate(offsets) if k != 2], [s[0] for s in specs])
+    assert all(torch.equal(a, b) for a, b in zip(packed, images[4:8]))
+    assert torch.equal(crop_resize_fwd(packed, meta[4:8], S), out[4:8])
 
 
 # ----------------------------------------------------------------------------- samplers against timm
