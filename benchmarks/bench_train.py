@@ -1,6 +1,6 @@
 """Whole-model training and inference speed, side by side in one process (the protocol of docs/benchmarks.md).
 
-    python benchmarks/bench_train.py --model tiny|base|large|v2tiny|v2base [--only NAME ...]
+    python benchmarks/bench_train.py --model tiny|base|large|v2tiny|v2base|mlptiny [--only NAME ...]
 
 Training: batch 128, 224x224 synthetic inputs already on the GPU, full steps (forward, loss,
 backward, clip 5.0 with the loss scaler, AdamW step, zero_grad) through the same `Precision`
@@ -37,6 +37,9 @@ MODELS = {
                    img_size=256, window_size=8),
     'v2base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
                    img_size=192, window_size=12),
+    # Swin-MLP (configs/swinmlp/swin_mlp_tiny_c24_patch4_window8_256.yaml)
+    'mlptiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
+                    img_size=256, window_size=8),
 }
 # a checkout of microsoft/Swin-Transformer (default: .upstream in this repository, git-ignored)
 UPSTREAM_DIR = os.environ.get('SWIN_UPSTREAM',
@@ -123,6 +126,19 @@ TRAIN_V2 = [
     ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
     ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', CG),
 ]
+# Swin-MLP (--model mlptiny): upstream's own module beside ours; --unfused_mha does not apply (no attention)
+MLP_FLAGS = dict(fused_window_process=True, fused_layernorm=True)
+TRAIN_MLP = [
+    ('upstream MLP eager O1 fp16 (its code)', 'upstream', 'O1', 'float16', False),
+    ('reference eager O1 fp16 (upstream default)', {}, 'O1', 'float16', False),
+    ('all flags + --fused_adam eager, O2 bf16', dict(MLP_FLAGS, **ADAM), 'O2', 'bfloat16', False),
+    ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(MLP_FLAGS, **ADAM), 'O2', 'bfloat16', CG),
+    ('upstream MLP + compile, O1 bf16', 'upstream', 'O1', 'bfloat16', True),
+]
+INFER_MLP = [
+    ('upstream MLP fp32 (its --throughput)', 'upstream', 'O0', 'float32', False),
+    ('all flags O3 bf16', MLP_FLAGS, 'O3', 'bfloat16', False),
+]
 INFER_V2 = [
     ('upstream V2 fp32 (its --throughput)', 'upstream', 'O0', 'float32', False),
     ('all flags O3 bf16', ALL, 'O3', 'bfloat16', False),
@@ -143,26 +159,32 @@ TINY_ONLY = {'reference eager O3 bf16 (pure bf16)', 'reference + compile (CUDA g
     name for name, flags, *_ in TRAIN if isinstance(flags, dict) and (flags.get('fold') is False or flags == WP_LN)}
 
 
-def _upstream_v2():
-    """Upstream's own SwinTransformerV2 class, loaded from its checkout at UPSTREAM_DIR with the one
-    fix it needs to run on a GPU: its logit-scale clamp passes a CPU tensor as the bound."""
-    path = os.path.join(UPSTREAM_DIR, 'models', 'swin_transformer_v2.py')
+def _upstream(size: str):
+    """Upstream's own model class for a V2 or MLP size, loaded from its checkout at UPSTREAM_DIR. V2
+    with the one fix it needs to run on a GPU: its logit-scale clamp passes a CPU tensor as the bound."""
+    name, cls = ('swin_mlp', 'SwinMLP') if size.startswith('mlp') else ('swin_transformer_v2', 'SwinTransformerV2')
+    path = os.path.join(UPSTREAM_DIR, 'models', f'{name}.py')
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path}: set SWIN_UPSTREAM to a checkout of microsoft/Swin-Transformer')
     source = open(path).read()
-    bug = 'max=torch.log(torch.tensor(1. / 0.01))'
-    assert source.count(bug) == 1, 'upstream changed: the clamp fix no longer applies'
-    module = types.ModuleType('upstream_swin_transformer_v2')
+    if cls == 'SwinTransformerV2':
+        bug = 'max=torch.log(torch.tensor(1. / 0.01))'
+        assert source.count(bug) == 1, 'upstream changed: the clamp fix no longer applies'
+        # the bound as a Python float (log 100): a tensor's .item() here would break torch.compile's graph
+        # in every attention call and slow upstream's compiled row down
+        source = source.replace(bug, 'max=math.log(1. / 0.01)')
+    module = types.ModuleType(f'upstream_{name}')
     module.math = math
-    # the bound as a Python float (log 100): a tensor's .item() here would break torch.compile's graph
-    # in every attention call and slow upstream's compiled row down
-    exec(compile(source.replace(bug, 'max=math.log(1. / 0.01)'), path, 'exec'), module.__dict__)
-    return module.SwinTransformerV2
+    exec(compile(source, path, 'exec'), module.__dict__)
+    return getattr(module, cls)
 
 
 def build(size, flags):
     if flags == 'upstream':
-        return _upstream_v2()(**MODELS[size])
+        return _upstream(size)(**MODELS[size])
+    if size.startswith('mlp'):
+        from models.swin_mlp import SwinMLP
+        return SwinMLP(**MODELS[size], **{k: v for k, v in flags.items() if k != 'optim'})
     if size.startswith('v2'):
         model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend')}
         return SwinTransformerV2(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'))
@@ -255,7 +277,7 @@ def main():
     a = p.parse_args()
     env = environment()
     rows = []
-    train, infer = (TRAIN_V2, INFER_V2) if a.model.startswith('v2') else (TRAIN, INFER)
+    train, infer = {'v2': (TRAIN_V2, INFER_V2), 'ml': (TRAIN_MLP, INFER_MLP)}.get(a.model[:2], (TRAIN, INFER))
     jobs = [(train_row, r) for r in train] + ([] if a.skip_infer else [(infer_row, r) for r in infer])
     for fn, (name, flags, level, dtype, compile_) in jobs:
         if a.only and not any(s == name if a.exact else s in name for s in a.only):
@@ -278,7 +300,8 @@ def main():
         torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
-    base = next((r['img/s'] for r in rows if r['config'].startswith(('reference eager O1 fp16', 'upstream V2 eager'))
+    base = next((r['img/s'] for r in rows if r['config'].startswith(('reference eager O1 fp16', 'upstream V2 eager',
+                                                                     'upstream MLP eager'))
                  and 'img/s' in r), None)
     for r in rows:
         if base and r['mode'] == 'train' and 'img/s' in r:
