@@ -171,7 +171,9 @@ def contention(root: str, batches: int = 30) -> list:
     for raw in raws[:2]:                     # compile the finish stage's kernels outside the timing
         t.finish(t.decode(*raw))
     rows = []
-    for load, priority in ((False, 0), (True, 0), (True, -1)):
+    # finish_streams 2: the batches' finish stages alternate between two streams (as DeviceLoader's
+    # finish_streams does), so two batches' chains of small kernels wait for SMs side by side
+    for load, priority, finish_streams in ((False, 0, 1), (True, 0, 1), (True, -1, 1), (True, -1, 2)):
         with _stage_stream(load, priority):
             decoded = [t.decode(*raw) for raw in raws[:2]]
             torch.cuda.synchronize()
@@ -179,13 +181,16 @@ def contention(root: str, batches: int = 30) -> list:
             decoded = [t.decode(*raw) for raw in raws]
             torch.cuda.synchronize()
             t1 = time.time()
-            for d in decoded:
-                t.finish(d)
+            streams = [torch.cuda.current_stream()] + [torch.cuda.Stream(priority=priority)
+                                                       for _ in range(finish_streams - 1)]
+            for k, d in enumerate(decoded):
+                with torch.cuda.stream(streams[k % finish_streams]):
+                    t.finish(d)
             torch.cuda.synchronize()
             t2 = time.time()
         n = batches * raws[0][1].numel()
         rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
-                     'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
+                     'finish_streams': finish_streams, 'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
         print(rows[-1], flush=True)
     return rows
 
@@ -411,6 +416,7 @@ def main() -> None:
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
                                                  'decode_batches', 'decode', 'round', 'switch_interval', 'pin_memory',
+                                                 'stream_priority', 'finish_streams',
                                                  'img/s', 'ms_per_item', 'decode img/s', 'finish img/s', 'ms_per_batch',
                                                  'rc'], env))
 

@@ -514,6 +514,13 @@ class DeviceLoader:
     def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1):
         self.loader, self.transform, self.prefetch = loader, transform, prefetch
         self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
+        # the augment stage's streams and their priority (lower is higher): set by bench_input.py's
+        # finish-streams runs, where main.py on JPEGs measured them
+        # the augment stage's streams, used in turn, and their priority (lower is higher). One stream at
+        # the default priority as measured in main.py; several (bench_input.py's contention part has
+        # the row) would let batches' chains of small kernels wait for SMs side by side: not measured
+        # in main.py yet
+        self.finish_streams, self.finish_priority = 1, 0
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
     def __len__(self) -> int:
@@ -546,18 +553,22 @@ class DeviceLoader:
                     continue
             return done
 
-        def stage(name, source, fn, sink):
+        def stage(name, source, fn, sink, streams: int = 1, priority: int = 0):
+            """Runs fn over source's items on `streams` streams in turn: a stage whose kernels are small
+            and wait for SMs behind the training step's has its batches in flight side by side."""
             try:
-                stream = torch.cuda.Stream(device)
-                with torch.cuda.device(device), torch.cuda.stream(stream):
-                    for item in source():
+                with torch.cuda.device(device):
+                    pool = [torch.cuda.Stream(device, priority=priority) for _ in range(streams)]
+                    for k, item in enumerate(source()):
                         if item is done:
                             break
                         if isinstance(item, BaseException):
                             raise item
-                        outs = fn(item, stream)            # a list: one item per batch
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                        stream = pool[k % streams]
+                        with torch.cuda.stream(stream):
+                            outs = fn(item, stream)            # a list: one item per batch
+                            event = torch.cuda.Event()
+                            event.record(stream)
                         for out in outs:
                             if not put(sink, (out, event)):
                                 return
@@ -590,7 +601,8 @@ class DeviceLoader:
             return [self.transform.finish(out)]
 
         threads = [threading.Thread(target=stage, args=('decode', read_raw, decode, decoded), daemon=True),
-                   threading.Thread(target=stage, args=('augment', read_decoded, finish, ready), daemon=True)]
+                   threading.Thread(target=stage, args=('augment', read_decoded, finish, ready, self.finish_streams,
+                                                        self.finish_priority), daemon=True)]
         for t in threads:
             t.start()
         try:

@@ -627,7 +627,8 @@ def test_host_jpeg_decode_is_pils_on_every_kind_of_file(jpeg_data, monkeypatch):
 def test_decoding_batches_together_changes_nothing(jpeg_data):
     """EXTRA.DECODE_BATCHES: raw batches decoded in one call give the images each gives alone (the
     messy val folder: nvJPEG's files and host-decoded ones in one call, a short last batch); on CUDA
-    the loaders with 2 and 3 batches a call (a short last group) yield the batches they yield with 1."""
+    the loaders with 2 and 3 batches a call (a short last group), and with the augment stage on two
+    streams in turn, yield the batches they yield with 1."""
     from torchvision import datasets
     from data import build_loader
     from data.gpu_pipeline import collate_raw
@@ -647,17 +648,19 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
     if DEVICE != 'cuda':
         return
     runs = {}
-    for n in (1, 2, 3):
-        cfg = _config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', 'EXTRA.DECODE_BATCHES', str(n),
-                      'EXTRA.JPEG_DECODE', 'device', data_path=jpeg_data)
+    for n in (1, 2, 3, 'two augment streams'):
+        cfg = _config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', 'EXTRA.DECODE_BATCHES',
+                      '1' if isinstance(n, str) else str(n), 'EXTRA.JPEG_DECODE', 'device', data_path=jpeg_data)
         _, _, train, val, _ = build_loader(cfg)
+        if n == 'two augment streams':
+            train.finish_streams = val.finish_streams = 2
         train.sampler.set_epoch(0)
         torch.manual_seed(0)
         random.seed(0)
         np.random.seed(0)
         runs[n] = [(x.cpu(), y.cpu()) for loader in (train, val) for x, y in loader]
     assert len(runs[1]) == 10 + 5
-    for n in (2, 3):
+    for n in (2, 3, 'two augment streams'):
         assert len(runs[n]) == len(runs[1])
         for (x1, y1), (x2, y2) in zip(runs[1], runs[n]):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
