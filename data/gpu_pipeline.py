@@ -19,7 +19,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   different pixels; slower than 12+ workers next to a training step, see config.py). Files nvJPEG
   does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are decoded in the
   worker with PIL's convert('RGB') either way; a file PIL cannot read is an error naming it. Nothing
-  is dropped.
+  is dropped. EXTRA.DEVICE_DECODE_SHARE below 1 sends only that share of them to nvJPEG; the workers
+  decode the rest, and a batch mixes the two.
 
 On a machine without CUDA the same code runs on the CPU (the workers decode, the batch ops run in
 the main process): slower, for tests and the demo.
