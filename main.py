@@ -23,7 +23,7 @@ from timm.utils import AverageMeter, accuracy
 from amp import Precision, check_fp8, enable_fp8
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
-from data.build import workers_hint
+from data.build import queued_batches, workers_hint
 from cuda_graph import GraphedTrainStep, check_cuda_graph_config
 from kernels import KernelUnavailable
 from kernels.optimizers import is_fused
@@ -355,6 +355,8 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
 
     start = end = timed_start = time.time()
     timed_from = 0
+    # the epoch's img/s leaves out the first steps and the batches the loader readied meanwhile
+    timed_at = min(max(10, queued_batches(data_loader)), num_batches - 1)
     for idx, (samples, targets) in enumerate(data_loader):
         if idx >= num_batches:
             break
@@ -399,7 +401,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
             grad_norms.append(grad_norm)
         batch_time.update(time.time() - end)
         end = time.time()
-        if idx == min(10, num_batches - 1):      # the epoch's img/s leaves out the first steps
+        if idx == timed_at:
             timed_from, timed_start = idx, end
         if idx % config.PRINT_FREQ == 0:
             if idx == 0 and pending is not None:

@@ -14,7 +14,7 @@ gputime:   GPU kernel time of our train transform per batch of 128 (torch.profil
 main:      main.py training Swin-T with the best flags (all flags, --fused_adam, O2 bf16, compile
            with CUDA graphs; or --cuda-graph in place of --compile: PIPELINE:DATA:graph) for one epoch on
            the folder (--data-pipeline gpu and pil) and on in-memory synthetic inputs; img/s as main.py
-           logs it (from step 10).
+           logs it (from step 10, or after the batches the loader readied during the first steps).
 profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-busy time per step, the GPU's
            idle gaps and what the host ran in them; the run stops after the profiled batches).
 contention: the train transform's decode and finish stages alone, with the GPU idle and kept busy.
@@ -288,14 +288,14 @@ def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_im
 
 
 def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
-            decode_batches: int = 1, switch_interval: float = 0.0, decode: str = 'workers') -> dict:
-    """One main.py run; switch_interval > 0: Python's GIL switch interval for it (sys.setswitchinterval,
-    default 0.005 s: how long a thread waiting for the GIL waits before it asks the holder to drop it)."""
+            decode_batches: int = 1, prelude: str = '', decode: str = 'workers') -> dict:
+    """One main.py run; prelude: Python statements run in its process before main.py (e.g. 'import sys;
+    sys.setswitchinterval(0.0005)', or a DeviceLoader class default such as finish_streams)."""
     args = main_args(root, pipeline, synthetic, workers, epochs_images, step, decode_batches, decode)
     cmd = [sys.executable, 'main.py'] + args
-    if switch_interval:
-        cmd = [sys.executable, '-c', f'import runpy, sys; sys.setswitchinterval({switch_interval}); '
-               f'sys.argv = ["main.py"] + sys.argv[1:]; runpy.run_path("main.py", run_name="__main__")'] + args
+    if prelude:
+        cmd = [sys.executable, '-c', f'{prelude}\nimport runpy, sys\nsys.argv = ["main.py"] + sys.argv[1:]\n'
+               'runpy.run_path("main.py", run_name="__main__")'] + args
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     out = p.stdout + p.stderr
@@ -304,7 +304,7 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
             'workers': workers, 'decode_batches': decode_batches, 'decode': decode,
-            'switch_interval': switch_interval, 'img/s': float(m.group(1)) if m else None,
+            'prelude': prelude, 'img/s': float(m.group(1)) if m else None,
             'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(['main.py'] + args)}
 
@@ -355,8 +355,10 @@ def main() -> None:
                         "decode_opts)")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
-    p.add_argument('--switch-interval', type=float, default=0.0,
-                   help="the main part's runs under this GIL switch interval (s; default: Python's 0.005)")
+    p.add_argument('--main-prelude', default='',
+                   help="Python statements the main part's runs execute before main.py, e.g. 'import sys; "
+                        "sys.setswitchinterval(0.0005)' or 'import data.gpu_pipeline as g; "
+                        "g.DeviceLoader.finish_streams = 2'")
     p.add_argument('--profile-options', default='', help="the profile part's options of profile_main.py, "
                    "e.g. '--python --steps 6'")
     p.add_argument('--harness-steps', nargs='+', default=['compile'], choices=sorted(HARNESS_ROWS),
@@ -396,7 +398,7 @@ def main() -> None:
             fields = run.split(':')
             pipeline, data, step, n, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n), a.switch_interval, decode))
+                                a.images, step, int(n), a.main_prelude, decode))
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
@@ -415,7 +417,7 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'decode', 'round', 'switch_interval', 'pin_memory',
+                                                 'decode_batches', 'decode', 'round', 'prelude', 'pin_memory',
                                                  'stream_priority', 'finish_streams',
                                                  'img/s', 'ms_per_item', 'decode img/s', 'finish img/s', 'ms_per_batch',
                                                  'rc'], env))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|input-streams|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -74,6 +74,12 @@ for part in $PARTS; do
              python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;
     profile-main) # where main.py's step waits, synthetic inputs and the JPEG folder (benchmarks/profile_main.py)
              python3 benchmarks/bench_input.py --parts folder profile --main-runs gpu:synthetic gpu:jpeg ;;
+    input-streams) # the finish stage with batches on two high-priority streams in turn: alone under a GEMM
+             # load (the contention part's last row), and in main.py on JPEGs beside the default (one stream)
+             python3 benchmarks/bench_input.py --images 26000 --val-images 256 --parts folder contention main \
+               --main-runs gpu:jpeg
+             python3 benchmarks/bench_input.py --images 26000 --val-images 256 --parts folder main --main-runs gpu:jpeg \
+               --main-prelude "import data.gpu_pipeline as g; g.DeviceLoader.finish_streams, g.DeviceLoader.finish_priority = 2, -1" ;;
     input-graph) # the same with --cuda-graph in place of --compile
              python3 benchmarks/bench_input.py --images 13000 --val-images 1024 --parts folder main harness \
                --main-runs gpu:synthetic:graph gpu:jpeg:graph --harness-steps graph ;;

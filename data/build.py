@@ -221,6 +221,16 @@ def workers_hint(config, cores: int = 0, processes: int = 0, cuda: bool = None):
             f'feeds the GPU faster (EXTRA.JPEG_DECODE device decodes on the GPU instead)')
 
 
+def queued_batches(loader) -> int:
+    """How many batches a loader holds ready ahead of the training loop: its workers' prefetch
+    (DATA.NUM_WORKERS x prefetch_factor) and, for --data-pipeline gpu, the device stages' queues. They
+    fill while the first step runs (minutes, when it compiles), so an epoch's img/s starts after them."""
+    inner = getattr(loader, 'loader', loader)            # a DeviceLoader wraps a DataLoader
+    workers = getattr(inner, 'num_workers', 0)
+    prefetched = workers * (inner.prefetch_factor or 2) if workers else 0
+    return prefetched + getattr(loader, 'queued', 0)
+
+
 def build_mixup(config):
     """timm's Mixup/CutMix on the batch, or None when both are off (as upstream)."""
     mixup_fn = None

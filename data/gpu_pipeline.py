@@ -512,16 +512,18 @@ class DeviceLoader:
     made on one stream are marked (record_stream) for the one that uses them. Elsewhere it
     runs inline."""
 
+    # the augment stage's streams, used in turn, and their priority (lower is higher). One stream at the
+    # default priority, as measured in main.py; several would let batches' chains of small kernels wait
+    # for SMs side by side (bench_input.py's contention part and run_all.sh's input-streams part measure
+    # them; not run yet)
+    finish_streams, finish_priority = 1, 0
+
     def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1):
         self.loader, self.transform, self.prefetch = loader, transform, prefetch
+        self.queued = 2 * (prefetch + 1) if transform.device.type == 'cuda' else 0    # two stages: queue + in hand
         self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
         # the augment stage's streams and their priority (lower is higher): set by bench_input.py's
         # finish-streams runs, where main.py on JPEGs measured them
-        # the augment stage's streams, used in turn, and their priority (lower is higher). One stream at
-        # the default priority as measured in main.py; several (bench_input.py's contention part has
-        # the row) would let batches' chains of small kernels wait for SMs side by side: not measured
-        # in main.py yet
-        self.finish_streams, self.finish_priority = 1, 0
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
     def __len__(self) -> int:
