@@ -378,7 +378,8 @@ def main() -> None:
             runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'),
                      ('gpu', 'val', a.workers, 45, True, 1, 'workers')]
         for mixed in (d for d in a.decode if '@' in d):
-            runs += [('gpu', 'train', a.workers, a.batches, True, 1, mixed), ('gpu', 'val', a.workers, 45, True, 1, mixed)]
+            runs += [('gpu', 'train', a.workers, a.batches, True, 1, mixed),
+                     ('gpu', 'val', a.workers, 45, True, 1, mixed)]
         runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
                  ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
         for pipeline, split, workers, batches, pin, n, decode in runs:

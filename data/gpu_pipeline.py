@@ -522,8 +522,6 @@ class DeviceLoader:
         self.loader, self.transform, self.prefetch = loader, transform, prefetch
         self.queued = 2 * (prefetch + 1) if transform.device.type == 'cuda' else 0    # two stages: queue + in hand
         self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
-        # the augment stage's streams and their priority (lower is higher): set by bench_input.py's
-        # finish-streams runs, where main.py on JPEGs measured them
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
     def __len__(self) -> int:
