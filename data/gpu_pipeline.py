@@ -44,6 +44,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kernels.crop_resize import Packed
+from kernels.normalize_erase import normalize_erase_fwd, normalize_erase_ref
 
 from . import tensor_ops as T
 from .build import DataError
@@ -316,12 +317,13 @@ class DeviceTransform:
                  test_crop: bool = True):
         self.dataset, self.device, self.size, self.train, self.test_crop = dataset, device, img_size, train, test_crop
         self.recipe = dataset.recipe
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).reshape(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).reshape(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device)
         self.fill = aa_fill()
         # RandAugment's colour ops through kernels/colour_ops.py (three launches a layer) on CUDA; the
         # per-op torch path elsewhere (tests turn the kernels on under Triton's CPU interpreter)
         self.colour_kernels = device.type == 'cuda'
+        self.normalize_kernel = device.type == 'cuda'      # the same for kernels/normalize_erase.py
 
     def __call__(self, *raw):
         return self.finish(self.decode(*raw))
@@ -384,9 +386,17 @@ class DeviceTransform:
             x = self._resize(images, kind, params)
         if self.train:
             x = self._augment(x, params)
-        x = x.div_(255).sub_(self.mean).div_(self.std)            # ToTensor + Normalize
+        # ToTensor + Normalize, then RandomErasing: one kernel on CUDA (kernels/normalize_erase.py)
+        B, count, mode = x.shape[0], 0, 'const'
         if self.train and self.recipe.erase_max_count:
-            x = self._erase(x, params, int(seed))
+            count, mode = self.recipe.erase_max_count, self.recipe.erase_mode or 'const'
+        rects = params[:, PROGRAM + 2 * self.recipe.layers:] if count else params.new_empty(B, 0)
+        rects = rects.reshape(B, count, 4)
+        if self.normalize_kernel:
+            x = normalize_erase_fwd(x, self.mean, self.std, rects, mode, int(seed))
+        else:
+            g = torch.Generator(device=self.device).manual_seed(int(seed)) if (rects[:, :, 2] > 0).any() else None
+            x = normalize_erase_ref(x, self.mean, self.std, rects if g is not None else rects[:, :0], mode, g)
         return x, labels.to(self.device, non_blocking=True)
 
     def _resize(self, images: list, kind: list, params: torch.Tensor) -> torch.Tensor:
@@ -478,29 +488,6 @@ class DeviceTransform:
         if op in _TABLE:
             return T.lookup(x, torch.from_numpy(np.stack([T.lookup_table(op, v) for v in a])).to(x.device))
         return getattr(T, op)(x, arg)
-
-    def _erase(self, x: torch.Tensor, params: torch.Tensor, seed: int) -> torch.Tensor:
-        B, C, H, W = x.shape
-        base = PROGRAM + 2 * self.recipe.layers
-        rects = params[:, base:].reshape(B, -1, 4)
-        if not (rects[:, :, 2] > 0).any():
-            return x
-        rects = rects.to(self.device, non_blocking=True)
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        ys = torch.arange(H, device=self.device).reshape(1, H, 1)
-        xs = torch.arange(W, device=self.device).reshape(1, 1, W)
-        mode = self.recipe.erase_mode
-        for k in range(rects.shape[1]):
-            top, left, h, w = (rects[:, k, j].reshape(B, 1, 1) for j in range(4))
-            inside = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & (h > 0)
-            if mode == 'pixel':
-                fill = torch.randn(B, C, H, W, device=self.device, generator=g)
-            elif mode == 'rand':
-                fill = torch.randn(B, C, 1, 1, device=self.device, generator=g).expand(B, C, H, W)
-            else:
-                fill = torch.zeros(1, device=self.device).expand(B, C, H, W)
-            x = torch.where(inside[:, None], fill, x)
-        return x
 
 
 class DeviceLoader:

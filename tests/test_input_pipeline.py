@@ -229,6 +229,47 @@ def test_augment_with_colour_kernels_equals_per_op_path(jpeg_data):
     assert sum(int(v) in colour for v in layers.flatten()) >= 10          # the batch exercises the kernels
 
 
+def test_transform_with_normalize_erase_kernel_equals_torch_path(jpeg_data):
+    """The train transform's normalisation and erasing through kernels/normalize_erase.py (as on
+    CUDA) and through the torch ops, on the same decoded batch and parameters, every image erased (up
+    to two rectangles): equal with 'const' erasing; with 'pixel', equal wherever the torch path did
+    not erase (the fills are other draws), and the erased share the same. The val transform
+    (normalisation only) is equal too."""
+    from torchvision import datasets
+    from data.gpu_pipeline import collate_raw
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
+    for mode in ('const', 'pixel'):
+        cfg = _config('AUG.REPROB', '1.0', 'AUG.RECOUNT', '2', 'AUG.REMODE', mode, 'DATA.IMG_SIZE', '48',
+                      data_path=jpeg_data)
+        raw = RawImages(source, TrainRecipe(cfg), device_share=0.0)
+        transform = DeviceTransform(raw, torch.device(DEVICE), 48, train=True)
+        random.seed(8)
+        decoded = transform.decode(*collate_raw([raw[i] for i in range(20)]))
+        outs = {}
+        for kernel in (False, True):
+            transform.normalize_kernel = kernel
+            outs[kernel] = transform.finish(decoded)[0].cpu()
+        if mode == 'const':
+            assert torch.equal(outs[True], outs[False])
+        else:
+            kept = (outs[True] == outs[False])
+            assert 0.05 < 1 - kept.float().mean() < 0.8         # some erased, by both, in the same places
+            fill = outs[True][~kept]
+            assert (fill != 0).all() and abs(fill.mean()) < 0.1 and abs(fill.std() - 1) < 0.1    # N(0, 1) draws
+            transform.normalize_kernel = False
+            zeroed = DeviceTransform(raw, torch.device(DEVICE), 48, train=True)
+            zeroed.recipe.erase_mode = 'const'
+            const = zeroed.finish(decoded)[0].cpu()
+            assert torch.equal(kept, (const != 0) | (outs[False] == 0))
+    val = DeviceTransform(RawImages(source, None, device_share=0.0), torch.device(DEVICE), 48, train=False)
+    items = collate_raw([val.dataset[i] for i in range(6)])
+    outs = {}
+    for kernel in (False, True):
+        val.normalize_kernel = kernel
+        outs[kernel] = val(*items)[0].cpu()
+    assert torch.equal(outs[True], outs[False])
+
+
 def _resize_batch(images, meta, size):
     """The pipeline's crop + resize: the Triton kernels on the GPU, the per-image reference on the
     CPU (as the pipeline runs them; the next test ties the kernels to the reference)."""
@@ -385,6 +426,63 @@ def test_erasing_rectangles_follow_timms_distribution():
             a = np.array([r[0][2] * r[0][3] / 224 ** 2 for r in ours if r])
             b = np.array([t for t in theirs if t > 0])
             assert abs(a.mean() - b.mean()) < 0.02 and abs(a.std() - b.std()) < 0.02, (a.mean(), b.mean())
+
+
+def test_normalize_erase_kernel_matches_reference():
+    """The one-pass ToTensor + Normalize + RandomErasing kernel against the torch ops: outside the
+    rectangles bit-identical; inside, 'const' zero, 'rand' one value per image, channel and rectangle,
+    'pixel' a fresh value per element, both standard normal over the batch; a later rectangle wins
+    where two overlap; no rectangle (h <= 0) leaves an image normalised only; the same seed gives the
+    same fill, another seed another. Odd sizes and a plane of several blocks (tails)."""
+    from kernels.normalize_erase import normalize_erase_fwd, normalize_erase_ref
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = 6, 3, 37, 45                 # 1665 pixels a plane: two blocks of 1024, the second partial
+    x0 = torch.randint(0, 256, (B, C, H, W), generator=g).float()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rects = torch.tensor([[[3, 4, 20, 30], [10, 20, 15, 20]],        # two, overlapping
+                          [[0, 0, 37, 45], [-1, -1, -1, -1]],        # the whole image
+                          [[-1, -1, -1, -1], [-1, -1, -1, -1]],      # none
+                          [[30, 40, 7, 5], [-1, -1, -1, -1]],        # at the far corner
+                          [[5, 5, 1, 1], [-1, -1, -1, -1]],          # one pixel
+                          [[0, 10, 37, 1], [2, 0, 1, 45]]])          # a column, then a row
+    ys, xs = torch.arange(H)[:, None], torch.arange(W)[None, :]
+
+    def mask(r):
+        top, left, h, w = r.tolist()
+        return (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & (h > 0)
+    reference = normalize_erase_ref(x0.clone().to(DEVICE), mean.to(DEVICE), std.to(DEVICE), rects[:, :0], 'const').cpu()
+    for mode in ('const', 'rand', 'pixel'):
+        out = normalize_erase_fwd(x0.clone().to(DEVICE), mean, std, rects, mode, seed=1234).cpu()
+        again = normalize_erase_fwd(x0.clone().to(DEVICE), mean, std, rects, mode, seed=1234).cpu()
+        other = normalize_erase_fwd(x0.clone().to(DEVICE), mean, std, rects, mode, seed=99).cpu()
+        assert torch.equal(out, again), mode
+        fills = []
+        for b in range(B):
+            m0, m1 = mask(rects[b, 0]), mask(rects[b, 1])
+            outside = ~(m0 | m1)
+            assert torch.equal(out[b][:, outside], reference[b][:, outside]), (mode, b)
+            for m, k in ((m0 & ~m1, 0), (m1, 1)):     # what each rectangle shows after the overlap
+                if not m.any():
+                    continue
+                v = out[b][:, m]
+                if mode == 'const':
+                    assert (v == 0).all()
+                elif mode == 'rand':
+                    assert (v == v[:, :1]).all() and (v[0, 0] != v[1, 0]), (b, k)
+                    fills.append(v[:, 0])
+                else:
+                    assert v.numel() < 4 or v.unique().numel() == v.numel(), (b, k)
+                    fills.append(v.flatten())
+                if mode != 'const':
+                    assert not torch.equal(v, other[b][:, m]), (mode, b, k)
+        if mode == 'rand':          # the overlap shows the later rectangle: not the earlier one's value
+            overlap = mask(rects[0, 0]) & mask(rects[0, 1])
+            assert not torch.equal(out[0][:, overlap], out[0][:, mask(rects[0, 0]) & ~overlap][:, :overlap.sum()])
+        if mode == 'pixel':
+            f = torch.cat(fills)
+            assert f.numel() > 3000 and abs(f.mean()) < 0.1 and abs(f.std() - 1) < 0.1, (f.mean(), f.std())
+    with pytest.raises(ValueError, match='mode'):
+        normalize_erase_fwd(x0.clone().to(DEVICE), mean, std, rects, 'noise', seed=0)
 
 
 # ----------------------------------------------------------------------------- whole images
