@@ -50,8 +50,7 @@ def main() -> None:
         sync(); stages['crop + resize'] += time.time() - t; t = time.time()
         x = tr._augment(x, params)
         sync(); stages['augment'] += time.time() - t; t = time.time()
-        x = x.div_(255).sub_(tr.mean).div_(tr.std)
-        x = tr._erase(x, params, int(seed))
+        x = tr._normalize_erase(x, params, int(seed))
         sync(); stages['normalize+erase'] += time.time() - t
     for k, v in stages.items():
         print(f'{k:16s} {v / 20 * 1e3:7.2f} ms per batch of 128', flush=True)

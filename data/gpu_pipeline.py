@@ -386,18 +386,20 @@ class DeviceTransform:
             x = self._resize(images, kind, params)
         if self.train:
             x = self._augment(x, params)
-        # ToTensor + Normalize, then RandomErasing: one kernel on CUDA (kernels/normalize_erase.py)
+        return self._normalize_erase(x, params, int(seed)), labels.to(self.device, non_blocking=True)
+
+    def _normalize_erase(self, x: torch.Tensor, params: torch.Tensor, seed: int) -> torch.Tensor:
+        """ToTensor + Normalize, then (training) RandomErasing with the rectangles in params: one kernel
+        on CUDA (kernels/normalize_erase.py), the torch ops elsewhere."""
         B, count, mode = x.shape[0], 0, 'const'
         if self.train and self.recipe.erase_max_count:
             count, mode = self.recipe.erase_max_count, self.recipe.erase_mode or 'const'
         rects = params[:, PROGRAM + 2 * self.recipe.layers:] if count else params.new_empty(B, 0)
         rects = rects.reshape(B, count, 4)
         if self.normalize_kernel:
-            x = normalize_erase_fwd(x, self.mean, self.std, rects, mode, int(seed))
-        else:
-            g = torch.Generator(device=self.device).manual_seed(int(seed)) if (rects[:, :, 2] > 0).any() else None
-            x = normalize_erase_ref(x, self.mean, self.std, rects if g is not None else rects[:, :0], mode, g)
-        return x, labels.to(self.device, non_blocking=True)
+            return normalize_erase_fwd(x, self.mean, self.std, rects, mode, seed)
+        g = torch.Generator(device=self.device).manual_seed(seed) if (rects[:, :, 2] > 0).any() else None
+        return normalize_erase_ref(x, self.mean, self.std, rects if g is not None else rects[:, :0], mode, g)
 
     def _resize(self, images: list, kind: list, params: torch.Tensor) -> torch.Tensor:
         """Train: each crop box resized to S x S. Val: resize the shorter side to 256/224 S, then the
