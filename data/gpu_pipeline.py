@@ -379,9 +379,9 @@ class DeviceTransform:
 
     def finish(self, decoded):
         images, kind, params, labels, indices, seed = decoded
-        if self.train and self.recipe.small:        # padded random crop, no resampling
-            x = torch.stack([T.crop_padded(img, *(int(v) for v in row[:4])).float()
-                             for img, row in zip(images, params.tolist())])
+        if self.train and self.recipe.small:        # padded random crop, no resampling, then the flip
+            crops = [T.crop_padded(img, *(int(v) for v in row[:4])) for img, row in zip(images, params.tolist())]
+            x = torch.stack([c.flip(-1) if flip > 0 else c for c, flip in zip(crops, params[:, FLIP].tolist())]).float()
         else:
             x = self._resize(images, kind, params)
         if self.train:
@@ -410,22 +410,23 @@ class DeviceTransform:
         hw = images.hw if isinstance(images, Packed) else [img.shape[1:] for img in images]
         meta = []
         for (H, W), k, row in zip(hw, kind, rows):
-            if self.train:
+            if self.train:              # the crop box, resized to S x S and flipped as drawn
                 top, left, h, w = (0, 0, H, W) if k == 2 else (int(v) for v in row[:4])
-                meta.append([0, H, W, top, left, h, w, S, S, 0, 0])
+                meta.append([0, H, W, top, left, h, w, S, S, 0, 0, int(row[FLIP] > 0)])
             elif self.test_crop:
                 rh, rw = T.resize_shorter(H, W, int((256 / 224) * S))
-                meta.append([0, H, W, 0, 0, H, W, rh, rw, *T.center_crop_box(rh, rw, S)])
+                meta.append([0, H, W, 0, 0, H, W, rh, rw, *T.center_crop_box(rh, rw, S), 0])
             else:
-                meta.append([0, H, W, 0, 0, H, W, S, S, 0, 0])
+                meta.append([0, H, W, 0, 0, H, W, S, S, 0, 0, 0])
         meta = torch.tensor(meta, dtype=torch.int64)
         if self.device.type == 'cuda':
             return crop_resize_fwd(images, meta, S)
         return crop_resize_ref(images, meta, S)
 
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Flip, then each RandAugment layer. Within a layer every image gets its own op; ops are
-        grouped so that a layer costs a few batched launches: one affine resample for all the
+        """Each RandAugment layer (the flip that comes first is done: the resize writes flipped images).
+        Within a layer every image gets its own op; ops are grouped so that a layer costs a few
+        batched launches: one affine resample for all the
         geometric ops, then on CUDA the three colour-op kernels for all the others
         (kernels/colour_ops.py); elsewhere one table lookup for all the per-pixel ops and one call
         per other op.
@@ -435,7 +436,6 @@ class DeviceTransform:
         from kernels.colour_ops import CODES, NONE, TABLE, colour_ops
         B, S_h, S_w = x.shape[0], x.shape[2], x.shape[3]
         index, value = _Plan(), _Plan()
-        flip = index.add(params[:, FLIP].nonzero().flatten().tolist())
         groups = []            # (kind, op, slice of its images, slice of its values)
         for layer in range(self.recipe.layers):
             col = PROGRAM + 2 * layer
@@ -464,9 +464,6 @@ class DeviceTransform:
                 sel = [i for i, n in enumerate(names) if n == op]
                 groups.append(('op', op, index.add(sel), value.add([args[i] for i in sel])))
         idx_dev, val_dev = index.upload(torch.int64, self.device), value.upload(torch.float64, self.device)
-        if flip.stop > flip.start:
-            f = idx_dev[flip]
-            x[f] = x[f].flip(-1)
         for kind, op, images, values in groups:
             idx, val = idx_dev[images], val_dev[values]
             if kind == 'colour':

@@ -19,7 +19,9 @@ result is rounded to the 8-bit grid (floor(x + 0.5), clipped to 0..255), as `dat
 Each image b has a box (top, left, h, w) of its (H, W) image that is resized to a virtual
 (out_h, out_w) image, of which the window (out_top, out_left, S, S) is written: a random-resized
 crop is box = the crop, virtual = (S, S), window at 0; resize-shorter-side + centre crop is box =
-the whole image, virtual = the resized size, window = the centre. Limits: uint8 RGB (3 channels),
+the whole image, virtual = the resized size, window = the centre. flip 1 writes the window
+mirrored left-right: the recipe's horizontal flip, which comes right after the resize, costs no
+pass of its own. Limits: uint8 RGB (3 channels),
 each image in CHW (nvJPEG's output) or HWC (what the workers decode) layout, read in place: a batch
 of HWC images reaches the device in one copy and is resized without a per-image transpose; any
 image sizes (element offsets are int64); the intermediate holds max(box h) x S floats per image and
@@ -29,7 +31,7 @@ import torch
 
 from ._utils import cdiv, check_triton_device, next_power_of_2, triton_available
 
-META_FIELDS = ('offset', 'H', 'W', 'top', 'left', 'h', 'w', 'out_h', 'out_w', 'out_top', 'out_left')
+META_FIELDS = ('offset', 'H', 'W', 'top', 'left', 'h', 'w', 'out_h', 'out_w', 'out_top', 'out_left', 'flip')
 # the launcher appends each image's layout to its row: 0 CHW, 1 HWC
 _ROW = len(META_FIELDS) + 1
 
@@ -54,15 +56,16 @@ class Packed:
 # ----------------------------------------------------------------------------- reference
 def crop_resize_ref(images, meta: torch.Tensor, size: int) -> torch.Tensor:
     """One F.interpolate per image: [B, 3, size, size] float32 on the 8-bit grid. images: [3, H, W]
-    uint8 tensors or a Packed batch; meta: [B, 11] int64 rows as META_FIELDS (offset unused here)."""
+    uint8 tensors or a Packed batch; meta: [B, 12] int64 rows as META_FIELDS (offset unused here)."""
     import torch.nn.functional as F
     images = list(images)
     out = torch.empty(len(images), 3, size, size, device=images[0].device)
     for i, (img, m) in enumerate(zip(images, meta.tolist())):
-        _, _, _, top, left, h, w, oh, ow, ot, ol = m
+        _, _, _, top, left, h, w, oh, ow, ot, ol, flip = m
         r = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(oh, ow), mode='bicubic',
                           antialias=True, align_corners=False)[0]
-        out[i] = r[:, ot:ot + size, ol:ol + size]
+        r = r[:, ot:ot + size, ol:ol + size]
+        out[i] = r.flip(-1) if flip else r
     return out.add_(0.5).floor_().clamp_(0, 255)
 
 
@@ -127,7 +130,7 @@ if triton_available():
         w = tl.load(m + 6)
         out_w = tl.load(m + 8)
         out_left = tl.load(m + 10)
-        hwc = tl.load(m + 11) == 1                # strides of the image's layout: CHW or HWC
+        hwc = tl.load(m + 12) == 1                # strides of the image's layout: CHW or HWC
         c_stride = tl.where(hwc, 1, H * W)
         row_stride = tl.where(hwc, 3 * W, W)
         px = tl.where(hwc, 3, 1)
@@ -162,6 +165,7 @@ if triton_available():
         h = tl.load(m + 5)
         out_h = tl.load(m + 7)
         out_top = tl.load(m + 9)
+        flip = tl.load(m + 11) == 1
         ys = pid_y * ROWS + tl.arange(0, ROWS)
         xs = tl.arange(0, BLOCK_S)
         row_ok = ys < S
@@ -180,14 +184,15 @@ if triton_available():
             wsum += wj
         acc = acc / tl.where(wsum == 0.0, 1.0, wsum)[:, None]
         acc = tl.minimum(tl.maximum(tl.floor(acc + 0.5), 0.0), 255.0)
-        dst = out_ptr + (pid_bc.to(tl.int64) * S + ys[:, None]) * S + xs[None, :]
+        dst_x = tl.where(flip, S - 1 - xs, xs)          # mirrored for a flipped image (in range where col_ok)
+        dst = out_ptr + (pid_bc.to(tl.int64) * S + ys[:, None]) * S + dst_x[None, :]
         tl.store(dst, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launcher
 def crop_resize_fwd(images, meta: torch.Tensor, size: int, out: torch.Tensor = None) -> torch.Tensor:
     """The batch [B, 3, size, size] float32 on the 8-bit grid, as crop_resize_ref. images: [3, H, W]
-    uint8 tensors on one device, CHW or HWC underneath (see pack), or a Packed batch; meta: [B, 11]
+    uint8 tensors on one device, CHW or HWC underneath (see pack), or a Packed batch; meta: [B, 12]
     int64 (META_FIELDS; offset is filled here)."""
     if isinstance(images, Packed):
         buf, offsets, layouts = images.buf, torch.tensor(images.offsets), torch.ones(len(images), dtype=torch.int64)

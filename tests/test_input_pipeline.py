@@ -278,16 +278,18 @@ def _resize_batch(images, meta, size):
 
 
 def test_crop_resize_is_close_to_pillow():
-    """Random-resized-crop boxes (down- and up-sampling) and resize + centre crop, against Pillow."""
+    """Random-resized-crop boxes (down- and up-sampling; one flipped) and resize + centre crop, against
+    Pillow."""
     big = photo(np.random.default_rng(2), 120, 90)
     S = 32
     boxes = [(10, 12, 90, 80), (0, 0, 120, 90), (50, 25, 70, 45)]          # left, top, right, bottom
     images = [_tensor(big).to(torch.uint8).to(DEVICE)] * 4
-    meta = [[0, 90, 120, t, l, b - t, r - l, S, S, 0, 0] for l, t, r, b in boxes]
+    meta = [[0, 90, 120, t, l, b - t, r - l, S, S, 0, 0, k == 2] for k, (l, t, r, b) in enumerate(boxes)]
     rh, rw = 36, int(36 * 120 / 90)                                           # Resize(36) + CenterCrop(32)
-    meta.append([0, 90, 120, 0, 0, 90, 120, rh, rw, int(round((rh - S) / 2)), int(round((rw - S) / 2))])
+    meta.append([0, 90, 120, 0, 0, 90, 120, rh, rw, int(round((rh - S) / 2)), int(round((rw - S) / 2)), 0])
     out = _resize_batch(images, torch.tensor(meta), S).cpu()
     refs = [_tensor(big.crop(box).resize((S, S), Image.BICUBIC)) for box in boxes]
+    refs[2] = refs[2].flip(-1)                                                # the third one flipped
     from torchvision import transforms
     refs.append(_tensor(transforms.CenterCrop(S)(transforms.Resize(36, interpolation=Image.BICUBIC)(big))))
     for got, ref, what in zip(out, refs, boxes + ['resize + centre crop']):
@@ -297,7 +299,8 @@ def test_crop_resize_is_close_to_pillow():
 
 def test_crop_resize_kernels_match_reference():
     """The batched kernels against one F.interpolate per image: different image sizes in one batch,
-    down- and up-sampling, odd sizes, a window inside a larger virtual image (the val path); each
+    down- and up-sampling, odd sizes, a window inside a larger virtual image (the val path), some
+    written flipped; each
     image stored CHW (nvJPEG's output), HWC (the workers' decode, read in place) or neither (a
     strided view, copied); the HWC images also as one Packed buffer."""
     from kernels.crop_resize import Packed, crop_resize_ref, pack
@@ -314,7 +317,7 @@ def test_crop_resize_kernels_match_reference():
                 img = torch.randint(0, 256, (3, H, 2 * W if layout == 'strided' else W), generator=g,
                                     dtype=torch.uint8).to(DEVICE)[:, :, ::2 if layout == 'strided' else 1]
             images.append(img)
-            meta.append([0, H, W, *box, *window])
+            meta.append([0, H, W, *box, *window, int(len(meta) % 3 == 1)])      # some flipped, in each layout
     assert pack(images)[2].tolist() == [0] * 4 + [1] * 4 + [0] * 4
     meta = torch.tensor(meta)
     out = torch.full((len(images), 3, S, S), float('nan'), device=DEVICE)
