@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from kernels._utils import upload
 from kernels.crop_resize import Packed
 from kernels.normalize_erase import normalize_erase_fwd, normalize_erase_ref
 
@@ -306,7 +307,7 @@ class _Plan:
 
     def upload(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         host = torch.from_numpy(np.concatenate(self.parts)) if self.parts else torch.empty(0)
-        return host.to(dtype).to(device, non_blocking=True)
+        return upload(host.to(dtype), device)
 
 
 class DeviceTransform:

@@ -46,6 +46,18 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
                 'TRITON_INTERPRET=1 (set it before starting Python). Use KERNEL_BACKEND torch or auto on CPU.')
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (launch metadata) on `device`. On CUDA through pinned memory from torch's
+    caching host allocator, which keeps the block until the copy is done: the copy is then truly
+    asynchronous, where one from pageable memory is staged by the driver and may hold the calling
+    thread until the stream catches up (CUDA's API synchronization rules)."""
+    if device.type != 'cuda' or host.device.type != 'cpu':
+        return host.to(device)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

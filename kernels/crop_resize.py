@@ -29,7 +29,7 @@ channel.
 """
 import torch
 
-from ._utils import cdiv, check_triton_device, next_power_of_2, triton_available
+from ._utils import cdiv, check_triton_device, next_power_of_2, triton_available, upload
 
 META_FIELDS = ('offset', 'H', 'W', 'top', 'left', 'h', 'w', 'out_h', 'out_w', 'out_top', 'out_left', 'flip')
 # the launcher appends each image's layout to its row: 0 CHW, 1 HWC
@@ -206,7 +206,7 @@ def crop_resize_fwd(images, meta: torch.Tensor, size: int, out: torch.Tensor = N
     taps_x = max(taps(r[6], r[8]) for r in rows)
     taps_y = max(taps(r[5], r[7]) for r in rows)
     B = len(rows)
-    meta_dev = meta.to(buf.device, non_blocking=True)
+    meta_dev = upload(meta, buf.device)
     tmp = torch.empty(B * 3, max_h, size, device=buf.device)
     out = torch.empty(B, 3, size, size, device=buf.device) if out is None else out
     block_s = next_power_of_2(size)

@@ -21,7 +21,7 @@ B * C * K * H * W < 2**31.
 """
 import torch
 
-from ._utils import cdiv, check_triton_device, triton_available
+from ._utils import cdiv, check_triton_device, triton_available, upload
 
 MODES = ('const', 'rand', 'pixel')
 
@@ -103,7 +103,7 @@ def normalize_erase_fwd(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
     if B * C * max(K, 1) * H * W >= 2 ** 31:
         raise ValueError(f'normalize_erase: {B}x{C}x{K}x{H}x{W} draws exceed the 32-bit Philox offsets; '
                          f'split the batch')
-    rects = rects.to(device=x.device, dtype=torch.int32).contiguous()
+    rects = upload(rects.to(torch.int32).contiguous(), x.device)
     mean = mean.to(device=x.device, dtype=torch.float32).contiguous()
     std = std.to(device=x.device, dtype=torch.float32).contiguous()
     _normalize_erase_kernel[(B * C, cdiv(H * W, _BLOCK))](
