@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|input-streams|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|input-streams|scaling-jpeg|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -80,6 +80,12 @@ for part in $PARTS; do
                --main-runs gpu:jpeg
              python3 benchmarks/bench_input.py --images 26000 --val-images 256 --parts folder main --main-runs gpu:jpeg \
                --main-prelude "import data.gpu_pipeline as g; g.DeviceLoader.finish_streams, g.DeviceLoader.finish_priority = 2, -1" ;;
+    scaling-jpeg) # main.py on the JPEG folder (26000 images), one GPU vs all of the host's, best flags + compile
+             # (CUDA graphs), the decode in 12 workers a rank (benchmarks/scaling.sh with DATA_PATH)
+             python3 benchmarks/bench_input.py --images 26000 --val-images 512 --parts folder | grep folder
+             DATA_PATH=/tmp/bench_jpeg EXTRA_OPTS="EXTRA.COMPILE_MODE reduce-overhead SAVE_FREQ 10" \
+               bash benchmarks/scaling.sh "$(nvidia-smi -L | wc -l)" --fused_window_process --unfused_mha \
+               --fused_layernorm --fused_adam --amp-opt-level O2 --amp-dtype bfloat16 --compile ;;
     input-graph) # the same with --cuda-graph in place of --compile
              python3 benchmarks/bench_input.py --images 13000 --val-images 1024 --parts folder main harness \
                --main-runs gpu:synthetic:graph gpu:jpeg:graph --harness-steps graph ;;
