@@ -1,6 +1,6 @@
 """Whole-model training and inference speed, side by side in one process (the protocol of docs/benchmarks.md).
 
-    python benchmarks/bench_train.py --model tiny|base|large|v2tiny|v2base|mlptiny [--only NAME ...]
+    python benchmarks/bench_train.py --model tiny|base|large|v2tiny|v2base|v2base16|v2base24|mlptiny [--only NAME ...]
 
 Training: batch 128, 224x224 synthetic inputs already on the GPU, full steps (forward, loss,
 backward, clip 5.0 with the loss scaler, AdamW step, zero_grad) through the same `Precision`
@@ -37,6 +37,12 @@ MODELS = {
                    img_size=256, window_size=8),
     'v2base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
                    img_size=192, window_size=12),
+    # SwinV2-B fine-tuning from the 22k window-12 model (configs/swinv2/swinv2_base_patch4_window12to16_192to256_
+    # 22kto1k_ft.yaml and ..._window12to24_192to384_...; at 384 px pass a smaller --batch)
+    'v2base16': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
+                     img_size=256, window_size=16, pretrained_window_sizes=(12, 12, 12, 6)),
+    'v2base24': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
+                     img_size=384, window_size=24, pretrained_window_sizes=(12, 12, 12, 6)),
     # Swin-MLP (configs/swinmlp/swin_mlp_tiny_c24_patch4_window8_256.yaml)
     'mlptiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
                     img_size=256, window_size=8),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|input-streams|scaling-jpeg|profile-main|input-graph|apex|v2|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|input-streams|scaling-jpeg|profile-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -43,6 +43,10 @@ for part in $PARTS; do
              # upstream's compile takes minutes)
              for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
                python3 benchmarks/bench_train.py --model $m; done ;;
+    v2-finetune) # SwinV2-B fine-tuning shapes: window 16 at 256 px (batch 128) and window 24 at 384 px (batch 32),
+             # upstream's eager and compiled code beside our best (compile and --cuda-graph)
+             python3 benchmarks/bench_train.py --model v2base16 --skip-infer
+             python3 benchmarks/bench_train.py --model v2base24 --skip-infer --batch 32 ;;
     v2-upstream) # the same, upstream's rows only (its eager and compiled training, its --throughput)
              for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
                python3 benchmarks/bench_train.py --model $m --only upstream; done ;;
