@@ -44,7 +44,8 @@ for part in $PARTS; do
              for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
                python3 benchmarks/bench_train.py --model $m; done ;;
     v2-finetune) # SwinV2-B fine-tuning shapes: window 16 at 256 px (batch 128) and window 24 at 384 px (batch 32),
-             # upstream's eager and compiled code beside our best (compile and --cuda-graph)
+             # upstream's eager and compiled code beside our best (compile and --cuda-graph); upstream's compile
+             # takes minutes: each model may need its own 10-minute call (the two commands below)
              python3 benchmarks/bench_train.py --model v2base16 --skip-infer
              python3 benchmarks/bench_train.py --model v2base24 --skip-infer --batch 32 ;;
     v2-upstream) # the same, upstream's rows only (its eager and compiled training, its --throughput)
