@@ -349,6 +349,10 @@ def _validate(config: CN) -> None:
             raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
     if not 0.0 <= config.EXTRA.DEVICE_DECODE_SHARE <= 1.0:
         raise ConfigError(f'EXTRA.DEVICE_DECODE_SHARE = {config.EXTRA.DEVICE_DECODE_SHARE} must be between 0 and 1')
+    if config.EXTRA.DEVICE_DECODE_SHARE != 1.0 and config.EXTRA.JPEG_DECODE != 'device':
+        raise ConfigError(f'EXTRA.DEVICE_DECODE_SHARE = {config.EXTRA.DEVICE_DECODE_SHARE} splits the decode between '
+                          f"nvJPEG and the workers: it needs EXTRA.JPEG_DECODE device (it is "
+                          f"{config.EXTRA.JPEG_DECODE!r}; 'workers' decodes every file in the workers)")
     if config.EXTRA.DECODE_BATCHES < 1:
         raise ConfigError(f'EXTRA.DECODE_BATCHES = {config.EXTRA.DECODE_BATCHES} must be 1 or more')
     fp8_layers = list(config.EXTRA.FP8_LAYERS)

@@ -654,12 +654,15 @@ def test_device_decode_share_splits_the_files_and_changes_no_pixel(jpeg_data):
     """EXTRA.DEVICE_DECODE_SHARE: that share of the baseline JPEGs goes to the device's decoder, spread
     over the indices, the rest decoded in the workers; a batch mixing the two gives the training images
     the workers' decode alone gives (the same random draws): exactly where the device decodes with
-    libjpeg-turbo too (the CPU), within nvJPEG's decode difference on CUDA. Out of [0, 1] is refused."""
+    libjpeg-turbo too (the CPU), within nvJPEG's decode difference on CUDA. Out of [0, 1], or without
+    EXTRA.JPEG_DECODE device, is refused."""
     from torchvision import datasets
     from data.gpu_pipeline import _baseline_jpeg, collate_raw
     for bad in ('1.5', '-0.1'):
         with pytest.raises(ConfigError, match='DEVICE_DECODE_SHARE'):
             _config('EXTRA.JPEG_DECODE', 'device', 'EXTRA.DEVICE_DECODE_SHARE', bad)
+    with pytest.raises(ConfigError, match='needs EXTRA.JPEG_DECODE device'):
+        _config('EXTRA.DEVICE_DECODE_SHARE', '0.5')              # the default decode, 'workers'
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
     baseline = [i for i, (path, _) in enumerate(source.samples)
                 if _baseline_jpeg(Image.open(path), open(path, 'rb').read())]
