@@ -1,11 +1,16 @@
-"""The input pipeline's Triton kernels compiled for a Hopper GPU (sm_90) on any machine.
+"""Our Triton kernels (window process, window attention, LayerNorm, the input pipeline's; not yet the
+GEMM and optimizer ones) compiled for a Hopper GPU (sm_90) on any machine.
 
-On the CPU the tests run these kernels under Triton's interpreter, which accepts some code the GPU
-compiler refuses (a shape it does not broadcast, an op it lacks). Here each kernel goes through
-Triton's real compiler to PTX and a cubin (ptxas ships with Triton), with the argument types and
-constants its launcher passes, so a kernel that would not compile on the GPU fails in CI. The
-compile runs in a child process without TRITON_INTERPRET (under it `@triton.jit` gives interpreted
-functions, which the compiler does not take).
+On the CPU the tests run the kernels under Triton's interpreter, which accepts some code the GPU
+compiler refuses (a shape it does not broadcast, an op it lacks) and knows no shared-memory limit.
+Here each kernel goes through Triton's real compiler to PTX and a cubin (ptxas ships with Triton),
+with the argument types and constants its launcher passes at representative shapes, and must fit
+sm_90's 227 KB of shared memory a block: a kernel that would not compile on the GPU fails in CI. The
+shared-memory bound is as this machine's Triton allocates it, which can differ from the GPU's: the
+window attention backward at head dim 128 with 64-row blocks took 254 KB under Triton 3.6 on an H200
+and 107 KB under Triton 3.8 here (2026-11-29). The compile runs in a child process without
+TRITON_INTERPRET (under it `@triton.jit` gives interpreted functions, which the compiler does not
+take).
 """
 import os
 import subprocess
@@ -24,10 +29,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 I32, I64, F32, F64, U8 = 'i32', 'i64', 'fp32', 'fp64', 'u8'
 
+SMEM = 227 * 1024          # sm_90's shared memory a block
+
 def compile_(fn, signature, constants, **options):
     signature = dict(signature, **{name: 'constexpr' for name in constants})
-    return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget('cuda', 90, 32),
-                          options=options or None)
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget('cuda', 90, 32),
+                            options=options or None)
+    assert kernel.metadata.shared <= SMEM, (fn, constants, kernel.metadata.shared)
+    return kernel
 '''
 
 
@@ -79,4 +88,60 @@ def test_randaugment_kernels_compile():
                  dict(BLOCK=1024), enable_fp_fusion=False)
         compile_(ar._affine_kernel, dict(x_ptr='*' + F32, m_ptr='*' + F64, fill_ptr='*' + F32, out_ptr='*' + F32,
                                          H=I32, W=I32), dict(BLOCK=1024))
+        ''')
+
+
+def test_layer_norm_and_window_process_compile():
+    _compile_in_child('''
+        from kernels import layer_norm as ln, window_process as wp
+        for C in (96, 768):
+            rows, block_c, warps = ln._tile(C)
+            geometry = dict(WINDOWED=True, H=56, W=56, WS=7, SHIFT=3)
+            fwd = dict(x_ptr='*bf16', res_ptr='*fp32', scale_ptr='*bf16', h_ptr='*fp32', w_ptr='*fp32', b_ptr='*fp32',
+                       y_ptr='*fp32', mean_ptr='*fp32', rstd_ptr='*fp32', M=I32, C=I32, rows_per_sample=I32, eps=F32)
+            for residual, post, windowed in ((False, False, False), (True, False, True), (True, True, False)):
+                compile_(ln._layer_norm_fwd_kernel, fwd, dict(
+                    HAS_RESIDUAL=residual and not post, HAS_SCALE=residual, POST=post,
+                    **(geometry if windowed else dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)),
+                    BLOCK_ROWS=rows, BLOCK_C=block_c), num_warps=warps)
+            brows, bwarps, _ = ln._bwd_launch(C)
+            bwd = dict(dy_ptr='*fp32', x_ptr='*bf16', w_ptr='*fp32', mean_ptr='*fp32', rstd_ptr='*fp32', dx_ptr='*bf16',
+                       dw_part_ptr='*fp32', db_part_ptr='*fp32', dres_ptr='*fp32', scale_ptr='*bf16',
+                       dbranch_ptr='*bf16', M=I32, C=I32, rows_per_program=I32, rows_per_sample=I32)
+            for dres, post, windowed in ((False, False, False), (True, False, True), (False, True, False)):
+                compile_(ln._layer_norm_bwd_kernel, bwd, dict(
+                    HAS_DRES=dres, HAS_DBRANCH=dres, HAS_SCALE=dres or post, POST=post,
+                    **(geometry if windowed else dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)),
+                    BLOCK_ROWS=brows, BLOCK_C=block_c), num_warps=bwarps)
+            compile_(ln._layer_norm_wgrad_kernel, dict(part_ptr='*fp32', dw_ptr='*fp32', db_ptr='*fp32', P=I32, C=I32),
+                     dict(BLOCK_P=ln._WGRAD_ROWS, BLOCK_C=ln._WGRAD_COLS))
+        for to_windows in (True, False):
+            compile_(wp._window_shuffle_kernel, dict(map_ptr='*bf16', win_ptr='*bf16', n_rows=I32, stride_mb=I32,
+                                                     stride_mh=I32, stride_mw=I32, stride_mc=I32),
+                     dict(H=56, W=56, C=96, WS=7, SHIFT=3, TO_WINDOWS=to_windows, C_CONTIGUOUS=True,
+                          BLOCK_ROWS=16, BLOCK_C=128))
+        ''')
+
+
+@pytest.mark.parametrize('window, head_dim', [(7, 32), (16, 32), (24, 32), (12, 128)])
+def test_window_attention_compiles_within_shared_memory(window, head_dim):
+    """V1 at window 7 (one key tile) and V2's cosine attention with a per-head scale at windows 12-24
+    (keys in blocks of 64), bf16, forward and backward, and the table-gradient scatter."""
+    _compile_in_child(f'''
+        from kernels import window_attention as wa
+        N, d = {window} ** 2, {head_dim}
+        block_m, block_n, block_d, num_m, num_k, warps = wa._blocks(N, d)
+        v2 = {window} > 7
+        const = dict(HEAD_DIM=d, DOT_MODE=0, NUM_M=num_m, NUM_K=num_k, BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_D=block_d, HEAD_SCALE=v2, NORM_QK=v2)
+        ints = dict(N=I32, C=I32, n_heads=I32, n_bm=I32, scale=F32)
+        compile_(wa._window_attention_fwd_kernel, dict(qkv_ptr='*bf16', bm_ptr='*fp32', out_ptr='*bf16',
+                                                       lse_ptr='*fp32', head_scale_ptr='*fp32', **ints),
+                 const, num_warps=warps)
+        compile_(wa._window_attention_bwd_kernel, dict(
+            qkv_ptr='*bf16', bm_ptr='*fp32', out_ptr='*bf16', lse_ptr='*fp32', dout_ptr='*bf16', dqkv_ptr='*bf16',
+            dbias_ptr='*fp32', dq_acc_ptr='*fp32', delta_ptr='*fp32', head_scale_ptr='*fp32', dscale_ptr='*fp32',
+            B_=I32, **ints, n_groups=I32), const, num_warps=warps)
+        compile_(wa._table_grad_kernel, dict(dbias_ptr='*fp32', order_ptr='*i64', starts_ptr='*i64',
+                                             dtable_ptr='*fp32', NN=I32, heads=I32), dict(BLOCK_P=64, BLOCK_H=4))
         ''')
