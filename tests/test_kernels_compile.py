@@ -1,5 +1,5 @@
-"""Our Triton kernels (window process, window attention, LayerNorm, the input pipeline's; not yet the
-GEMM and optimizer ones) compiled for a Hopper GPU (sm_90) on any machine.
+"""Our Triton kernels (window process, window attention, LayerNorm, the fused-epilogue GEMM, the fused
+optimizers, the input pipeline's) compiled for a Hopper GPU (sm_90) on any machine.
 
 On the CPU the tests run the kernels under Triton's interpreter, which accepts some code the GPU
 compiler refuses (a shape it does not broadcast, an op it lacks) and knows no shared-memory limit.
@@ -144,4 +144,56 @@ def test_window_attention_compiles_within_shared_memory(window, head_dim):
             B_=I32, **ints, n_groups=I32), const, num_warps=warps)
         compile_(wa._table_grad_kernel, dict(dbias_ptr='*fp32', order_ptr='*i64', starts_ptr='*i64',
                                              dtable_ptr='*fp32', NN=I32, heads=I32), dict(BLOCK_P=64, BLOCK_H=4))
+        ''')
+
+
+def test_gemm_compiles_within_shared_memory():
+    """The fused-epilogue GEMM (--fused_mlp / --fused_dense) in bf16 with each prologue and epilogue,
+    and in IEEE fp32, at Swin-T's fc1 shape (M = 128 * 3136 tokens, K = 96, N = 384) and a long-K
+    weight-gradient shape."""
+    _compile_in_child('''
+        from kernels import gemm as g
+        sig = dict(a_ptr='*bf16', b_ptr='*bf16', out_ptr='*bf16', bias_ptr='*bf16', aux_ptr='*bf16',
+                   rowsum_ptr='*fp32', M=I32, N=I32, K=I32, k_per_split=I32, stride_am=I32, stride_ak=I32,
+                   stride_bk=I32, stride_bn=I32, stride_om=I32, stride_on=I32, stride_split=I32)
+        for M, N, K in ((401408, 384, 96), (96, 384, 401408)):
+            bm, bn, bk, warps, stages = g._blocks(M, N, K)
+            for gelu_a, gelu_b, epilogue, rowsum, ieee, dtype in (
+                    (False, False, 1, False, False, 'bf16'), (True, False, 0, True, False, 'bf16'),
+                    (False, True, 2, False, False, 'bf16'), (False, False, 1, False, True, 'fp32')):
+                typed = {k: ('*' + dtype if v == '*bf16' else v) for k, v in sig.items()}
+                compile_(g._gemm_kernel, typed, dict(GELU_A=gelu_a, GELU_B=gelu_b, EPILOGUE=epilogue, ROWSUM=rowsum,
+                                                     IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                         num_warps=warps, num_stages=stages)
+        ''')
+
+
+def test_fused_optimizer_kernels_compile():
+    """--fused_adam / fused_lamb: the gradient norm, the prepare step and the AdamW / LAMB updates for
+    fp32 master weights with bf16 gradients and a bf16 model copy (O2) and for fp32 alone (O1)."""
+    _compile_in_child('''
+        import triton.language as tl
+        from kernels import optimizers as o
+        tables = dict(param_ptrs='*i64', grad_ptrs='*i64', exp_avg_ptrs='*i64', exp_avg_sq_ptrs='*i64')
+        chunks = dict(numel_ptr='*i64', chunk_tensor_ptr='*i32', chunk_index_ptr='*i32')
+        moments = dict(one_minus_beta1=F32, beta2=F32, one_minus_beta2=F32, eps=F32)
+        size = dict(CHUNK=o.CHUNK, BLOCK=o.BLOCK)
+        compile_(o._grad_sumsq_kernel, dict(grad_ptrs='*i64', **chunks, partial_ptr='*fp32'),
+                 dict(GRAD_DTYPE=tl.bfloat16, **size))
+        for lamb in (False, True):
+            compile_(o._prepare_kernel, dict(partial_ptr='*fp32', n_partials=I32, inv_scale_ptr='*fp32',
+                                             hparam_ptr='*fp64', group_ptr='*i32', global_ptr='*i32', steps_ptr='*fp32',
+                                             pow_ptr='*fp64', scalar_ptr='*fp32', out_ptr='*fp32', n_tensors=I32,
+                                             clip=F32, max_grad_norm=F32), dict(HAS_SCALE=True, LAMB=lamb, BLOCK=256))
+        for grad, out, has_out in ((tl.bfloat16, tl.bfloat16, True), (tl.float32, tl.float32, False)):
+            compile_(o._adamw_kernel, dict(**tables, out_ptrs='*i64', **chunks, scalar_ptr='*fp32', mult_ptr='*fp32',
+                                           **moments),
+                     dict(PARAM_DTYPE=tl.float32, GRAD_DTYPE=grad, OUT_DTYPE=out, HAS_OUT=has_out, **size))
+            compile_(o._lamb_norms_kernel, dict(**tables, **chunks, scalar_ptr='*fp32', mult_ptr='*fp32',
+                                                norm_part_ptr='*fp32', **moments, max_chunks=I32),
+                     dict(PARAM_DTYPE=tl.float32, GRAD_DTYPE=grad, **size))
+            compile_(o._lamb_apply_kernel, dict(param_ptrs='*i64', exp_avg_ptrs='*i64', exp_avg_sq_ptrs='*i64',
+                                                out_ptrs='*i64', **chunks, scalar_ptr='*fp32', mult_ptr='*fp32',
+                                                norm_part_ptr='*fp32', eps=F32, max_chunks=I32),
+                     dict(PARAM_DTYPE=tl.float32, OUT_DTYPE=out, HAS_OUT=has_out, MAX_CHUNKS=64, **size))
         ''')
