@@ -370,16 +370,11 @@ def main() -> None:
     cores = os.cpu_count()
     if 'pipelines' in a.parts:
         runs = []
-        if 'device' in a.decode:
-            runs += [('gpu', 'train', a.workers, a.batches, True, n, 'device') for n in a.decode_batches]
-            runs += [('gpu', 'train', a.workers, a.batches, False, 1, 'device')]
-            runs += [('gpu', 'val', a.workers, 45, True, n, 'device') for n in a.decode_batches]
-        if 'workers' in a.decode:
-            runs += [('gpu', 'train', a.workers, a.batches, True, 1, 'workers'),
-                     ('gpu', 'val', a.workers, 45, True, 1, 'workers')]
-        for mixed in (d for d in a.decode if '@' in d):
-            runs += [('gpu', 'train', a.workers, a.batches, True, 1, mixed),
-                     ('gpu', 'val', a.workers, 45, True, 1, mixed)]
+        for decode in a.decode:     # nvJPEG alone also with each --decode-batches and without pinned memory
+            batches_a_call = a.decode_batches if decode == 'device' else [1]
+            runs += [('gpu', 'train', a.workers, a.batches, True, n, decode) for n in batches_a_call]
+            runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode)] if decode == 'device' else []
+            runs += [('gpu', 'val', a.workers, 45, True, n, decode) for n in batches_a_call]
         runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
                  ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
         for pipeline, split, workers, batches, pin, n, decode in runs:

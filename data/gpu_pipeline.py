@@ -381,8 +381,9 @@ class DeviceTransform:
     def finish(self, decoded):
         images, kind, params, labels, indices, seed = decoded
         if self.train and self.recipe.small:        # padded random crop, no resampling, then the flip
-            crops = [T.crop_padded(img, *(int(v) for v in row[:4])) for img, row in zip(images, params.tolist())]
-            x = torch.stack([c.flip(-1) if flip > 0 else c for c, flip in zip(crops, params[:, FLIP].tolist())]).float()
+            rows = params.tolist()
+            crops = [T.crop_padded(img, *(int(v) for v in row[:4])) for img, row in zip(images, rows)]
+            x = torch.stack([c.flip(-1) if row[FLIP] > 0 else c for c, row in zip(crops, rows)]).float()
         else:
             x = self._resize(images, kind, params)
         if self.train:
@@ -399,8 +400,7 @@ class DeviceTransform:
         rects = rects.reshape(B, count, 4)
         if self.normalize_kernel:
             return normalize_erase_fwd(x, self.mean, self.std, rects, mode, seed)
-        g = torch.Generator(device=self.device).manual_seed(seed) if (rects[:, :, 2] > 0).any() else None
-        return normalize_erase_ref(x, self.mean, self.std, rects if g is not None else rects[:, :0], mode, g)
+        return normalize_erase_ref(x, self.mean, self.std, rects, mode, torch.Generator(self.device).manual_seed(seed))
 
     def _resize(self, images: list, kind: list, params: torch.Tensor) -> torch.Tensor:
         """Train: each crop box resized to S x S. Val: resize the shorter side to 256/224 S, then the
@@ -507,12 +507,17 @@ class DeviceLoader:
 
     def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1):
         self.loader, self.transform, self.prefetch = loader, transform, prefetch
-        self.queued = 2 * (prefetch + 1) if transform.device.type == 'cuda' else 0    # two stages: queue + in hand
         self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    @property
+    def queued(self) -> int:
+        """Batches the two device stages hold ahead of the consumer (a queue and one in hand each; none
+        where the transform runs inline)."""
+        return 2 * (self.prefetch + 1) if self.transform.device.type == 'cuda' else 0
 
     def __iter__(self):
         device = self.transform.device

@@ -31,9 +31,11 @@ def normalize_erase_ref(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
                         generator: torch.Generator = None) -> torch.Tensor:
     """x: float32 [B, C, H, W] on the 8-bit grid (0..255), in place; mean, std: [C] (0..1 scale);
     rects: [B, K, 4] (top, left, h, w), h <= 0 where none; mode: one of MODES. Torch's own draws from
-    `generator` fill 'pixel' and 'rand' rectangles."""
+    `generator` fill 'pixel' and 'rand' rectangles (none are taken when no rectangle is live)."""
     B, C, H, W = x.shape
     x = x.div_(255).sub_(mean.reshape(1, C, 1, 1)).div_(std.reshape(1, C, 1, 1))
+    if not (rects[:, :, 2] > 0).any():      # nothing to erase: no draws taken
+        return x
     rects = rects.to(x.device)
     ys = torch.arange(H, device=x.device).reshape(1, H, 1)
     xs = torch.arange(W, device=x.device).reshape(1, 1, W)
