@@ -17,6 +17,8 @@ main:      main.py training Swin-T with the best flags (all flags, --fused_adam,
            logs it (from step 10, or after the batches the loader readied during the first steps).
 profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-busy time per step, the GPU's
            idle gaps and what the host ran in them; the run stops after the profiled batches).
+gil:       the main part's runs under benchmarks/gil_profile.py (py-spy on PATH): which threads hold the GIL
+           in training, and in which functions.
 contention: the train transform's decode and finish stages alone, with the GPU idle and kept busy.
 decode-profile: the decode stage alone under torch.profiler, GPU idle and kept busy: per batch, the host
            calls it spends its time in (count, ms) and the GPU kernels it runs: what the wait is.
@@ -321,6 +323,18 @@ def profile_main(root: str, pipeline: str, synthetic: bool, workers: int, epochs
             'workers': workers, 'rc': p.returncode, **report}
 
 
+def gil_main(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
+             decode: str) -> dict:
+    """The same main.py run under benchmarks/gil_profile.py (py-spy): which threads hold the GIL."""
+    cmd = [sys.executable, 'benchmarks/gil_profile.py', '--images', str(epochs_images), '--'] + main_args(
+        root, pipeline, synthetic, workers, epochs_images, step, 1, decode)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith('GIL ')]
+    report = json.loads(line[-1][len('GIL '):]) if line else {'error': (p.stdout + p.stderr)[-3000:]}
+    return {'part': 'gil', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
+            'workers': workers, 'decode': decode, **report}
+
+
 HARNESS_ROWS = {'compile': 'all flags + --fused_adam + compile (CUDA graphs), O2 bf16',
                 'graph': 'all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16'}
 
@@ -402,6 +416,13 @@ def main() -> None:
             rows.append(profile_main(a.root, pipeline, data == 'synthetic',
                                      a.workers if pipeline == 'gpu' else cores - 1, a.images, step,
                                      a.profile_options.split()))
+            print(json.dumps(rows[-1], indent=1), flush=True)
+    if 'gil' in a.parts:
+        for run in a.main_runs:
+            fields = run.split(':')
+            pipeline, data, step, _, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
+            rows.append(gil_main(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
+                                 a.images, step, decode))
             print(json.dumps(rows[-1], indent=1), flush=True)
     if 'worker' in a.parts:
         rows += worker_cost(a.root)

@@ -45,3 +45,29 @@ def test_profile_main_analysis_of_a_known_trace():
     # the timeline is the middle step's (the second): busy 1000-1800 (the 10 us gap joined), no idle
     # span reported after the last busy one
     assert [line.split() for line in r['timeline']] == [['+', '0', '800', 'GPU', 'busy']]
+
+
+def test_gil_profile_summary_of_known_samples():
+    """benchmarks/gil_profile.py on py-spy raw lines: threads named and merged by kind, compilation and the
+    main thread outside the training loop counted apart, functions inclusive (once per stack), lines
+    innermost."""
+    from gil_profile import parse_raw, summarise
+    raw = '\n'.join([
+        'thread (0x1): MainThread;<module> (main.py:500);train_one_epoch (main.py:330);step (amp.py:10) 7',
+        'thread (0x1): MainThread;<module> (main.py:500);train_one_epoch (main.py:331);f (a.py:3);f (a.py:4) 2',
+        'thread (0x1): MainThread;<module> (main.py:500);validate (main.py:400) 5',
+        'thread (0x1): MainThread;<module> (main.py:500);train_one_epoch (main.py:330);_compile '
+        '(torch/_dynamo/convert_frame.py:9) 11',
+        'thread (0x2): Thread-3 (stage);stage (data/gpu_pipeline.py:520);finish (data/gpu_pipeline.py:560) 4',
+        'thread (0x3): Thread-4 (stage);stage (data/gpu_pipeline.py:520);decode (data/gpu_pipeline.py:555) 3',
+        'thread (0x9);<module> (main.py:1);import (x.py:2) 6',
+        'not a sample line',
+    ])
+    stacks = parse_raw(raw)
+    assert len(stacks) == 7 and stacks[-1][0] == 'MainThread'      # unnamed, but main.py's module frame
+    s = summarise(stacks)
+    main = s['MainThread']
+    assert (main['samples'], main['compiling'], main['outside']) == (9, 11, 11)
+    assert dict(main['functions'])['f (a.py)'] == 2                 # two frames of f in one stack: counted once
+    assert main['lines'][0] == ('step (amp.py:10)', 7)
+    assert s['stage']['samples'] == 7 and list(s)[0] == 'MainThread'
