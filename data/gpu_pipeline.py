@@ -321,7 +321,7 @@ class DeviceTransform:
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device)
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device)
         self.fill = aa_fill()
-        # RandAugment's colour ops through kernels/colour_ops.py (three launches a layer) on CUDA; the
+        # RandAugment's layers through kernels/colour_ops.py (three launches a layer) on CUDA; the
         # per-op torch path elsewhere (tests turn the kernels on under Triton's CPU interpreter)
         self.colour_kernels = device.type == 'cuda'
         self.normalize_kernel = device.type == 'cuda'      # the same for kernels/normalize_erase.py
@@ -426,15 +426,14 @@ class DeviceTransform:
 
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Each RandAugment layer (the flip that comes first is done: the resize writes flipped images).
-        Within a layer every image gets its own op; ops are grouped so that a layer costs a few
-        batched launches: one affine resample for all the
-        geometric ops, then on CUDA the three colour-op kernels for all the others
-        (kernels/colour_ops.py); elsewhere one table lookup for all the per-pixel ops and one call
-        per other op.
+        Within a layer every image gets its own op; on CUDA the whole layer, geometric ops included,
+        is the three kernels of kernels/colour_ops.py for the batch; elsewhere ops are grouped: one
+        affine resample for all the geometric ops, one table lookup for all the per-pixel ops and one
+        call per other op.
         The batch's whole plan (which images each group takes, and their arguments, tables and
         affine coefficients) is built on the host and reaches the device in two copies: one
         pageable copy costs about as much host time as a launch, and there were about 40 a batch."""
-        from kernels.colour_ops import CODES, NONE, TABLE, colour_ops
+        from kernels.colour_ops import AFFINE, CODES, NONE, TABLE, colour_ops
         B, S_h, S_w = x.shape[0], x.shape[2], x.shape[3]
         index, value = _Plan(), _Plan()
         groups = []            # (kind, op, slice of its images, slice of its values)
@@ -442,21 +441,24 @@ class DeviceTransform:
             col = PROGRAM + 2 * layer
             ids, args = params[:, col].long().tolist(), params[:, col + 1].tolist()
             names = [OPS[i] if i != SKIPPED else None for i in ids]
+            if self.colour_kernels:
+                # the whole layer in three launches for the batch (kernels/colour_ops.py): an op code, a
+                # blend factor, a table (table ops) and six affine coefficients (geometric ops) per image
+                codes = [AFFINE if n in _GEOMETRIC else CODES.get(n, NONE) for n in names]
+                if any(codes):
+                    tables, matrix = np.zeros((B, 256)), np.zeros((B, 6))
+                    for i, c in enumerate(codes):
+                        if c == TABLE:
+                            tables[i] = T.lookup_table(names[i], args[i])
+                        elif c == AFFINE:
+                            matrix[i] = T.affine_coefficients(names[i], args[i], S_w, S_h)
+                    groups.append(('layer', None, index.add(codes), value.add(np.concatenate(
+                        [args, tables.ravel(), matrix.ravel()]))))
+                continue
             geo = [i for i, n in enumerate(names) if n in _GEOMETRIC]
             if geo:
                 coef = [c for i in geo for c in T.affine_coefficients(names[i], args[i], S_w, S_h)]
                 groups.append(('affine', None, index.add(geo), value.add(coef)))
-            if self.colour_kernels:
-                # every other op of the layer in three launches for the whole batch (kernels/colour_ops.py):
-                # an op code, a blend factor and (table ops) a table per image
-                codes = [CODES.get(n, NONE) for n in names]
-                if any(codes):
-                    tables = np.zeros((B, 256))
-                    for i, c in enumerate(codes):
-                        if c == TABLE:
-                            tables[i] = T.lookup_table(names[i], args[i])
-                    groups.append(('colour', None, index.add(codes), value.add(np.concatenate([args, tables.ravel()]))))
-                continue
             table = [i for i, n in enumerate(names) if n in _TABLE]
             if table:
                 luts = np.concatenate([T.lookup_table(names[i], args[i]) for i in table])
@@ -467,8 +469,8 @@ class DeviceTransform:
         idx_dev, val_dev = index.upload(torch.int64, self.device), value.upload(torch.float64, self.device)
         for kind, op, images, values in groups:
             idx, val = idx_dev[images], val_dev[values]
-            if kind == 'colour':
-                x = colour_ops(x, idx, val[:B], val[B:].view(B, 256))
+            if kind == 'layer':
+                x = colour_ops(x, idx, val[:B], val[B:257 * B].view(B, 256), val[257 * B:].view(B, 6), self.fill)
             elif kind == 'affine':
                 x[idx] = T.affine(x[idx], val.view(-1, 6), self.fill)
             elif kind == 'lookup':

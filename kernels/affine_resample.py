@@ -86,18 +86,14 @@ if triton_available():
                         _tap(plane, row, x0 + 1, W, ok), _tap(plane, row, x0 + 2, W, ok), dx)
 
     @triton.jit
-    def _affine_kernel(x_ptr, m_ptr, fill_ptr, out_ptr, H, W, BLOCK: tl.constexpr):
-        # program: one image, BLOCK output pixels; the positions are computed once for the three channels
-        b = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < H * W
-        i = offs // W
-        j = offs % W
-        mrow = m_ptr + b * 6
-        u = j.to(tl.float64) + 0.5              # float64 throughout, as Pillow
+    def _affine_pixel(plane, m_row, i, j, H, W, ok, fill):
+        """The transform of one channel plane at output pixels (i, j) (float64 math, as Pillow), as
+        float32 whole numbers; m_row: the image's six coefficients. kernels/colour_ops.py's layer
+        kernel calls it too."""
+        u = j.to(tl.float64) + 0.5
         v = i.to(tl.float64) + 0.5
-        xin = tl.load(mrow) * u + tl.load(mrow + 1) * v + tl.load(mrow + 2)
-        yin = tl.load(mrow + 3) * u + tl.load(mrow + 4) * v + tl.load(mrow + 5)
+        xin = tl.load(m_row) * u + tl.load(m_row + 1) * v + tl.load(m_row + 2)
+        yin = tl.load(m_row + 3) * u + tl.load(m_row + 4) * v + tl.load(m_row + 5)
         inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
         xs = tl.minimum(tl.maximum(xin - 0.5, -3.0), W + 2.0)
         ys = tl.minimum(tl.maximum(yin - 0.5, -3.0), H + 2.0)
@@ -107,12 +103,21 @@ if triton_available():
         dy = ys - y0
         x0i = x0.to(tl.int32)
         y0i = y0.to(tl.int32)
+        acc = _cubic_k(_row(plane, y0i - 1, x0i, H, W, ok, dx), _row(plane, y0i, x0i, H, W, ok, dx),
+                       _row(plane, y0i + 1, x0i, H, W, ok, dx), _row(plane, y0i + 2, x0i, H, W, ok, dx), dy)
+        val = tl.floor(tl.minimum(tl.maximum(acc, 0.0), 255.0))            # truncation: val >= 0 here
+        return tl.where(inside, val.to(tl.float32), fill)
+
+    @triton.jit
+    def _affine_kernel(x_ptr, m_ptr, fill_ptr, out_ptr, H, W, BLOCK: tl.constexpr):
+        # program: one image, BLOCK output pixels of the three channels
+        b = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < H * W
+        i = offs // W
+        j = offs % W
         for c in tl.static_range(3):
-            plane = x_ptr + (b * 3 + c) * H * W
-            acc = _cubic_k(_row(plane, y0i - 1, x0i, H, W, ok, dx), _row(plane, y0i, x0i, H, W, ok, dx),
-                           _row(plane, y0i + 1, x0i, H, W, ok, dx), _row(plane, y0i + 2, x0i, H, W, ok, dx), dy)
-            val = tl.floor(tl.minimum(tl.maximum(acc, 0.0), 255.0))        # truncation: val >= 0 here
-            val = tl.where(inside, val.to(tl.float32), tl.load(fill_ptr + c))
+            val = _affine_pixel(x_ptr + (b * 3 + c) * H * W, m_ptr + b * 6, i, j, H, W, ok, tl.load(fill_ptr + c))
             tl.store(out_ptr + (b * 3 + c) * H * W + offs, val, mask=ok)
 
 
@@ -120,7 +125,7 @@ if triton_available():
 _FILLS = {}     # (fill values, device) -> the 3-float tensor: the recipe's fill is one constant a run
 
 
-def _fill_tensor(fill, device: torch.device) -> torch.Tensor:
+def fill_tensor(fill, device: torch.device) -> torch.Tensor:
     if isinstance(fill, torch.Tensor):
         return fill.to(device=device, dtype=torch.float32)
     values = tuple(float(v) for v in (fill if isinstance(fill, (tuple, list)) else (fill,) * 3))
@@ -139,7 +144,7 @@ def affine_resample(x: torch.Tensor, matrix: torch.Tensor, fill, out: torch.Tens
     x = x.contiguous()
     n, _, h, w = x.shape
     out = torch.empty_like(x) if out is None else out
-    fill_t = _fill_tensor(fill, x.device)
+    fill_t = fill_tensor(fill, x.device)
     block = 1024
     _affine_kernel[(n, cdiv(h * w, block))](x, matrix.double().contiguous(), fill_t, out, h, w, BLOCK=block)
     return out

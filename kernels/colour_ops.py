@@ -1,9 +1,10 @@
-"""RandAugment's per-pixel and colour ops for a whole batch in three kernels, whatever the mix of ops.
+"""One RandAugment layer for a whole batch in three kernels, whatever the mix of ops.
 
 Within one RandAugment layer every image gets at most one op. Run as torch ops, each op is a group:
 gather its images, 5-15 kernels, scatter them back, about 70 small kernels a layer in a chain. When
 the pipeline shares the GPU with a training step each of them waits for SMs, and the chain, not the
-work, sets the pace. Here each image carries an op code and the three kernels serve the whole batch:
+work, sets the pace. Here each image carries an op code and the three kernels serve the whole batch,
+the geometric ops (rotate, shear, translate: an AFFINE code and the image's six coefficients) included:
 
 - _stats_kernel: per image, what its op reads of the whole image: the luma sum (contrast), per-channel
   min and max (autocontrast; the min kept as 255 - min, so that one zeroed buffer starts every
@@ -14,7 +15,8 @@ work, sets the pace. Here each image carries an op code and the three kernels se
   and equalize's from the statistics (Pillow's formulas, as data.tensor_ops); and contrast's
   rounded mean luma.
 - _apply_kernel: every pixel once, out of place: a table lookup, or a blend with the luma (color),
-  the mean (contrast) or the 3x3 smoothed image (sharpness, border unfiltered), or a copy.
+  the mean (contrast) or the 3x3 smoothed image (sharpness, border unfiltered), or Pillow's bicubic
+  affine transform (kernels/affine_resample.py's per-pixel function), or a copy.
 
 The reference, colour_ops_ref, applies data.tensor_ops's per-op functions group by group (what the
 pipeline runs on the CPU). The kernels keep its rounding: the multiply-adds are not fused into FMAs
@@ -25,28 +27,33 @@ which can move a result by one level where it sits on a rounding edge (the tests
 import torch
 
 from ._utils import cdiv, check_triton_device, triton_available
+from .affine_resample import fill_tensor
 
-NONE, TABLE, AUTOCONTRAST, EQUALIZE, COLOR, CONTRAST, SHARPNESS = range(7)
+NONE, TABLE, AUTOCONTRAST, EQUALIZE, COLOR, CONTRAST, SHARPNESS, AFFINE = range(8)
 CODES = {'invert': TABLE, 'posterize': TABLE, 'solarize': TABLE, 'solarize_add': TABLE, 'brightness': TABLE,
          'autocontrast': AUTOCONTRAST, 'equalize': EQUALIZE, 'color': COLOR, 'contrast': CONTRAST,
          'sharpness': SHARPNESS}
 
 
 # ----------------------------------------------------------------------------- reference
-def colour_ops_ref(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+def colour_ops_ref(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables: torch.Tensor,
+                   matrix: torch.Tensor = None, fill=0) -> torch.Tensor:
     """x: float32 [n, 3, H, W] whole numbers 0..255; code: [n] op codes; factor: [n] the blend factor
-    of color / contrast / sharpness; tables: [n, 256] the host-built table of TABLE images. Each op
-    by data.tensor_ops on its own images, out of place."""
+    of color / contrast / sharpness; tables: [n, 256] the host-built table of TABLE images; matrix:
+    [n, 6] the affine coefficients of AFFINE images, which take `fill` (3 numbers) outside. Each op by
+    data.tensor_ops on its own images, out of place."""
     from data import tensor_ops as T
     out = x.clone()
     code = code.to(x.device)
     for c, fn in ((TABLE, None), (AUTOCONTRAST, T.autocontrast), (EQUALIZE, T.equalize), (COLOR, T.color),
-                  (CONTRAST, T.contrast), (SHARPNESS, T.sharpness)):
+                  (CONTRAST, T.contrast), (SHARPNESS, T.sharpness), (AFFINE, None)):
         idx = (code == c).nonzero().flatten()
         if idx.numel() == 0:
             continue
         if c == TABLE:
             out[idx] = T.lookup(x[idx], tables.to(x.device)[idx].float())
+        elif c == AFFINE:
+            out[idx] = T.affine(x[idx], matrix.to(x.device)[idx], fill)
         else:
             out[idx] = fn(x[idx], factor.to(x.device)[idx])
     return out
@@ -56,6 +63,8 @@ def colour_ops_ref(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, ta
 if triton_available():
     import triton
     import triton.language as tl
+
+    from .affine_resample import _affine_pixel
 
     @triton.jit
     def _luma_k(r, g, b):
@@ -127,7 +136,8 @@ if triton_available():
         return tl.load(plane + (i + di) * W + (j + dj), mask=ok, other=0.)
 
     @triton.jit
-    def _apply_kernel(x_ptr, out_ptr, code_ptr, factor_ptr, lut_ptr, mean_ptr, H, W, BLOCK: tl.constexpr):
+    def _apply_kernel(x_ptr, out_ptr, code_ptr, factor_ptr, lut_ptr, mean_ptr, m_ptr, fill_ptr, H, W,
+                      BLOCK: tl.constexpr):
         # program: one image, BLOCK pixels of all three channels
         b = tl.program_id(0).to(tl.int64)
         HW = H * W
@@ -168,13 +178,17 @@ if triton_available():
                 acc += _tap_k(plane, i, j, 1, 1, W, inner) * w1
                 smooth = tl.minimum(tl.maximum(tl.floor(acc + 0.5), 0.0), 255.0)
                 out = _blend_k(tl.where(inner, smooth, v), v, f)
+            if code == 7:                                        # AFFINE
+                out = _affine_pixel(x_ptr + (b * 3 + c) * HW, m_ptr + b * 6, i, j, H, W, ok, tl.load(fill_ptr + c))
             tl.store(out_ptr + (b * 3 + c) * HW + offs, out, mask=ok)
 
 
 # ----------------------------------------------------------------------------- launcher
-def colour_ops(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+def colour_ops(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables: torch.Tensor,
+               matrix: torch.Tensor = None, fill=0) -> torch.Tensor:
     """The three kernels: as colour_ops_ref. x: float32 [n, 3, H, W]; code: [n] integer op codes;
-    factor: [n]; tables: [n, 256] (read for TABLE images only); all on x's device."""
+    factor: [n]; tables: [n, 256] (read for TABLE images only); matrix: [n, 6] (read for AFFINE images
+    only; none: no image may be AFFINE); all on x's device."""
     check_triton_device(x)
     if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f'colour_ops takes float32 [n, 3, H, W] images, got {x.dtype} {list(x.shape)}')
@@ -188,10 +202,13 @@ def colour_ops(x: torch.Tensor, code: torch.Tensor, factor: torch.Tensor, tables
     lut = torch.empty(n, 3, 256, dtype=torch.float32, device=dev)
     mean = torch.empty(n, dtype=torch.float32, device=dev)         # written and read for CONTRAST only
     out = torch.empty_like(x)
+    tables = tables.double().contiguous()
+    matrix = tables if matrix is None else matrix.double().contiguous()     # a valid pointer, never read
     block = 1024
     grid = (n, cdiv(h * w, block))
     exact = dict(enable_fp_fusion=False)       # torch's separately rounded multiply and add
     _stats_kernel[grid](x, code, luma, lo, hi, hist, h * w, BLOCK=block)
-    _tables_kernel[(n * 3,)](code, tables.double().contiguous(), luma, lo, hi, hist, lut, mean, h * w, **exact)
-    _apply_kernel[grid](x, out, code, factor.contiguous(), lut, mean, h, w, BLOCK=block, **exact)
+    _tables_kernel[(n * 3,)](code, tables, luma, lo, hi, hist, lut, mean, h * w, **exact)
+    _apply_kernel[grid](x, out, code, factor.contiguous(), lut, mean, matrix, fill_tensor(fill, dev), h, w,
+                        BLOCK=block, **exact)
     return out

@@ -172,42 +172,51 @@ def test_affine_kernel_matches_reference():
 
 
 def test_colour_ops_kernels_match_reference():
-    """The three colour-op kernels against the per-op reference, every op code in one batch, more
-    pixels than one program's block with a partial last block; flat images (autocontrast's hi == lo,
-    equalize's step 0) and a two-value image too. Everything but sharpness is exact; sharpness may
-    move a level where the reference's conv2d sums in another order."""
+    """The three layer kernels against the per-op reference, every op code in one batch (geometric ops
+    as AFFINE), more pixels than one program's block with a partial last block; flat images
+    (autocontrast's hi == lo, equalize's step 0) and a two-value image too. Everything but sharpness
+    and the affine ops is exact; sharpness may move a level where the reference's conv2d sums in
+    another order, the affine ops where float rounding puts a sum on the other side of an integer."""
     from data import tensor_ops as T
-    from kernels.colour_ops import CODES, NONE, SHARPNESS, colour_ops, colour_ops_ref
+    from kernels.colour_ops import AFFINE, CODES, NONE, SHARPNESS, colour_ops, colour_ops_ref
     g = torch.Generator().manual_seed(4)
     h, w = 33, 41                                     # 1353 pixels: two blocks of 1024, the second partial
     ops = ['invert', 'posterize', 'solarize', 'solarize_add', 'brightness', 'autocontrast', 'equalize',
-           'color', 'contrast', 'sharpness', 'autocontrast', 'equalize', 'equalize', None]
+           'color', 'contrast', 'sharpness', 'autocontrast', 'equalize', 'equalize', None, 'rotate', 'shear_y',
+           'translate_x_rel', 'rotate']
     n = len(ops)
     x = torch.randint(0, 256, (n, 3, h, w), generator=g).float()
     x[5] = (x[5] * 0.3 + 40).floor()                  # autocontrast stretches a narrow range
     x[10] = 77.                                       # flat: autocontrast leaves it
     x[11] = 200.                                      # flat: equalize's step is 0
     x[12] = torch.where(x[12] > 128, 250., 3.)        # two values
-    args = [0., 3., 100., 60., 1.4, 0., 0., 1.7, 0.3, 1.9, 0., 0., 0., 0.]
-    code = torch.tensor([CODES[o] if o else NONE for o in ops])
+    args = [0., 3., 100., 60., 1.4, 0., 0., 1.7, 0.3, 1.9, 0., 0., 0., 0., 23., -0.3, 0.37, -171.]
+    code = torch.tensor([AFFINE if o in T.AFFINE_OPS else CODES[o] if o else NONE for o in ops])
     factor = torch.tensor(args, dtype=torch.float64)
     tables = torch.zeros(n, 256, dtype=torch.float64)
+    matrix = torch.zeros(n, 6, dtype=torch.float64)
     for i, (o, a) in enumerate(zip(ops, args)):
         if o in T.TABLE_OPS:
             tables[i] = torch.from_numpy(T.lookup_table(o, a).astype(np.float64))
-    ref = colour_ops_ref(x, code, factor, tables)
-    out = colour_ops(x.to(DEVICE), code.to(DEVICE), factor.to(DEVICE), tables.to(DEVICE)).cpu()
-    sharp = code == SHARPNESS
-    assert torch.equal(out[~sharp], ref[~sharp]), [ops[i] for i in range(n) if not torch.equal(out[i], ref[i])]
-    diff = (out[sharp] - ref[sharp]).abs()
+        if o in T.AFFINE_OPS:
+            matrix[i] = torch.tensor(T.affine_coefficients(o, a, w, h))
+    fill = (124, 116, 104)
+    ref = colour_ops_ref(x, code, factor, tables, matrix, fill)
+    out = colour_ops(x.to(DEVICE), code.to(DEVICE), factor.to(DEVICE), tables.to(DEVICE), matrix.to(DEVICE),
+                     fill).cpu()
+    near = (code == SHARPNESS) | (code == AFFINE)
+    assert torch.equal(out[~near], ref[~near]), [ops[i] for i in range(n) if not torch.equal(out[i], ref[i])]
+    diff = (out[near] - ref[near]).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (diff.max(), (diff > 0).float().mean())
     assert not torch.equal(ref[9], x[9]) and torch.equal(out[13], x[13])   # sharpness did act; NONE is a copy
+    filled = (out[17] == torch.tensor(fill, dtype=torch.float32).view(3, 1, 1)).all(0)
+    assert 0.03 < filled.float().mean() < 0.5                               # the rotation's corners: the fill
 
 
 def test_augment_with_colour_kernels_equals_per_op_path(jpeg_data):
-    """The train transform with RandAugment's colour ops through kernels/colour_ops.py (as on CUDA) and
+    """The train transform with RandAugment's layers through kernels/colour_ops.py (as on CUDA) and
     through the per-op torch path, on the same decoded batch and parameters: equal, but for sharpness
-    (at most one level, rarely)."""
+    and the affine ops (at most one level, rarely)."""
     from torchvision import datasets
     from data.gpu_pipeline import collate_raw
     cfg = _config('AUG.REPROB', '0.0', data_path=jpeg_data)
@@ -227,7 +236,9 @@ def test_augment_with_colour_kernels_equals_per_op_path(jpeg_data):
     layers = decoded[2][:, PROGRAM::2][:, :raw.recipe.layers].long()
     colour = {OPS.index(n) for n in ('color', 'contrast', 'sharpness', 'equalize', 'autocontrast', 'invert',
                                      'posterize', 'solarize', 'solarize_add', 'brightness')}
+    geometric = {OPS.index(n) for n in ('rotate', 'shear_x', 'shear_y', 'translate_x_rel', 'translate_y_rel')}
     assert sum(int(v) in colour for v in layers.flatten()) >= 10          # the batch exercises the kernels
+    assert sum(int(v) in geometric for v in layers.flatten()) >= 4
 
 
 def test_transform_with_normalize_erase_kernel_equals_torch_path(jpeg_data):

@@ -84,7 +84,8 @@ def test_randaugment_kernels_compile():
         compile_(co._tables_kernel, dict(code_ptr='*' + I64, host_ptr='*' + F64, **stats, lut_ptr='*' + F32,
                                          mean_ptr='*' + F32, HW=I32), {}, enable_fp_fusion=False)
         compile_(co._apply_kernel, dict(x_ptr='*' + F32, out_ptr='*' + F32, code_ptr='*' + I64,
-                                        factor_ptr='*' + F64, lut_ptr='*' + F32, mean_ptr='*' + F32, H=I32, W=I32),
+                                        factor_ptr='*' + F64, lut_ptr='*' + F32, mean_ptr='*' + F32,
+                                        m_ptr='*' + F64, fill_ptr='*' + F32, H=I32, W=I32),
                  dict(BLOCK=1024), enable_fp_fusion=False)
         compile_(ar._affine_kernel, dict(x_ptr='*' + F32, m_ptr='*' + F64, fill_ptr='*' + F32, out_ptr='*' + F32,
                                          H=I32, W=I32), dict(BLOCK=1024))
