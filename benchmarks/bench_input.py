@@ -156,11 +156,12 @@ def _stage_stream(load: bool, priority: int = 0):
 def _raw_batches(root: str, workers: int, n: int):
     """The train transform and n raw batches of the folder read through its DataLoader."""
     from data import build_loader
+    from data.gpu_pipeline import host_copy
     _, _, train, _, _ = build_loader(_config(root, 'gpu', workers))
     train.sampler.set_epoch(0)
     raws = []
-    for raw in train.loader:
-        raws.append(raw)
+    for raw in train.loader:       # pinned, as DeviceLoader pins them (the pages kept: each is decoded again)
+        raws.append((host_copy(raw[0]),) + tuple(raw[1:]))
         if len(raws) == n:
             break
     return train.transform, raws
@@ -190,7 +191,7 @@ def contention(root: str, batches: int = 30) -> list:
                     t.finish(d)
             torch.cuda.synchronize()
             t2 = time.time()
-        n = batches * raws[0][1].numel()
+        n = batches * len(raws[0][1])
         rows.append({'part': 'contention', 'gpu_load': load, 'stream_priority': priority,
                      'finish_streams': finish_streams, 'decode img/s': n / (t1 - t0), 'finish img/s': n / (t2 - t1)})
         print(rows[-1], flush=True)
@@ -221,7 +222,7 @@ def decode_profile(root: str, batches: int = 12) -> list:
         kernels = sorted((e for e in events if e.self_device_time_total > 0),
                          key=lambda e: -e.self_device_time_total)[:6]
         rows.append({'part': 'decode-profile', 'gpu_load': load, 'ms_per_batch': 1e3 * wall / batches,
-                     'decode img/s': batches * raws[0][1].numel() / wall,
+                     'decode img/s': batches * len(raws[0][1]) / wall,
                      'host calls per batch (count, ms)': [(e.key, round(e.count / batches, 1),
                                                            round(e.cpu_time_total / 1e3 / batches, 3)) for e in host],
                      'kernels per batch (ms)': [(e.key[:60], round(e.self_device_time_total / 1e3 / batches, 3))

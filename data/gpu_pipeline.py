@@ -29,12 +29,15 @@ What is not implemented (a clear error at start names it; use --data-pipeline pi
 (timm applies it only without an auto-augment policy, or with '3a'), AutoAugment / AugMix policies,
 DATA.INTERPOLATION other than bicubic.
 """
+import ctypes
 import functools
 import io
 import itertools
 import math
+import mmap
 import queue
 import random
+import sys
 import threading
 from typing import Optional
 
@@ -278,14 +281,46 @@ def _libjpeg_is_pils() -> bool:
 
 def collate_raw(batch):
     """-> (blob, sizes, shapes, kinds, params, labels, indices, seed). Every payload goes into one
-    uint8 tensor `blob` (sizes: bytes per image; shapes: HWC of decoded payloads): one tensor to
-    share with the main process and to pin, not one per image. seed drives the batch's device RNG."""
+    uint8 tensor `blob` (sizes: bytes per image; shapes: HWC of decoded payloads), which reaches the
+    main process as one shared-memory segment. The rest is small and goes as numpy arrays and an int,
+    pickled with the batch: each tensor would be a shared-memory segment of its own, each with a file
+    descriptor to pass and map (about 1 ms of the main process's GIL a batch for seven of them, 16-core
+    H100 host, 2026-12-07, py-spy). seed drives the batch's device RNG."""
     payloads, kinds, params, labels, indices = zip(*batch)
-    sizes = torch.tensor([p.numel() for p in payloads])
-    shapes = torch.tensor([list(p.shape) if p.dim() == 3 else [0, 0, 0] for p in payloads])
+    sizes = np.array([p.numel() for p in payloads], dtype=np.int64)
+    shapes = np.array([list(p.shape) if p.dim() == 3 else [0, 0, 0] for p in payloads], dtype=np.int64)
     blob = torch.cat([p.reshape(-1) for p in payloads])
-    return (blob, sizes, shapes, torch.tensor(kinds), torch.stack(params), torch.tensor(labels),
-            torch.tensor(indices), torch.randint(0, 2 ** 62, ()))
+    return (blob, sizes, shapes, np.array(kinds, dtype=np.int64), torch.stack(params).numpy(),
+            np.array(labels, dtype=np.int64), np.array(indices, dtype=np.int64), int(torch.randint(0, 2 ** 62, ())))
+
+
+_PAGE, _MADV_REMOVE = mmap.PAGESIZE, 9
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith('linux') else None
+    except OSError:
+        return None
+
+
+def host_copy(blob: torch.Tensor, pin: bool = True, release: bool = False) -> torch.Tensor:
+    """A copy of a raw batch's blob, page-locked (pin; from torch's caching host allocator) so that its
+    copy to the GPU is truly asynchronous. release: blob came from a DataLoader worker (shared memory)
+    and is not read again: its pages are freed here, in a ctypes call, which drops the GIL. Left to the
+    tensor's destructor, the free holds the GIL: about 5 ms for a 38 MB batch on a 16-core H100 host
+    (2026-12-07, py-spy), the training step's launches stalled meanwhile."""
+    out = torch.empty(blob.shape, dtype=blob.dtype, pin_memory=pin)
+    out.copy_(blob)
+    libc = _libc()
+    if release and blob.is_shared() and libc is not None:
+        storage = blob.untyped_storage()
+        start = -(-storage.data_ptr() // _PAGE) * _PAGE       # whole pages inside the storage only
+        end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_REMOVE)
+    return out
 
 
 # RandAugment ops by how they run on a batch: one affine resample per layer for every geometric op,
@@ -340,6 +375,7 @@ class DeviceTransform:
         call, 17,822 at 256, i.e. ~3.6 ms a call + ~42 us an image)."""
         batches, jobs = [], []       # jobs: (images list, position, payload, indices) for nvJPEG
         for blob, sizes, shapes, kinds, params, labels, indices, seed in raws:
+            params, labels, indices = torch.as_tensor(params), torch.as_tensor(labels), torch.as_tensor(indices)
             kind = kinds.tolist()
             if 0 not in kind:
                 # the workers decoded every image (the default): the batch reaches the device in one copy
@@ -388,7 +424,7 @@ class DeviceTransform:
             x = self._resize(images, kind, params)
         if self.train:
             x = self._augment(x, params)
-        return self._normalize_erase(x, params, int(seed)), labels.to(self.device, non_blocking=True)
+        return self._normalize_erase(x, params, int(seed)), upload(labels, self.device)
 
     def _normalize_erase(self, x: torch.Tensor, params: torch.Tensor, seed: int) -> torch.Tensor:
         """ToTensor + Normalize, then (training) RandomErasing with the rectangles in params: one kernel
@@ -507,8 +543,9 @@ class DeviceLoader:
     # them; not run yet)
     finish_streams, finish_priority = 1, 0
 
-    def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1):
-        self.loader, self.transform, self.prefetch = loader, transform, prefetch
+    def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1,
+                 pin_memory: bool = True):
+        self.loader, self.transform, self.prefetch, self.pin_memory = loader, transform, prefetch, pin_memory
         self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
@@ -574,6 +611,8 @@ class DeviceLoader:
         def read_raw():                # groups of decode_batches raw batches (the last may be short)
             group = []
             for raw in self.loader:
+                if self.pin_memory:    # here, not in the DataLoader's pin thread: see host_copy
+                    raw = (host_copy(raw[0], release=True),) + tuple(raw[1:])
                 group.append(raw)
                 if len(group) == self.decode_batches:
                     yield group
@@ -624,12 +663,13 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
     recipe = TrainRecipe(config) if train else None
     share = config.EXTRA.DEVICE_DECODE_SHARE if device.type == 'cuda' and config.EXTRA.JPEG_DECODE == 'device' else 0.0
     raw = RawImages(dataset, recipe, share)
+    # DATA.PIN_MEMORY: the DeviceLoader pins each batch itself (host_copy)
     loader = torch.utils.data.DataLoader(
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-        pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda', drop_last=train, collate_fn=collate_raw,
-        persistent_workers=False)
+        pin_memory=False, drop_last=train, collate_fn=collate_raw, persistent_workers=False)
     transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
-    return raw, DeviceLoader(loader, transform, decode_batches=config.EXTRA.DECODE_BATCHES)
+    return raw, DeviceLoader(loader, transform, decode_batches=config.EXTRA.DECODE_BATCHES,
+                             pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda')
 
 
 class SyntheticOnDevice:

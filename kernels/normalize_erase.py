@@ -13,8 +13,8 @@ small kernels (masks, a full-size normal draw, a select): in a chain that waits 
 training step. Here one pass does all of it: every program normalises a block of one image channel
 and fills what lies inside its rectangles.
 
-The normalisation is bit-identical to the torch ops: the divisions are correctly rounded, as
-torch's (tl.fdiv with ieee_rounding; the tests compare bits). The normal values come from Philox
+The normalisation is bit-identical to upstream's ToTensor + Normalize on the CPU and to the reference:
+the divisions are correctly rounded (tl.fdiv with ieee_rounding; the tests compare bits). The normal values come from Philox
 (tl.randn) keyed by the batch's seed and the element's (image, channel, rectangle, pixel) index: the
 same distribution as torch's draws, other values. Limits: float32 [B, C, H, W] contiguous, in place;
 B * C * K * H * W < 2**31.
@@ -33,7 +33,9 @@ def normalize_erase_ref(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
     rects: [B, K, 4] (top, left, h, w), h <= 0 where none; mode: one of MODES. Torch's own draws from
     `generator` fill 'pixel' and 'rand' rectangles (none are taken when no rectangle is live)."""
     B, C, H, W = x.shape
-    x = x.div_(255).sub_(mean.reshape(1, C, 1, 1)).div_(std.reshape(1, C, 1, 1))
+    # divided by a tensor on x's device: torch on CUDA turns a division by a Python number into a multiply
+    # by its reciprocal, an ulp off at times; upstream's ToTensor divides on the CPU, correctly rounded
+    x = x.div_(x.new_tensor(255.0)).sub_(mean.reshape(1, C, 1, 1)).div_(std.reshape(1, C, 1, 1))
     if not (rects[:, :, 2] > 0).any():      # nothing to erase: no draws taken
         return x
     rects = rects.to(x.device)

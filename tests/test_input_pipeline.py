@@ -9,8 +9,10 @@ translate) compute Pillow's own math: at most one level off, on under 0.1% of pi
 import argparse
 import copy
 import glob
+import itertools
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -865,3 +867,26 @@ def test_synthetic_on_device_yields_the_datasets_items_in_sampler_order(drop_las
         assert torch.equal(images.cpu(), torch.stack([ds[i][0] for i in idx]))
         assert labels.tolist() == [ds[i][1] for i in idx]
     assert seen == (128 if drop_last else 150)
+
+
+def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data):
+    """A raw batch from DataLoader workers: its pixels are the one tensor (shared memory), the rest numpy
+    and an int (pickled with it: no segment each); host_copy returns the same bytes and, with release,
+    frees the worker's pages at once (the shared blob then reads zeros: Linux); without it they stay."""
+    from torchvision import datasets
+    from data.gpu_pipeline import collate_raw, host_copy
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
+    raw = RawImages(source, TrainRecipe(_config()), device_share=0.0)
+    loader = torch.utils.data.DataLoader(raw, batch_size=8, num_workers=1, collate_fn=collate_raw)
+    first, second = itertools.islice(iter(loader), 2)
+    assert [isinstance(v, torch.Tensor) for v in first] == [True] + [False] * 7
+    assert first[0].is_shared() and first[0].numel() > 3 * 4096
+    expected = first[0].clone()
+    kept = host_copy(first[0], pin=False)
+    assert torch.equal(kept, expected) and torch.equal(first[0], expected)
+    expected = second[0].clone()
+    copy = host_copy(second[0], pin=False, release=True)
+    assert torch.equal(copy, expected)
+    if sys.platform.startswith('linux'):
+        inner = second[0][8192:-8192]                      # whole pages, away from the segment's edges
+        assert inner.numel() > 0 and not inner.any() and expected[8192:-8192].any()
