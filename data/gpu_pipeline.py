@@ -589,6 +589,9 @@ class DeviceLoader:
             """Runs fn over source's items on `streams` streams in turn: a stage whose kernels are small
             and wait for SMs behind the training step's has its batches in flight side by side."""
             try:
+                # one intra-op thread here, as torch's own pin-memory thread: a large host copy (host_copy)
+                # would otherwise wake an OpenMP team of every core, beside the DataLoader's workers
+                torch.set_num_threads(1)
                 with torch.cuda.device(device):
                     pool = [torch.cuda.Stream(device, priority=priority) for _ in range(streams)]
                     for k, item in enumerate(source()):
