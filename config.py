@@ -171,10 +171,11 @@ _C.EXTRA.DECODE_BATCHES = 1
 # worker time, where a check at start finds it identical to PIL's), each training image cut to its
 # crop box before it is sent; 'device': nvJPEG on the training GPU (its pixels differ slightly from
 # libjpeg-turbo's: sharper, another chroma upsampling; it learns faster in the first epochs of the
-# convergence check, then the same). On one H200 host (16 cores, 12 workers, 2026-11-29, 203-step
-# epochs) main.py trained Swin-T on JPEGs at 4042-4570 img/s with 'workers', 4851 with 'device' and
-# 4547-4906 with half of the files each way (synthetic inputs: 6681): 'device' is for hosts with few
-# CPU cores a GPU. The augmentation runs on the device either way.
+# convergence check, then the same). On one H200 host (16 cores, 12 workers, 2026-12-07, 203-step
+# epochs) main.py trained Swin-T on JPEGs at 5707-6424 img/s with 'workers' (synthetic inputs: 6731);
+# on one H100 host the same day, before the decode thread ran on one intra-op thread, 4266-4282 with
+# 'workers' and 3759 with 'device': 'device' is for hosts with few CPU cores a GPU. The augmentation
+# runs on the device either way.
 _C.EXTRA.JPEG_DECODE = 'workers'
 # with EXTRA.JPEG_DECODE 'device': the share of the baseline JPEGs (spread evenly over the indices) sent
 # to nvJPEG; the workers decode the rest as with 'workers', at the same time (the train pipeline alone:
