@@ -215,18 +215,14 @@ class RawImages(torch.utils.data.Dataset):
             raise
         except Exception as e:
             raise DataError(f'cannot read image {self.name(index)}: {e}. Remove or replace the file.') from None
+        # HWC either way (torchvision's CHW result is a view of its HWC buffer): the crop box is a view too,
+        # and collate_raw copies it straight into the batch
+        hwc = torch.from_numpy(np.array(rgb)) if chw is None else chw.permute(1, 2, 0)
         kind = 1
-        crop = self.recipe is not None and not self.recipe.small      # send only the crop box's pixels
-        if crop:
+        if self.recipe is not None and not self.recipe.small:      # send only the crop box's pixels
             top, left, h, w = (int(v) for v in params[BOX])
-            kind = 2
-        if chw is not None:
-            if crop:
-                chw = chw[:, top:top + h, left:left + w]
-            return chw.permute(1, 2, 0).contiguous(), kind, params, label, index
-        if crop:
-            rgb = rgb.crop((left, top, left + w, top + h))
-        return torch.from_numpy(np.asarray(rgb).copy()), kind, params, label, index
+            hwc, kind = hwc[top:top + h, left:left + w], 2
+        return hwc, kind, params, label, index
 
 
 def _baseline_jpeg(image: Image.Image, data: bytes) -> bool:
@@ -289,7 +285,15 @@ def collate_raw(batch):
     payloads, kinds, params, labels, indices = zip(*batch)
     sizes = np.array([p.numel() for p in payloads], dtype=np.int64)
     shapes = np.array([list(p.shape) if p.dim() == 3 else [0, 0, 0] for p in payloads], dtype=np.int64)
-    blob = torch.cat([p.reshape(-1) for p in payloads])
+    total = int(sizes.sum())
+    # in a worker the batch is made in shared memory, as torch's default_collate does, so that sending it
+    # copies nothing; each payload (a view: a crop box of a decoded image) is copied into it once
+    blob = (torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+            if torch.utils.data.get_worker_info() is not None else torch.empty(total, dtype=torch.uint8))
+    offset = 0
+    for p, n in zip(payloads, sizes.tolist()):
+        blob[offset:offset + n].view(p.shape).copy_(p)
+        offset += n
     return (blob, sizes, shapes, np.array(kinds, dtype=np.int64), torch.stack(params).numpy(),
             np.array(labels, dtype=np.int64), np.array(indices, dtype=np.int64), int(torch.randint(0, 2 ** 62, ())))
 
