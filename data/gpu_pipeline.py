@@ -459,7 +459,6 @@ class DeviceTransform:
                 meta.append([0, H, W, 0, 0, H, W, rh, rw, *T.center_crop_box(rh, rw, S), 0])
             else:
                 meta.append([0, H, W, 0, 0, H, W, S, S, 0, 0, 0])
-        meta = torch.tensor(meta, dtype=torch.int64)
         if self.device.type == 'cuda':
             return crop_resize_fwd(images, meta, S)
         return crop_resize_ref(images, meta, S)
@@ -589,7 +588,7 @@ class DeviceLoader:
                     continue
             return done
 
-        def stage(name, source, fn, sink, streams: int = 1, priority: int = 0):
+        def stage(source, fn, sink, streams: int = 1, priority: int = 0):
             """Runs fn over source's items on `streams` streams in turn: a stage whose kernels are small
             and wait for SMs behind the training step's has its batches in flight side by side."""
             try:
@@ -641,8 +640,8 @@ class DeviceLoader:
                 img.record_stream(stream)
             return [self.transform.finish(out)]
 
-        threads = [threading.Thread(target=stage, args=('decode', read_raw, decode, decoded), daemon=True),
-                   threading.Thread(target=stage, args=('augment', read_decoded, finish, ready, self.finish_streams,
+        threads = [threading.Thread(target=stage, args=(read_raw, decode, decoded), daemon=True),
+                   threading.Thread(target=stage, args=(read_decoded, finish, ready, self.finish_streams,
                                                         self.finish_priority), daemon=True)]
         for t in threads:
             t.start()

@@ -54,13 +54,14 @@ class Packed:
 
 
 # ----------------------------------------------------------------------------- reference
-def crop_resize_ref(images, meta: torch.Tensor, size: int) -> torch.Tensor:
+def crop_resize_ref(images, meta, size: int) -> torch.Tensor:
     """One F.interpolate per image: [B, 3, size, size] float32 on the 8-bit grid. images: [3, H, W]
-    uint8 tensors or a Packed batch; meta: [B, 12] int64 rows as META_FIELDS (offset unused here)."""
+    uint8 tensors or a Packed batch; meta: B rows as META_FIELDS, lists or an int64 tensor (offset
+    unused here)."""
     import torch.nn.functional as F
     images = list(images)
     out = torch.empty(len(images), 3, size, size, device=images[0].device)
-    for i, (img, m) in enumerate(zip(images, meta.tolist())):
+    for i, (img, m) in enumerate(zip(images, meta.tolist() if isinstance(meta, torch.Tensor) else meta)):
         _, _, _, top, left, h, w, oh, ow, ot, ol, flip = m
         r = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(oh, ow), mode='bicubic',
                           antialias=True, align_corners=False)[0]
@@ -190,23 +191,26 @@ if triton_available():
 
 
 # ----------------------------------------------------------------------------- launcher
-def crop_resize_fwd(images, meta: torch.Tensor, size: int, out: torch.Tensor = None) -> torch.Tensor:
+def crop_resize_fwd(images, meta, size: int, out: torch.Tensor = None) -> torch.Tensor:
     """The batch [B, 3, size, size] float32 on the 8-bit grid, as crop_resize_ref. images: [3, H, W]
-    uint8 tensors on one device, CHW or HWC underneath (see pack), or a Packed batch; meta: [B, 12]
-    int64 (META_FIELDS; offset is filled here)."""
+    uint8 tensors on one device, CHW or HWC underneath (see pack), or a Packed batch; meta: B rows of
+    META_FIELDS, lists of ints or an int64 tensor (offset is filled here). The rows reach the device
+    in one upload, each with its image's offset and layout."""
+    rows = [list(r) for r in (meta.tolist() if isinstance(meta, torch.Tensor) else meta)]
     if isinstance(images, Packed):
-        buf, offsets, layouts = images.buf, torch.tensor(images.offsets), torch.ones(len(images), dtype=torch.int64)
+        buf, offsets, layouts = images.buf, images.offsets, [1] * len(images)
     else:
         buf, offsets, layouts = pack(images)
-    meta = torch.cat([meta, layouts[:, None]], 1)
-    meta[:, 0] = offsets
+        offsets, layouts = offsets.tolist(), layouts.tolist()
     check_triton_device(buf)
-    rows = meta.tolist()
+    for r, o, layout in zip(rows, offsets, layouts):
+        r[0] = o
+        r.append(layout)
     max_h = max(r[5] for r in rows)
     taps_x = max(taps(r[6], r[8]) for r in rows)
     taps_y = max(taps(r[5], r[7]) for r in rows)
     B = len(rows)
-    meta_dev = upload(meta, buf.device)
+    meta_dev = upload(torch.tensor(rows, dtype=torch.int64), buf.device)
     tmp = torch.empty(B * 3, max_h, size, device=buf.device)
     out = torch.empty(B, 3, size, size, device=buf.device) if out is None else out
     block_s = next_power_of_2(size)
@@ -216,4 +220,3 @@ def crop_resize_fwd(images, meta: torch.Tensor, size: int, out: torch.Tensor = N
     _vertical_kernel[(B * 3, cdiv(size, rows_per_program))](
         tmp, meta_dev, out, max_h, taps_y, S=size, ROWS=rows_per_program, BLOCK_S=block_s, ROW=_ROW)
     return out
-
