@@ -468,6 +468,9 @@ def test_normalize_erase_kernel_matches_reference():
         top, left, h, w = r.tolist()
         return (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & (h > 0)
     reference = normalize_erase_ref(x0.clone().to(DEVICE), mean.to(DEVICE), std.to(DEVICE), rects[:, :0], 'const').cpu()
+    # upstream's ToTensor + Normalize run on the CPU (true divisions): the reference on any device gives its bits
+    upstream = x0.clone().div(255).sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+    assert torch.equal(reference, upstream)
     for mode in ('const', 'rand', 'pixel'):
         out = normalize_erase_fwd(x0.clone().to(DEVICE), mean, std, rects, mode, seed=1234).cpu()
         again = normalize_erase_fwd(x0.clone().to(DEVICE), mean, std, rects, mode, seed=1234).cpu()
