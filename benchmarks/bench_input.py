@@ -30,9 +30,11 @@ harness:   bench_train.py's row for the same configuration (synthetic inputs on 
 """
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -365,6 +367,7 @@ def main() -> None:
                    help='main.py runs of the main part, PIPELINE:DATA[:STEP[:N[:DECODE]]], STEP compile (default) or '
                         'graph, N EXTRA.DECODE_BATCHES (default 1), DECODE workers (the default), device or '
                         'device@SHARE (see decode_opts)')
+    p.add_argument('--repeat', type=int, default=1, help="the main part's runs, each this many times, in turn")
     p.add_argument('--decode', nargs='+', default=['device', 'workers'],
                    help="the pipelines part's decodes for the gpu pipeline: device, workers, device@SHARE (see "
                         "decode_opts)")
@@ -405,12 +408,20 @@ def main() -> None:
         rows.append(gpu_time(a.root))
         print(rows[-1], flush=True)
     if 'main' in a.parts:
-        for run in a.main_runs:
+        # round-robin over the runs, --repeat times: a machine drifts between runs of one call (one H200,
+        # 2026-12-07: the same JPEG run gave 5707-6424 img/s), so each configuration samples the whole call
+        rates = {run: [] for run in a.main_runs}
+        for rnd, run in itertools.product(range(a.repeat), a.main_runs):
             fields = run.split(':')
             pipeline, data, step, n, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
                                 a.images, step, int(n), a.main_prelude, decode))
+            rows[-1]['round'] = rnd
+            rates[run] += [rows[-1]['img/s']] if rows[-1]['img/s'] else []
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
+        for run, r in rates.items():
+            if a.repeat > 1 and r:
+                print(f'{run}: median {statistics.median(r):.0f} img/s of {sorted(r)}', flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
             pipeline, data, step = (run.split(':') + ['compile'])[:3]

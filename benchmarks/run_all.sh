@@ -72,8 +72,10 @@ for part in $PARTS; do
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;
-    input-main)  # main.py end to end on that folder and on synthetic inputs, beside the harness
-             python3 benchmarks/bench_input.py --parts folder main harness ;;
+    input-main)  # main.py end to end on that folder (decode in the workers, nvJPEG, half each) and on synthetic
+             # inputs, three rounds in turn (medians printed), beside the harness
+             python3 benchmarks/bench_input.py --val-images 256 --parts folder main harness --repeat 3 --main-runs \
+               gpu:jpeg gpu:synthetic gpu:jpeg:compile:1:device gpu:jpeg:compile:1:device@0.5 ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
              # decode under the profiler (which host calls and kernels it waits on)
              python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;
