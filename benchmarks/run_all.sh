@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-workers|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -76,6 +76,11 @@ for part in $PARTS; do
              # inputs, three rounds in turn (medians printed), beside the harness
              python3 benchmarks/bench_input.py --val-images 256 --parts folder main harness --repeat 3 --main-runs \
                gpu:jpeg gpu:synthetic gpu:jpeg:compile:1:device gpu:jpeg:compile:1:device@0.5 ;;
+    input-workers) # main.py on the JPEG folder with 10 / 12 / 14 workers decoding, two rounds each: with the main
+             # process's GIL work cut (2026-12-07) the workers' decode may be what is left
+             for w in 10 12 14; do
+               python3 benchmarks/bench_input.py --val-images 256 --workers $w --parts folder main --repeat 2 \
+                 --main-runs gpu:jpeg | grep -E "median|^\{'part'"; done ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
              # decode under the profiler (which host calls and kernels it waits on)
              python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;
