@@ -348,6 +348,7 @@ def test_crop_resize_kernels_match_reference():
     packed = Packed(torch.cat(hwc), [int(o) for k, o in enumerate(offsets) if k != 2], [s[0] for s in specs])
     assert all(torch.equal(a, b) for a, b in zip(packed, images[4:8]))
     assert torch.equal(crop_resize_fwd(packed, meta[4:8], S), out[4:8])
+    assert torch.equal(crop_resize_fwd(packed, meta[4:8].tolist(), S), out[4:8])   # rows as lists, as _resize passes
 
 
 # ----------------------------------------------------------------------------- samplers against timm
