@@ -128,7 +128,7 @@ class TrainRecipe:
         size is read)."""
         from timm.data.transforms import RandomResizedCropAndInterpolation
         # built as a list, one tensor at the end: a worker draws one row an image, and tensor
-        # assignments cost more than the draws (65 -> ~35 us a row on the CPU box)
+        # assignments cost more than the draws (65 -> 38 us a row on the CPU box)
         w, h = image.size
         if self.small:      # torchvision RandomCrop(size, padding=4).get_params on the padded image
             top = int(torch.randint(0, h + 8 - self.size + 1, (1,)))
@@ -541,9 +541,9 @@ class DeviceLoader:
     runs inline."""
 
     # the augment stage's streams, used in turn, and their priority (lower is higher). One stream at the
-    # default priority, as measured in main.py; several would let batches' chains of small kernels wait
-    # for SMs side by side (bench_input.py's contention part and run_all.sh's input-streams part measure
-    # them; not run yet)
+    # default priority: two at high priority let batches' chains of small kernels wait for SMs side by
+    # side, but main.py on JPEGs did not gain (one H200, 2026-12-07: 5314 img/s against 5707-6424 in the
+    # same call; run_all.sh input-streams)
     finish_streams, finish_priority = 1, 0
 
     def __init__(self, loader, transform: DeviceTransform, prefetch: int = 3, decode_batches: int = 1,
