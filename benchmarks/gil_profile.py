@@ -23,7 +23,8 @@ from collections import Counter, defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # frames of compilation: samples under them are left out of the steady-state counts
-COMPILING = ('convert_frame', 'compile_fx', 'graph_lowering', 'async_compile', 'codecache', 'autotune')
+COMPILING = ('convert_frame', 'compile_fx', 'graph_lowering', 'async_compile', 'codecache', 'autotune',
+             'graph_compile', 'aot_autograd_result', 'autograd_cache')     # the last three: the backward's
 
 
 def parse_raw(text: str) -> list:
