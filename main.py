@@ -23,7 +23,7 @@ from timm.utils import AverageMeter, accuracy
 from amp import Precision, check_fp8, enable_fp8
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
-from data.build import queued_batches, workers_hint
+from data.build import input_bound_hint, queued_batches, workers_hint
 from cuda_graph import GraphedTrainStep, check_cuda_graph_config
 from kernels import KernelUnavailable
 from kernels.optimizers import is_fused
@@ -322,6 +322,8 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     num_batches = steps_per_epoch * accum     # leftover micro-batches are not carried over
     device = next(master.parameters()).device
     batch_time, loss_meter, norm_meter, scaler_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
+    data_time = AverageMeter()     # the host's wait for each batch: the step's work is queued on the GPU
+    waited = 0.0                   # ... and its sum over the timed steps
     nonfinite = 0
     # the fused optimizers skip a non-finite step on the device, and a graphed step holds one: their
     # steps' values are read on the host a step later; a plain optimizer's loss is read before its step
@@ -360,6 +362,9 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     for idx, (samples, targets) in enumerate(data_loader):
         if idx >= num_batches:
             break
+        data_time.update(time.time() - end)
+        if idx > timed_at:
+            waited += data_time.val
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -421,6 +426,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_batches}]\t'
                 f'eta {datetime.timedelta(seconds=int(etas))} lr {lr:.6f}\t wd {wd:.4f}\t'
                 f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
+                f'data {data_time.val:.4f} ({data_time.avg:.4f})\t'
                 f'loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t'
                 f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t'
                 f'loss_scale {scaler_meter.val:.4f} ({scaler_meter.avg:.4f})\t'
@@ -429,11 +435,16 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         settle(pending)
     epoch_time = time.time() - start
     steady = ''
+    hint = None
     if num_batches - 1 > timed_from:
         rate = (num_batches - 1 - timed_from) * config.DATA.BATCH_SIZE * world_size() / (end - timed_start)
-        steady = f' ({rate:.1f} images/s from step {timed_from}, all ranks)'
+        share = waited / max(end - timed_start, 1e-9)
+        steady = f' ({rate:.1f} images/s from step {timed_from}, all ranks; waiting for input {100 * share:.0f}%)'
+        hint = input_bound_hint(config, share)
     logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{steady} '
                 f'train_loss {loss_meter.avg:.6f}')
+    if hint and epoch == config.TRAIN.START_EPOCH:         # once a run
+        logger.info(hint)
     return loss_meter.avg
 
 

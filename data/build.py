@@ -6,6 +6,7 @@ DATA.DATASET: 'imagenet' / 'imagenet22K' read an ImageFolder tree `<DATA_PATH>/{
 and benchmarks.
 """
 import os
+from typing import Optional
 
 import torch
 from PIL import Image, ImageOps
@@ -219,6 +220,22 @@ def workers_hint(config, cores: int = 0, processes: int = 0, cuda: bool = None):
     return (f'--data-pipeline gpu decodes the images in the {workers} DataLoader workers, and this host has '
             f'{per_process} CPU cores for each training process: --opts DATA.NUM_WORKERS {per_process - 4} '
             f'feeds the GPU faster (EXTRA.JPEG_DECODE device decodes on the GPU instead)')
+
+
+def input_bound_hint(config, share: float) -> Optional[str]:
+    """A line for the log when the training step waited for its input `share` (0..1) of an epoch's
+    steady time (over 10%): what to change, for the pipeline in use. None otherwise."""
+    if share <= 0.10 or config.DATA.DATASET == 'synthetic':
+        return None
+    head = f'the training step waited for its input {100 * share:.0f}% of the time: the input pipeline is the limit; '
+    if config.DATA.PIPELINE != 'gpu':
+        return head + ('--data-pipeline gpu augments on the GPU (upstream\'s recipe, upstream\'s pixels), or give '
+                       'DATA.NUM_WORKERS more of the host\'s cores')
+    if config.EXTRA.JPEG_DECODE == 'workers':
+        return head + (f'more DATA.NUM_WORKERS ({config.DATA.NUM_WORKERS} now) if the host has idle cores, else '
+                       f'EXTRA.JPEG_DECODE device with EXTRA.DEVICE_DECODE_SHARE (a share of the files to nvJPEG)')
+    return head + ('EXTRA.DEVICE_DECODE_SHARE below 1 has the workers decode the rest of the files, with more '
+                   'DATA.NUM_WORKERS')
 
 
 def queued_batches(loader) -> int:

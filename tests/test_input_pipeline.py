@@ -12,6 +12,7 @@ import glob
 import itertools
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -894,3 +895,24 @@ def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data
     if sys.platform.startswith('linux'):
         inner = second[0][8192:-8192]                      # whole pages, away from the segment's edges
         assert inner.numel() > 0 and not inner.any() and expected[8192:-8192].any()
+
+
+def test_epoch_line_reports_the_wait_for_input(jpeg_data, tmp_path):
+    """The EPOCH line gives the share of the steady steps' time the training loop waited for its next
+    batch: with the JPEGs decoded and augmented in the training process itself (no workers, upstream's
+    pipeline) a good part of it. Each Train line shows the last wait and the average."""
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', jpeg_data, '--output', str(tmp_path / 'o'), '--opts',
+                    'TRAIN.EPOCHS', '1', 'DATA.IMG_SIZE', '64', 'AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1',
+                    'DATA.BATCH_SIZE', '2', 'DATA.NUM_WORKERS', '0', 'PRINT_FREQ', '5'])
+    m = re.search(r'images/s from step \d+, all ranks; waiting for input (\d+)%\)', out)
+    assert m and int(m.group(1)) >= 5, out[-3000:]
+    assert re.search(r'data \d+\.\d{4} \(\d+\.\d{4}\)', out)
+
+
+def test_input_bound_hint_names_the_knob_for_each_pipeline():
+    from data.build import input_bound_hint
+    assert input_bound_hint(_config(pipeline='pil'), 0.10) is None               # at most 10%: nothing
+    assert '--data-pipeline gpu' in input_bound_hint(_config(pipeline='pil'), 0.3)
+    assert 'DATA.NUM_WORKERS (8 now)' in input_bound_hint(_config('DATA.NUM_WORKERS', '8'), 0.3)
+    assert 'DEVICE_DECODE_SHARE below 1' in input_bound_hint(_config('EXTRA.JPEG_DECODE', 'device'), 0.3)
+    assert input_bound_hint(_config('DATA.DATASET', 'synthetic'), 0.9) is None
