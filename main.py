@@ -437,8 +437,9 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     steady = ''
     hint = None
     if num_batches - 1 > timed_from:
-        rate = (num_batches - 1 - timed_from) * config.DATA.BATCH_SIZE * world_size() / (end - timed_start)
-        share = waited / max(end - timed_start, 1e-9)
+        window = max(end - timed_start, 1e-9)
+        rate = (num_batches - 1 - timed_from) * config.DATA.BATCH_SIZE * world_size() / window
+        share = waited / window
         steady = f' ({rate:.1f} images/s from step {timed_from}, all ranks; waiting for input {100 * share:.0f}%)'
         hint = input_bound_hint(config, share)
     logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{steady} '

@@ -340,6 +340,13 @@ def gil_main(root: str, pipeline: str, synthetic: bool, workers: int, epochs_ima
             'workers': workers, 'decode': decode, **report}
 
 
+def parse_run(run: str) -> tuple:
+    """--main-runs' PIPELINE:DATA[:STEP[:N[:DECODE]]] -> (pipeline, data, step, N as int, decode)."""
+    fields = run.split(':')
+    pipeline, data, step, n, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
+    return pipeline, data, step, int(n), decode
+
+
 HARNESS_ROWS = {'compile': 'all flags + --fused_adam + compile (CUDA graphs), O2 bf16',
                 'graph': 'all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16'}
 
@@ -414,10 +421,9 @@ def main() -> None:
         # 2026-12-07: the same JPEG run gave 5707-6424 img/s), so each configuration samples the whole call
         rates = {run: [] for run in a.main_runs}
         for rnd, run in itertools.product(range(a.repeat), a.main_runs):
-            fields = run.split(':')
-            pipeline, data, step, n, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
+            pipeline, data, step, n, decode = parse_run(run)
             rows.append(main_py(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
-                                a.images, step, int(n), a.main_prelude, decode))
+                                a.images, step, n, a.main_prelude, decode))
             rows[-1]['round'] = rnd
             rates[run] += [rows[-1]['img/s']] if rows[-1]['img/s'] else []
             print({k: v for k, v in rows[-1].items() if k != 'command'}, flush=True)
@@ -426,15 +432,14 @@ def main() -> None:
                 print(f'{run}: median {statistics.median(r):.0f} img/s of {sorted(r)}', flush=True)
     if 'profile' in a.parts:
         for run in a.main_runs:
-            pipeline, data, step = (run.split(':') + ['compile'])[:3]
+            pipeline, data, step, _, _ = parse_run(run)
             rows.append(profile_main(a.root, pipeline, data == 'synthetic',
                                      a.workers if pipeline == 'gpu' else cores - 1, a.images, step,
                                      a.profile_options.split()))
             print(json.dumps(rows[-1], indent=1), flush=True)
     if 'gil' in a.parts:
         for run in a.main_runs:
-            fields = run.split(':')
-            pipeline, data, step, _, decode = (fields + ['compile', '1', 'workers'][len(fields) - 2:])[:5]
+            pipeline, data, step, _, decode = parse_run(run)
             rows.append(gil_main(a.root, pipeline, data == 'synthetic', a.workers if pipeline == 'gpu' else cores - 1,
                                  a.images, step, decode))
             print(json.dumps(rows[-1], indent=1), flush=True)
@@ -450,8 +455,8 @@ def main() -> None:
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
                                                  'decode_batches', 'decode', 'round', 'prelude', 'pin_memory',
                                                  'stream_priority', 'finish_streams',
-                                                 'img/s', 'input_wait_%', 'ms_per_item', 'decode img/s', 'finish img/s', 'ms_per_batch',
-                                                 'rc'], env))
+                                                 'img/s', 'input_wait_%', 'ms_per_item', 'decode img/s', 'finish img/s',
+                                                 'ms_per_batch', 'rc'], env))
 
 
 if __name__ == '__main__':

@@ -61,13 +61,18 @@ def crop_resize_ref(images, meta, size: int) -> torch.Tensor:
     import torch.nn.functional as F
     images = list(images)
     out = torch.empty(len(images), 3, size, size, device=images[0].device)
-    for i, (img, m) in enumerate(zip(images, meta.tolist() if isinstance(meta, torch.Tensor) else meta)):
+    for i, (img, m) in enumerate(zip(images, _rows(meta))):
         _, _, _, top, left, h, w, oh, ow, ot, ol, flip = m
         r = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(oh, ow), mode='bicubic',
                           antialias=True, align_corners=False)[0]
         r = r[:, ot:ot + size, ol:ol + size]
         out[i] = r.flip(-1) if flip else r
     return out.add_(0.5).floor_().clamp_(0, 255)
+
+
+def _rows(meta) -> list:
+    """META_FIELDS rows as lists of ints (new lists: the launcher fills them in), from lists or a tensor."""
+    return meta.tolist() if isinstance(meta, torch.Tensor) else [list(r) for r in meta]
 
 
 def pack(images: list) -> tuple:
@@ -196,7 +201,7 @@ def crop_resize_fwd(images, meta, size: int, out: torch.Tensor = None) -> torch.
     uint8 tensors on one device, CHW or HWC underneath (see pack), or a Packed batch; meta: B rows of
     META_FIELDS, lists of ints or an int64 tensor (offset is filled here). The rows reach the device
     in one upload, each with its image's offset and layout."""
-    rows = [list(r) for r in (meta.tolist() if isinstance(meta, torch.Tensor) else meta)]
+    rows = _rows(meta)
     if isinstance(images, Packed):
         buf, offsets, layouts = images.buf, images.offsets, [1] * len(images)
     else:
