@@ -234,8 +234,8 @@ def input_bound_hint(config, share: float) -> Optional[str]:
     if config.EXTRA.JPEG_DECODE == 'workers':
         return head + (f'more DATA.NUM_WORKERS ({config.DATA.NUM_WORKERS} now) if the host has idle cores, else '
                        f'EXTRA.JPEG_DECODE device with EXTRA.DEVICE_DECODE_SHARE (a share of the files to nvJPEG)')
-    return head + ('EXTRA.DEVICE_DECODE_SHARE below 1 has the workers decode the rest of the files, with more '
-                   'DATA.NUM_WORKERS')
+    return head + (f'EXTRA.DEVICE_DECODE_SHARE below 1 ({config.EXTRA.DEVICE_DECODE_SHARE} now) has the workers '
+                   f'decode the rest of the files, with more DATA.NUM_WORKERS ({config.DATA.NUM_WORKERS} now)')
 
 
 def queued_batches(loader) -> int:
