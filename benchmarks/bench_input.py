@@ -30,10 +30,12 @@ harness:   bench_train.py's row for the same configuration (synthetic inputs on 
 """
 import argparse
 import contextlib
+import glob
 import itertools
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +64,10 @@ def make_folder(root: str, images: int, val_images: int, unique: int, classes: i
     if os.path.exists(marker):
         return json.load(open(marker))
     t0 = time.time()
+    for old in glob.glob(os.path.join(root, '.done_*')):     # another size: start over, or files of it would stay
+        os.remove(old)
+        for split in ('train', 'val'):
+            shutil.rmtree(os.path.join(root, split), ignore_errors=True)
     with Pool(min(os.cpu_count(), 16)) as pool:
         blobs = pool.map(_encode, range(unique))
     k = 0
@@ -99,20 +105,28 @@ def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
                   decode_batches: int = 1, decode: str = 'device') -> dict:
     from data import build_loader
+    from data.build import queued_batches
     cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches,
                   decode=decode)
     _, _, train, val, _ = build_loader(cfg)
     loader = train if split == 'train' else val
     if split == 'train':
         loader.sampler.set_epoch(0)
+    # timed from after as many batches as the loader can hold ready (main.py's rule, queued_batches) to the
+    # end of `batches` or of the split, whichever comes first
+    start = max(10, queued_batches(loader))
+    batches = min(batches, len(loader) - 1)
+    if batches <= start + 10:
+        raise SystemExit(f'{split}: {len(loader)} batches, too few to time after the first {start}; '
+                         f'give more images (--images / --val-images) or --batches')
     n, t0 = 0, None
     for i, (x, y) in enumerate(loader):
         x = x.cuda(non_blocking=True)
         y = y.cuda(non_blocking=True)
-        if i == 10:
+        if i == start:
             torch.cuda.synchronize()
             t0 = time.time()
-        elif i > 10:
+        elif i > start:
             n += x.shape[0]
         if i >= batches:
             break
@@ -120,7 +134,7 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     rate = n / (time.time() - t0)
     return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
             'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers', 'img/s': rate,
-            'batches_timed': i - 10}
+            'batches_timed': i - start}
 
 
 class _GpuLoad:
@@ -365,10 +379,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--root', default='/tmp/bench_jpeg')
     p.add_argument('--images', type=int, default=26000)
-    p.add_argument('--val-images', type=int, default=6400)
+    p.add_argument('--val-images', type=int, default=19200)
     p.add_argument('--unique', type=int, default=1024)
     p.add_argument('--workers', type=int, default=12)
-    p.add_argument('--batches', type=int, default=120)
+    p.add_argument('--batches', type=int, default=250,
+                   help="the pipelines part's last batch; each split is timed from after the batches its loader "
+                        "holds ready (workers x prefetch + the device stages') to this one or the split's end")
     p.add_argument('--parts', nargs='+', default=['folder', 'pipelines', 'gputime'])
     p.add_argument('--pipelines', nargs='+', default=['gpu', 'pil'], help='which pipelines the pipelines part measures')
     p.add_argument('--main-runs', nargs='+',
@@ -401,7 +417,7 @@ def main() -> None:
             batches_a_call = a.decode_batches if decode == 'device' else [1]
             runs += [('gpu', 'train', a.workers, a.batches, True, n, decode) for n in batches_a_call]
             runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode)] if decode == 'device' else []
-            runs += [('gpu', 'val', a.workers, 45, True, n, decode) for n in batches_a_call]
+            runs += [('gpu', 'val', a.workers, a.batches, True, n, decode) for n in batches_a_call]
         runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
                  ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
         for pipeline, split, workers, batches, pin, n, decode in runs:

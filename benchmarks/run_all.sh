@@ -73,13 +73,14 @@ for part in $PARTS; do
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;
     input-main)  # main.py end to end on that folder (decode in the workers, nvJPEG, half each) and on synthetic
-             # inputs, three rounds in turn (medians printed), beside the harness
-             python3 benchmarks/bench_input.py --val-images 256 --parts folder main harness --repeat 3 --main-runs \
+             # inputs, three rounds in turn (medians printed), beside the harness; 609-step epochs: the workers'
+             # head start (the batches they work on while the loader's queue drains) fades in a long one
+             python3 benchmarks/bench_input.py --images 78000 --val-images 256 --parts folder main harness --repeat 3 --main-runs \
                gpu:jpeg gpu:synthetic gpu:jpeg:compile:1:device gpu:jpeg:compile:1:device@0.5 ;;
     input-workers) # main.py on the JPEG folder with 10 / 12 / 14 workers decoding, two rounds each: with the main
              # process's GIL work cut (2026-12-07) the workers' decode may be what is left
              for w in 10 12 14; do
-               python3 benchmarks/bench_input.py --val-images 256 --workers $w --parts folder main --repeat 2 \
+               python3 benchmarks/bench_input.py --images 78000 --val-images 256 --workers $w --parts folder main --repeat 2 \
                  --main-runs gpu:jpeg | grep -E "median|^\{'part'"; done ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
              # decode under the profiler (which host calls and kernels it waits on)
