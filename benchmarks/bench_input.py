@@ -116,9 +116,12 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     # end of `batches` or of the split, whichever comes first
     start = max(10, queued_batches(loader))
     batches = min(batches, len(loader) - 1)
+    row = {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
+           'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers'}
     if batches <= start + 10:
-        raise SystemExit(f'{split}: {len(loader)} batches, too few to time after the first {start}; '
-                         f'give more images (--images / --val-images) or --batches')
+        print(f'{split}: {len(loader)} batches, too few to time after the first {start}: not timed (more images: '
+              f'--images / --val-images)', flush=True)
+        return {**row, 'img/s': None}
     n, t0 = 0, None
     for i, (x, y) in enumerate(loader):
         x = x.cuda(non_blocking=True)
@@ -131,10 +134,7 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
         if i >= batches:
             break
     torch.cuda.synchronize()
-    rate = n / (time.time() - t0)
-    return {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
-            'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers', 'img/s': rate,
-            'batches_timed': i - start}
+    return {**row, 'img/s': n / (time.time() - t0), 'batches_timed': i - start}
 
 
 class _GpuLoad:
