@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-workers|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-main-nvjpeg|input-workers|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -72,16 +72,19 @@ for part in $PARTS; do
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;
-    input-main)  # main.py end to end on that folder (decode in the workers, nvJPEG, half each) and on synthetic
-             # inputs, three rounds in turn (medians printed), beside the harness; 609-step epochs: the workers'
-             # head start (the batches they work on while the loader's queue drains) fades in a long one
-             python3 benchmarks/bench_input.py --images 78000 --val-images 256 --parts folder main harness --repeat 3 --main-runs \
-               gpu:jpeg gpu:synthetic gpu:jpeg:compile:1:device gpu:jpeg:compile:1:device@0.5 ;;
-    input-workers) # main.py on the JPEG folder with 10 / 12 / 14 workers decoding, two rounds each: with the main
-             # process's GIL work cut (2026-12-07) the workers' decode may be what is left
-             for w in 10 12 14; do
-               python3 benchmarks/bench_input.py --images 78000 --val-images 256 --workers $w --parts folder main --repeat 2 \
-                 --main-runs gpu:jpeg | grep -E "median|^\{'part'"; done ;;
+    input-main)  # main.py end to end on that folder (decode in the workers) and on synthetic inputs, two rounds in
+             # turn (medians printed), beside the harness. 1219-step epochs: the timed steps begin with ~30
+             # batches queued, which hide an input deficit of 15% for ~200 steps (H100, 2026-12-07)
+             python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main harness --repeat 2 \
+               --main-runs gpu:jpeg gpu:synthetic ;;
+    input-main-nvjpeg) # the same with nvJPEG decoding all / half of the files (shorter epochs: they wait from the start)
+             python3 benchmarks/bench_input.py --val-images 256 --parts folder main --main-runs \
+               gpu:jpeg:compile:1:device gpu:jpeg:compile:1:device@0.5 ;;
+    input-workers) # main.py on the JPEG folder with 12 / 13 / 14 workers decoding (1219-step epochs): the workers'
+             # decode is what is left (12 of them alone 5035 img/s, 0.85x the Swin-T step; H100, 2026-12-07)
+             for w in 12 13 14; do
+               python3 benchmarks/bench_input.py --images 156000 --val-images 256 --workers $w --parts folder main \
+                 --main-runs gpu:jpeg | grep -E "^\{'part'"; done ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
              # decode under the profiler (which host calls and kernels it waits on)
              python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;
