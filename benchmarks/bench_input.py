@@ -290,6 +290,37 @@ def worker_cost(root: str, images: int = 256, rounds: int = 4) -> list:
     return rows
 
 
+def worker_batches(root: str, workers: int, rounds: int = 2, batches: int = 24) -> list:
+    """img/s of the train DataLoader of raw items alone (RawImages + collate_raw, the workers' decode, no
+    device stages), a batch fetched whole (RawImages.__getitems__: every item's Python work first, then
+    the decodes) and item by item, alternating; timed after each worker's first batch."""
+    import data.gpu_pipeline as gp
+    from data import build_loader
+    _, _, train, _, _ = build_loader(_config(root, 'gpu', workers, decode='workers'))
+    raw = train.dataset
+    whole, rows = gp.RawImages.__getitems__, []
+    try:
+        for r in range(rounds):
+            for name, fetch in (('item by item', None), ('whole batch', whole)):
+                gp.RawImages.__getitems__ = fetch       # None: the DataLoader calls __getitem__ per index
+                loader = torch.utils.data.DataLoader(raw, batch_size=128, num_workers=workers,
+                                                     collate_fn=gp.collate_raw, sampler=train.sampler)
+                it, n = iter(loader), 0
+                for _ in range(max(1, workers)):
+                    next(it)
+                t0 = time.perf_counter()
+                for k, batch in enumerate(it):
+                    n += len(batch[1])
+                    if k + 1 == batches:
+                        break
+                rows.append({'part': 'worker', 'decode': f'{name}, {workers} workers', 'round': r,
+                             'img/s': n / (time.perf_counter() - t0)})
+                print(rows[-1], flush=True)
+    finally:
+        gp.RawImages.__getitems__ = whole
+    return rows
+
+
 def main_args(root: str, pipeline: str, synthetic: bool, workers: int, epochs_images: int, step: str,
               decode_batches: int = 1, decode: str = 'workers') -> list:
     """main.py's arguments for one run. step: 'compile' (torch.compile with CUDA graphs) or 'graph'
@@ -461,6 +492,8 @@ def main() -> None:
             print(json.dumps(rows[-1], indent=1), flush=True)
     if 'worker' in a.parts:
         rows += worker_cost(a.root)
+        for workers in sorted({1, a.workers}):
+            rows += worker_batches(a.root, workers)
     if 'harness' in a.parts:
         for step in a.harness_steps:
             rows.append(harness(step))

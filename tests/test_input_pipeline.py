@@ -875,6 +875,44 @@ def test_synthetic_on_device_yields_the_datasets_items_in_sampler_order(drop_las
     assert seen == (128 if drop_last else 150)
 
 
+def test_batch_fetched_whole_equals_items_one_by_one(jpeg_data, tmp_path):
+    """RawImages.__getitems__ (what a DataLoader calls for a batch: every item's reading and random
+    draws first, then the decodes) gives what __getitem__ gives item by item from the same random
+    state, on the messy train folder with half the baseline JPEGs left as bytes: the same payloads
+    (compressed bytes, crop boxes of decoded pixels), parameter rows, labels and indices. A DataLoader
+    batch is the same; a file it cannot read fails the batch naming the file."""
+    from torchvision import datasets
+
+    def seeded(fetch):
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+        return fetch()
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
+    raw = RawImages(source, TrainRecipe(_config()), device_share=0.5)
+    indices = list(range(len(raw)))
+    whole = seeded(lambda: raw.__getitems__(indices))
+    single = seeded(lambda: [raw[i] for i in indices])
+    loader = iter(torch.utils.data.DataLoader(raw, batch_size=len(raw), collate_fn=lambda batch: batch))
+    batch = seeded(lambda: next(loader))        # the iterator draws its base seed when made: made before
+    assert len(whole) == len(single) == len(batch) == 3 * 18
+    assert {it[1] for it in whole} == {0, 2}         # bytes for the device and decoded crop boxes
+    for a, b, c in zip(whole, single, batch):
+        assert a[1] == b[1] == c[1] and a[3:] == b[3:] == c[3:]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0])
+        assert torch.equal(a[2], b[2]) and torch.equal(a[2], c[2])
+    assert len({tuple(it[2][:4].tolist()) for it in whole}) > 40       # each image its own crop box
+
+    bad = tmp_path / 'train' / 'a'
+    bad.mkdir(parents=True)
+    data = open(source.samples[0][0], 'rb').read()
+    (bad / 'b.JPEG').write_bytes(data)
+    (bad / 'cut.JPEG').write_bytes(data[:len(data) // 3])
+    raw_bad = RawImages(datasets.ImageFolder(str(tmp_path / 'train')), TrainRecipe(_config()))
+    with pytest.raises(DataError, match='cut.JPEG'):
+        raw_bad.__getitems__([0, 1])
+
+
 def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data):
     """A raw batch from DataLoader workers: its pixels are the one tensor (shared memory), the rest numpy
     and an int (pickled with it: no segment each); host_copy returns the same bytes and, with release,
