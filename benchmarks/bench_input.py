@@ -6,7 +6,8 @@ folder:    writes <root>/{train,val}/<class>/*.JPEG, 100 classes, ~100 KB baseli
            (data/jpeg_folder.py). To keep generation short, `--unique` distinct pictures are drawn
            and written under every file name in turn (the decode cost is per file all the same).
 pipelines: each pipeline alone, as main.py builds it (data.build_loader), images moved to the
-           GPU: img/s over batches 10..N (the prefetch queue drained, steady state only). Upstream's
+           GPU: img/s from after the batches its loader holds ready (workers x prefetch, the device
+           stages' queues) to batch --batches (steady state only). Upstream's
            PIL pipeline with its 8 workers and with one worker per core, ours with `--workers`, with
            each decode of `--decode` (nvJPEG on the device, PIL in the workers).
 gputime:   GPU kernel time of our train transform per batch of 128 (torch.profiler, the sum of
@@ -14,7 +15,9 @@ gputime:   GPU kernel time of our train transform per batch of 128 (torch.profil
 main:      main.py training Swin-T with the best flags (all flags, --fused_adam, O2 bf16, compile
            with CUDA graphs; or --cuda-graph in place of --compile: PIPELINE:DATA:graph) for one epoch on
            the folder (--data-pipeline gpu and pil) and on in-memory synthetic inputs; img/s as main.py
-           logs it (from step 10, or after the batches the loader readied during the first steps).
+           logs it (after the batches the loader readied during the first steps). The timed steps begin
+           with the loader's queue full: a pipeline slower than the step shows only once it has drained,
+           so use epochs of 1000+ steps (--images 156000) for the steady state.
 profile:   the main part's runs under benchmarks/profile_main.py (wall vs GPU-busy time per step, the GPU's
            idle gaps and what the host ran in them; the run stops after the profiled batches).
 gil:       the main part's runs under benchmarks/gil_profile.py (py-spy on PATH): which threads hold the GIL
@@ -24,7 +27,9 @@ decode-profile: the decode stage alone under torch.profiler, GPU idle and kept b
            calls it spends its time in (count, ms) and the GPU kernels it runs: what the wait is.
 worker:    one worker's cost of a training item (read, sample the recipe, decode, cut the crop; no GPU
            needed), the gpu pipeline's decode in the workers with torchvision's libjpeg-turbo and with
-           PIL's convert('RGB'), alternating, one process.
+           PIL's convert('RGB'), alternating, one process; then the train DataLoader of raw items
+           alone (1 and --workers workers), each batch fetched whole (RawImages.__getitems__) and item
+           by item, alternating.
 harness:   bench_train.py's row for the same configuration (synthetic inputs on the GPU, no data
            loading at all).
 """
