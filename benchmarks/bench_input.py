@@ -295,26 +295,33 @@ def worker_cost(root: str, images: int = 256, rounds: int = 4) -> list:
     return rows
 
 
-def worker_batches(root: str, workers: int, rounds: int = 2, batches: int = 24) -> list:
+def worker_batches(root: str, workers: int, rounds: int = 2) -> list:
     """img/s of the train DataLoader of raw items alone (RawImages + collate_raw, the workers' decode, no
-    device stages), a batch fetched whole (RawImages.__getitems__: every item's Python work first, then
-    the decodes) and item by item, alternating; timed after each worker's first batch."""
+    device stages), each batch copied out as the training loop does (host_copy with release). Three
+    ways, alternating: item by item into a fresh shared-memory segment a batch, a batch fetched whole
+    (RawImages.__getitems__: every item's Python work first, then the decodes) into a fresh segment, and
+    fetched whole into the worker's reused segments (_SegmentPool, the default); timed once the batches
+    ready when the loop starts (each worker's first and its prefetched two) are taken, over 6 a worker
+    (at least 24): the folder needs 9 a worker (3072 images at least) of 128 images."""
     import data.gpu_pipeline as gp
     from data import build_loader
     _, _, train, _, _ = build_loader(_config(root, 'gpu', workers, decode='workers'))
     raw = train.dataset
-    whole, rows = gp.RawImages.__getitems__, []
+    whole, pool, rows = gp.RawImages.__getitems__, gp._SegmentPool.size, []
+    ways = (('item by item', None, 0), ('whole batch', whole, 0), ('whole batch, reused segments', whole, pool))
     try:
         for r in range(rounds):
-            for name, fetch in (('item by item', None), ('whole batch', whole)):
+            for name, fetch, pool_size in ways:
                 gp.RawImages.__getitems__ = fetch       # None: the DataLoader calls __getitem__ per index
+                gp._SegmentPool.size = pool_size        # the workers fork with it (at iter)
                 loader = torch.utils.data.DataLoader(raw, batch_size=128, num_workers=workers,
                                                      collate_fn=gp.collate_raw, sampler=train.sampler)
-                it, n = iter(loader), 0
-                for _ in range(max(1, workers)):
-                    next(it)
+                it, n, batches = iter(loader), 0, max(24, 6 * workers)
+                for _ in range(3 * max(1, workers)):
+                    gp.host_copy(next(it)[0], pin=torch.cuda.is_available(), release=True)
                 t0 = time.perf_counter()
                 for k, batch in enumerate(it):
+                    gp.host_copy(batch[0], pin=torch.cuda.is_available(), release=True)
                     n += len(batch[1])
                     if k + 1 == batches:
                         break
@@ -322,7 +329,7 @@ def worker_batches(root: str, workers: int, rounds: int = 2, batches: int = 24) 
                              'img/s': n / (time.perf_counter() - t0)})
                 print(rows[-1], flush=True)
     finally:
-        gp.RawImages.__getitems__ = whole
+        gp.RawImages.__getitems__, gp._SegmentPool.size = whole, pool
     return rows
 
 

@@ -307,14 +307,52 @@ def collate_raw(batch):
     total = int(sizes.sum())
     # in a worker the batch is made in shared memory, as torch's default_collate does, so that sending it
     # copies nothing; each payload (a view: a crop box of a decoded image) is copied into it once
-    blob = (torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
-            if torch.utils.data.get_worker_info() is not None else torch.empty(total, dtype=torch.uint8))
+    blob = _SegmentPool.blob(total) if torch.utils.data.get_worker_info() is not None else torch.empty(
+        total, dtype=torch.uint8)
     offset = 0
     for p, n in zip(payloads, sizes.tolist()):
         blob[offset:offset + n].view(p.shape).copy_(p)
         offset += n
     return (blob, sizes, shapes, np.array(kinds, dtype=np.int64), torch.stack(params).numpy(),
             np.array(labels, dtype=np.int64), np.array(indices, dtype=np.int64), int(torch.randint(0, 2 ** 62, ())))
+
+
+class _SegmentPool:
+    """A DataLoader worker's shared-memory segments for its batches, reused once the training process
+    has copied a batch out (host_copy with release). Writing a batch into a new segment has the kernel
+    zero every page as it is first touched: 150 us an image against 40 into a reused one (2-core CPU
+    box, 2026-12-07). A pooled segment is one byte longer than the largest batch it held; that last byte
+    is 1 while the training process may read it and 0 once it has released it (shared memory: both
+    processes see it). A segment nobody releases is never reused; past `size` of them in use a batch
+    gets a segment of its own, as without the pool (so also where the DeviceLoader does not pin, a CPU
+    run: nothing is released there). One pool a worker process."""
+    size = 4                # a worker's batches in flight: prefetch_factor (2) queued, one copied, one built
+    segments: list = []     # UntypedStorages, this process's
+
+    @classmethod
+    def blob(cls, total: int) -> torch.Tensor:
+        free = [k for k, seg in enumerate(cls.segments) if seg[seg.nbytes() - 1] == 0]
+        if free:
+            k = free[0]
+            if cls.segments[k].nbytes() <= total:              # too small: a larger one in its place
+                cls.segments[k] = torch.UntypedStorage._new_shared(total + total // 8 + 1)
+        elif len(cls.segments) < cls.size:
+            k = len(cls.segments)
+            cls.segments.append(torch.UntypedStorage._new_shared(total + total // 8 + 1))
+        else:
+            return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+        seg = cls.segments[k]
+        seg[seg.nbytes() - 1] = 1
+        return torch.empty(0, dtype=torch.uint8).set_(seg, 0, (total,))
+
+
+def _release(blob: torch.Tensor) -> bool:
+    """Hands a pooled worker segment back to its worker (see _SegmentPool): False for any other blob."""
+    storage = blob.untyped_storage()
+    if not blob.is_shared() or storage.nbytes() <= blob.numel() or storage[storage.nbytes() - 1] != 1:
+        return False
+    storage[storage.nbytes() - 1] = 0
+    return True
 
 
 _PAGE, _MADV_REMOVE = mmap.PAGESIZE, 9
@@ -331,11 +369,14 @@ def _libc():
 def host_copy(blob: torch.Tensor, pin: bool = True, release: bool = False) -> torch.Tensor:
     """A copy of a raw batch's blob, page-locked (pin; from torch's caching host allocator) so that its
     copy to the GPU is truly asynchronous. release: blob came from a DataLoader worker (shared memory)
-    and is not read again: its pages are freed here, in a ctypes call, which drops the GIL. Left to the
-    tensor's destructor, the free holds the GIL: about 5 ms for a 38 MB batch on a 16-core H100 host
-    (2026-12-07, py-spy), the training step's launches stalled meanwhile."""
+    and is not read again: a pooled segment goes back to its worker (_SegmentPool), any other has its
+    pages freed here, in a ctypes call, which drops the GIL. Left to the tensor's destructor, the free
+    holds the GIL: about 5 ms for a 38 MB batch on a 16-core H100 host (2026-12-07, py-spy), the
+    training step's launches stalled meanwhile."""
     out = torch.empty(blob.shape, dtype=blob.dtype, pin_memory=pin)
     out.copy_(blob)
+    if release and _release(blob):
+        return out
     libc = _libc()
     if release and blob.is_shared() and libc is not None:
         storage = blob.untyped_storage()

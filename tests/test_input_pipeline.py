@@ -913,18 +913,48 @@ def test_batch_fetched_whole_equals_items_one_by_one(jpeg_data, tmp_path):
         raw_bad.__getitems__([0, 1])
 
 
-def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data):
+def _segment_inode(blob: torch.Tensor) -> int:
+    fd, _ = blob.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data, monkeypatch):
     """A raw batch from DataLoader workers: its pixels are the one tensor (shared memory), the rest numpy
-    and an int (pickled with it: no segment each); host_copy returns the same bytes and, with release,
-    frees the worker's pages at once (the shared blob then reads zeros: Linux); without it they stay."""
+    and an int (pickled with it: no segment each); host_copy returns the same bytes. With release, a
+    segment of the worker's pool (_SegmentPool) goes back to the worker, which writes a later batch into
+    it: the batches are those of workers without the pool (the same seeds), a few segments serve every
+    batch, and a batch not released is never written over. Without the pool, release frees the worker's
+    pages at once (the shared blob then reads zeros: Linux); without release they stay."""
     from torchvision import datasets
-    from data.gpu_pipeline import collate_raw, host_copy
+    from data.gpu_pipeline import _SegmentPool, _release, collate_raw, host_copy
     source = datasets.ImageFolder(os.path.join(jpeg_data, 'train'))
     raw = RawImages(source, TrainRecipe(_config()), device_share=0.0)
+
+    def batches(release_from: int):
+        loader = torch.utils.data.DataLoader(raw, batch_size=4, num_workers=1, collate_fn=collate_raw,
+                                             generator=torch.Generator().manual_seed(0))
+        out, inodes, held = [], set(), []
+        for k, batch in enumerate(loader):
+            assert [isinstance(v, torch.Tensor) for v in batch] == [True] + [False] * 7
+            assert batch[0].is_shared() and batch[0].numel() > 3 * 4096
+            inodes.add(_segment_inode(batch[0]))
+            if k < release_from:               # held: not released, read again once every batch is in
+                held.append(batch[0])
+            out.append(host_copy(batch[0], pin=False, release=k >= release_from))
+        return out, inodes, held
+
+    pool_size = _SegmentPool.size
+    pooled, pooled_inodes, (held,) = batches(release_from=1)
+    monkeypatch.setattr(_SegmentPool, 'size', 0)           # the workers fork after this: no pool
+    plain, plain_inodes, _ = batches(release_from=1)
+    assert len(pooled) == len(plain) == -(-len(raw) // 4) > pool_size + 1
+    assert all(torch.equal(a, b) for a, b in zip(pooled, plain))
+    assert torch.equal(held, plain[0])                      # 13 batches later, still the first
+    assert len(plain_inodes) == len(plain) and len(pooled_inodes) <= pool_size < len(pooled)
+
+    # without the pool: release frees the pages at once; without release they stay
     loader = torch.utils.data.DataLoader(raw, batch_size=8, num_workers=1, collate_fn=collate_raw)
     first, second = itertools.islice(iter(loader), 2)
-    assert [isinstance(v, torch.Tensor) for v in first] == [True] + [False] * 7
-    assert first[0].is_shared() and first[0].numel() > 3 * 4096
     expected = first[0].clone()
     kept = host_copy(first[0], pin=False)
     assert torch.equal(kept, expected) and torch.equal(first[0], expected)
@@ -934,6 +964,22 @@ def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data
     if sys.platform.startswith('linux'):
         inner = second[0][8192:-8192]                      # whole pages, away from the segment's edges
         assert inner.numel() > 0 and not inner.any() and expected[8192:-8192].any()
+
+    # the pool's bookkeeping, in this process: a segment is reused only once released, a released one
+    # too small is replaced, past `size` held a blob gets a segment of its own
+    monkeypatch.setattr(_SegmentPool, 'size', 2)
+    monkeypatch.setattr(_SegmentPool, 'segments', [])
+    a, b = _SegmentPool.blob(1000), _SegmentPool.blob(1000)
+    a.fill_(7)
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    own = _SegmentPool.blob(1000)
+    assert own.untyped_storage().nbytes() == 1000 and len(_SegmentPool.segments) == 2
+    assert not _release(own) and _release(b) and not _release(b)
+    c = _SegmentPool.blob(900)
+    assert c.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and bool((a == 7).all())
+    assert _release(c)
+    d = _SegmentPool.blob(5000)
+    assert d.untyped_storage().nbytes() > 5000 and bool((a == 7).all()) and len(_SegmentPool.segments) == 2
 
 
 def test_epoch_line_reports_the_wait_for_input(jpeg_data, tmp_path):
