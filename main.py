@@ -23,7 +23,7 @@ from timm.utils import AverageMeter, accuracy
 from amp import Precision, check_fp8, enable_fp8
 from config import AMP_DTYPES, AMP_OPT_LEVELS, KERNEL_BACKENDS, ConfigError, amp_opt_level, get_config
 from data import DataError, build_loader
-from data.build import input_bound_hint, queued_batches, workers_hint
+from data.build import input_bound_hint, queued_batches, worker_cpu_seconds, workers_busy, workers_hint
 from cuda_graph import GraphedTrainStep, check_cuda_graph_config
 from kernels import KernelUnavailable
 from kernels.optimizers import is_fused
@@ -358,7 +358,12 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     start = end = timed_start = time.time()
     timed_from = 0
     # the epoch's img/s leaves out the first steps and the batches the loader readied meanwhile
-    timed_at = min(max(10, queued_batches(data_loader)), num_batches - 1)
+    queued = queued_batches(data_loader)
+    timed_at = min(max(10, queued), num_batches - 1)
+    # the DataLoader workers' CPU seconds at the timed steps' start and `queued` batches before the end
+    # (their last batches then still to make: past it they idle, or have exited)
+    cpu_from = cpu_to = {}
+    cpu_at, cpu_end = min(num_batches - 1, max(timed_at + 1, num_batches - 1 - queued)), 0.0
     for idx, (samples, targets) in enumerate(data_loader):
         if idx >= num_batches:
             break
@@ -408,6 +413,9 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         end = time.time()
         if idx == timed_at:
             timed_from, timed_start = idx, end
+            cpu_from = worker_cpu_seconds() if config.DATA.NUM_WORKERS else {}
+        if idx == cpu_at and cpu_from:
+            cpu_to, cpu_end = worker_cpu_seconds(), end
         if idx % config.PRINT_FREQ == 0:
             if idx == 0 and pending is not None:
                 # the epoch's first line, nothing read yet: wait for this one step (once an epoch)
@@ -440,8 +448,12 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
         window = max(end - timed_start, 1e-9)
         rate = (num_batches - 1 - timed_from) * config.DATA.BATCH_SIZE * world_size() / window
         share = waited / window
-        steady = f' ({rate:.1f} images/s from step {timed_from}, all ranks; waiting for input {100 * share:.0f}%)'
-        hint = input_bound_hint(config, share)
+        # how busy this rank's workers were meanwhile: near 100% they are the limit
+        busy = workers_busy(cpu_from, cpu_to, cpu_end - timed_start)
+        busy_text = '' if busy is None else f', its workers busy {100 * busy:.0f}%'
+        steady = (f' ({rate:.1f} images/s from step {timed_from}, all ranks; waiting for input {100 * share:.0f}%'
+                  f'{busy_text})')
+        hint = input_bound_hint(config, share, busy)
     logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{steady} '
                 f'train_loss {loss_meter.avg:.6f}')
     if hint and epoch == config.TRAIN.START_EPOCH:         # once a run

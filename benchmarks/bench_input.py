@@ -363,13 +363,14 @@ def main_py(root: str, pipeline: str, synthetic: bool, workers: int, epochs_imag
     out = p.stdout + p.stderr
     m = re.search(r'\(([\d.]+) images/s from step (\d+)', out)
     wait = re.search(r'waiting for input (\d+)%', out)
+    busy = re.search(r'its workers busy (\d+)%', out)
     if p.returncode != 0 or not m:
         print(out[-3000:])
     return {'part': 'main', 'pipeline': pipeline, 'data': 'synthetic' if synthetic else 'jpeg', 'step': step,
             'workers': workers, 'decode_batches': decode_batches, 'decode': decode,
             'prelude': prelude, 'img/s': float(m.group(1)) if m else None,
             'input_wait_%': int(wait.group(1)) if wait else None,
-            'wall_s': time.time() - t0, 'rc': p.returncode,
+            'workers_busy_%': int(busy.group(1)) if busy else None, 'wall_s': time.time() - t0, 'rc': p.returncode,
             'command': ' '.join(['main.py'] + args)}
 
 
@@ -515,8 +516,8 @@ def main() -> None:
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
                                                  'decode_batches', 'decode', 'round', 'prelude', 'pin_memory',
-                                                 'stream_priority', 'finish_streams',
-                                                 'img/s', 'input_wait_%', 'ms_per_item', 'decode img/s', 'finish img/s',
+                                                 'stream_priority', 'finish_streams', 'img/s', 'input_wait_%',
+                                                 'workers_busy_%', 'ms_per_item', 'decode img/s', 'finish img/s',
                                                  'ms_per_batch', 'rc'], env))
 
 

@@ -222,12 +222,18 @@ def workers_hint(config, cores: int = 0, processes: int = 0, cuda: bool = None):
             f'feeds the GPU faster (EXTRA.JPEG_DECODE device decodes on the GPU instead)')
 
 
-def input_bound_hint(config, share: float) -> Optional[str]:
+def input_bound_hint(config, share: float, busy: Optional[float] = None) -> Optional[str]:
     """A line for the log when the training step waited for its input `share` (0..1) of an epoch's
-    steady time (over 10%): what to change, for the pipeline in use. None otherwise."""
+    steady time (over 10%): what to change, for the pipeline in use. busy: the DataLoader workers' mean
+    CPU share over that time (workers_busy), where known. None otherwise."""
     if share <= 0.10 or config.DATA.DATASET == 'synthetic':
         return None
     head = f'the training step waited for its input {100 * share:.0f}% of the time: the input pipeline is the limit; '
+    if busy is not None and busy < 0.8:
+        return head + (f'its {config.DATA.NUM_WORKERS} DataLoader workers were busy only {100 * busy:.0f}% of that '
+                       f'time, so more of them will not help: the training process\'s own handling of the batches '
+                       f'(receiving and copying them; with --data-pipeline gpu, its device stages), or CPU cores '
+                       f'shared with other processes, is what to look at')
     if config.DATA.PIPELINE != 'gpu':
         return head + ('--data-pipeline gpu augments on the GPU (upstream\'s recipe, upstream\'s pixels), or give '
                        'DATA.NUM_WORKERS more of the host\'s cores')
@@ -236,6 +242,36 @@ def input_bound_hint(config, share: float) -> Optional[str]:
                        f'EXTRA.JPEG_DECODE device with EXTRA.DEVICE_DECODE_SHARE (a share of the files to nvJPEG)')
     return head + (f'EXTRA.DEVICE_DECODE_SHARE below 1 ({config.EXTRA.DEVICE_DECODE_SHARE} now) has the workers '
                    f'decode the rest of the files, with more DATA.NUM_WORKERS ({config.DATA.NUM_WORKERS} now)')
+
+
+def worker_cpu_seconds() -> dict:
+    """{pid: CPU seconds (user + system) so far} of this process's DataLoader workers, which torch names
+    pt_data_worker: read from /proc (Linux); an empty dict elsewhere. Costs a read of every process's
+    stat file (a few ms), so take it a few times an epoch, not every step."""
+    me, out = os.getpid(), {}
+    try:
+        pids, tick = [p for p in os.listdir('/proc') if p.isdigit()], os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, AttributeError):
+        return out
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                stat = f.read()
+        except OSError:                     # gone meanwhile
+            continue
+        name, fields = stat[stat.find('(') + 1:stat.rfind(')')], stat[stat.rfind(')') + 2:].split()
+        if name == 'pt_data_worker' and int(fields[1]) == me:      # fields: state, ppid, ... utime, stime
+            out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def workers_busy(before: dict, after: dict, seconds: float) -> Optional[float]:
+    """The workers' mean CPU share (0..1) over `seconds` between two worker_cpu_seconds() snapshots,
+    counting the workers present in both; None where there are none."""
+    both = before.keys() & after.keys()
+    if not both or seconds <= 0:
+        return None
+    return sum(after[p] - before[p] for p in both) / (len(both) * seconds)
 
 
 def queued_batches(loader) -> int:

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -992,6 +993,54 @@ def test_epoch_line_reports_the_wait_for_input(jpeg_data, tmp_path):
     m = re.search(r'images/s from step \d+, all ranks; waiting for input (\d+)%\)', out)
     assert m and int(m.group(1)) >= 5, out[-3000:]
     assert re.search(r'data \d+\.\d{4} \(\d+\.\d{4}\)', out)
+    # with a DataLoader worker the line also gives its CPU share over the timed steps (Linux)
+    out = run_main(['--cfg', DEMO_CFG, '--data-path', jpeg_data, '--output', str(tmp_path / 'w'), '--opts',
+                    'TRAIN.EPOCHS', '1', 'DATA.IMG_SIZE', '64', 'AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1',
+                    'DATA.BATCH_SIZE', '2', 'DATA.NUM_WORKERS', '1', 'PRINT_FREQ', '5'])
+    if sys.platform.startswith('linux'):
+        m = re.search(r'waiting for input \d+%, its workers busy (\d+)%\)', out)
+        assert m and 0 < int(m.group(1)) <= 100, out[-3000:]
+
+
+class _Spin(torch.utils.data.Dataset):
+    """Items that take `seconds` each, on a CPU (spin) or asleep."""
+
+    def __init__(self, seconds: float, spin: bool):
+        self.seconds, self.spin = seconds, spin
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, index: int) -> int:
+        if not self.spin:
+            time.sleep(self.seconds)
+            return index
+        t0 = time.process_time()
+        while time.process_time() - t0 < self.seconds:
+            pass
+        return index
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_workers_busy_tells_working_workers_from_waiting_ones():
+    """worker_cpu_seconds finds this process's DataLoader workers and their CPU time; over the same
+    wall time a worker that computes its items is busy, one that sleeps through them is not."""
+    from data.build import worker_cpu_seconds, workers_busy
+    assert worker_cpu_seconds() == {}
+    busy = {}
+    for spin in (True, False):
+        loader = torch.utils.data.DataLoader(_Spin(0.02, spin), batch_size=4, num_workers=2)
+        it = iter(loader)
+        next(it)
+        before, t0 = worker_cpu_seconds(), time.time()
+        assert len(before) == 2
+        for _ in range(20):                 # 80 items over two workers: ~0.8 s
+            next(it)
+        after = worker_cpu_seconds()
+        busy[spin] = workers_busy(before, after, time.time() - t0)
+        del it
+    assert busy[True] > 0.5 and busy[False] < 0.2, busy
+    assert workers_busy({}, {1: 2.0}, 1.0) is None and workers_busy({1: 1.0}, {1: 1.5}, 0.5) == 1.0
 
 
 def test_input_bound_hint_names_the_knob_for_each_pipeline():
@@ -1001,3 +1050,7 @@ def test_input_bound_hint_names_the_knob_for_each_pipeline():
     assert 'DATA.NUM_WORKERS (8 now)' in input_bound_hint(_config('DATA.NUM_WORKERS', '8'), 0.3)
     assert 'DEVICE_DECODE_SHARE below 1' in input_bound_hint(_config('EXTRA.JPEG_DECODE', 'device'), 0.3)
     assert input_bound_hint(_config('DATA.DATASET', 'synthetic'), 0.9) is None
+    # workers that were mostly idle are not the limit: the hint says so instead of asking for more
+    hint = input_bound_hint(_config('DATA.NUM_WORKERS', '12'), 0.3, busy=0.6)
+    assert 'busy only 60%' in hint and 'more of them will not help' in hint
+    assert 'DATA.NUM_WORKERS (12 now)' in input_bound_hint(_config('DATA.NUM_WORKERS', '12'), 0.3, busy=0.95)
