@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-main-nvjpeg|input-workers|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -85,6 +85,13 @@ for part in $PARTS; do
              for w in 12 13 14; do
                python3 benchmarks/bench_input.py --images 156000 --val-images 256 --workers $w --parts folder main \
                  --main-runs gpu:jpeg | grep -E "^\{'part'"; done ;;
+    input-prefetch) # main.py on the JPEG folder (1219-step epochs), each worker preparing 2 batches ahead (torch's
+             # default) and 4 (data/gpu_pipeline.py WORKER_PREFETCH, its segment pool sized to match); the rows'
+             # workers_busy_% says whether the workers idle while the loop waits (H100, 2026-12-07: 30-35% of
+             # the host idle during a run waiting 29% for input)
+             python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main --main-runs gpu:jpeg
+             python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main --main-runs gpu:jpeg \
+               --main-prelude "import data.gpu_pipeline as g; g.WORKER_PREFETCH, g._SegmentPool.size = 4, 6" ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
              # decode under the profiler (which host calls and kernels it waits on)
              python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;

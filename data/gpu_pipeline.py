@@ -317,6 +317,11 @@ def collate_raw(batch):
             np.array(labels, dtype=np.int64), np.array(indices, dtype=np.int64), int(torch.randint(0, 2 ** 62, ())))
 
 
+# batches each DataLoader worker prepares ahead (torch's prefetch_factor; its default). An experiment
+# may raise it before the loaders are built (bench_input.py --main-prelude), with _SegmentPool.size
+WORKER_PREFETCH = 2
+
+
 class _SegmentPool:
     """A DataLoader worker's shared-memory segments for its batches, reused once the training process
     has copied a batch out (host_copy with release). Writing a batch into a new segment has the kernel
@@ -326,7 +331,7 @@ class _SegmentPool:
     processes see it). A segment nobody releases is never reused; past `size` of them in use a batch
     gets a segment of its own, as without the pool (so also where the DeviceLoader does not pin, a CPU
     run: nothing is released there). One pool a worker process."""
-    size = 4                # a worker's batches in flight: prefetch_factor (2) queued, one copied, one built
+    size = WORKER_PREFETCH + 2      # a worker's batches in flight: those queued, one copied, one built
     segments: list = []     # UntypedStorages, this process's
 
     @classmethod
@@ -732,7 +737,8 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
     # DATA.PIN_MEMORY: the DeviceLoader pins each batch itself (host_copy)
     loader = torch.utils.data.DataLoader(
         raw, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-        pin_memory=False, drop_last=train, collate_fn=collate_raw, persistent_workers=False)
+        pin_memory=False, drop_last=train, collate_fn=collate_raw, persistent_workers=False,
+        prefetch_factor=WORKER_PREFETCH if config.DATA.NUM_WORKERS else None)
     transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
     return raw, DeviceLoader(loader, transform, decode_batches=config.EXTRA.DECODE_BATCHES,
                              pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda')

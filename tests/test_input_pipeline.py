@@ -836,16 +836,20 @@ def test_workers_hint_names_the_worker_count_to_use():
     assert workers_hint(_config(pipeline='pil'), cores=128, processes=8, cuda=True) is None
 
 
-def test_queued_batches_counts_what_the_loaders_ready_ahead(jpeg_data):
+def test_queued_batches_counts_what_the_loaders_ready_ahead(jpeg_data, monkeypatch):
     """main.py times an epoch from after the batches the loader readied during the first steps: the
-    workers' prefetch (workers x prefetch_factor) and, on CUDA, the gpu pipeline's two stages."""
+    workers' prefetch (workers x prefetch_factor; the gpu pipeline's WORKER_PREFETCH) and, on CUDA, the
+    gpu pipeline's two stages."""
+    import data.gpu_pipeline as gp
     from data import build_loader
     from data.build import queued_batches
-    for pipeline, workers in (('pil', '0'), ('pil', '3'), ('gpu', '3')):
+    for pipeline, workers, prefetch in (('pil', '0', 2), ('pil', '3', 2), ('gpu', '3', 2), ('gpu', '3', 5),
+                                        ('gpu', '0', 5)):
+        monkeypatch.setattr(gp, 'WORKER_PREFETCH', prefetch)
         cfg = _config('DATA.NUM_WORKERS', workers, 'DATA.BATCH_SIZE', '4', pipeline=pipeline, data_path=jpeg_data)
         _, _, train, _, _ = build_loader(cfg)
         stages = 8 if pipeline == 'gpu' and DEVICE == 'cuda' else 0
-        assert queued_batches(train) == int(workers) * 2 + stages, (pipeline, workers)
+        assert queued_batches(train) == int(workers) * prefetch + stages, (pipeline, workers, prefetch)
 
 
 def test_unsupported_recipe_is_refused_at_start(demo_data, tmp_path):
