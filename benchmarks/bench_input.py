@@ -308,7 +308,7 @@ def worker_batches(root: str, workers: int, rounds: int = 2) -> list:
     _, _, train, _, _ = build_loader(_config(root, 'gpu', workers, decode='workers'))
     raw = train.dataset
     whole, pool, rows = gp.RawImages.__getitems__, gp._SegmentPool.size, []
-    ways = (('item by item', None, 0), ('whole batch', whole, 0), ('whole batch, reused segments', whole, pool))
+    ways = (('item by item', None, 0), ('whole batch', whole, 0), ('whole batch, reused segments', whole, None))
     try:
         for r in range(rounds):
             for name, fetch, pool_size in ways:

@@ -91,7 +91,7 @@ for part in $PARTS; do
              # the host idle during a run waiting 29% for input)
              python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main --main-runs gpu:jpeg
              python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main --main-runs gpu:jpeg \
-               --main-prelude "import data.gpu_pipeline as g; g.WORKER_PREFETCH, g._SegmentPool.size = 4, 6" ;;
+               --main-prelude "import data.gpu_pipeline as g; g.WORKER_PREFETCH = 4" ;;
     input-contention) # the pipeline's decode and finish stages alone, GPU idle vs kept busy by GEMMs; the
              # decode under the profiler (which host calls and kernels it waits on)
              python3 benchmarks/bench_input.py --images 6000 --val-images 256 --parts folder contention decode-profile ;;

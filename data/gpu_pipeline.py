@@ -318,7 +318,7 @@ def collate_raw(batch):
 
 
 # batches each DataLoader worker prepares ahead (torch's prefetch_factor; its default). An experiment
-# may raise it before the loaders are built (bench_input.py --main-prelude), with _SegmentPool.size
+# may raise it before the loaders are built (bench_input.py --main-prelude); _SegmentPool follows it
 WORKER_PREFETCH = 2
 
 
@@ -331,17 +331,20 @@ class _SegmentPool:
     processes see it). A segment nobody releases is never reused; past `size` of them in use a batch
     gets a segment of its own, as without the pool (so also where the DeviceLoader does not pin, a CPU
     run: nothing is released there). One pool a worker process."""
-    size = WORKER_PREFETCH + 2      # a worker's batches in flight: those queued, one copied, one built
-    segments: list = []     # UntypedStorages, this process's
+    size: Optional[int] = None      # None: a worker's batches in flight (WORKER_PREFETCH queued, one
+    segments: list = []             # copied, one built); the UntypedStorages, this process's
+
+    @classmethod
+    def limit(cls) -> int:
+        return WORKER_PREFETCH + 2 if cls.size is None else cls.size
 
     @classmethod
     def blob(cls, total: int) -> torch.Tensor:
-        free = [k for k, seg in enumerate(cls.segments) if seg[seg.nbytes() - 1] == 0]
-        if free:
-            k = free[0]
+        k = next((k for k, seg in enumerate(cls.segments) if seg[seg.nbytes() - 1] == 0), None)
+        if k is not None:
             if cls.segments[k].nbytes() <= total:              # too small: a larger one in its place
                 cls.segments[k] = torch.UntypedStorage._new_shared(total + total // 8 + 1)
-        elif len(cls.segments) < cls.size:
+        elif len(cls.segments) < cls.limit():
             k = len(cls.segments)
             cls.segments.append(torch.UntypedStorage._new_shared(total + total // 8 + 1))
         else:
