@@ -108,9 +108,13 @@ def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: 
 
 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
-                  decode_batches: int = 1, decode: str = 'device') -> dict:
+                  decode_batches: int = 1, decode: str = 'device', segments: str = 'lock') -> dict:
+    """segments: 'lock' (the workers' pooled segments page-locked where they lie) or 'copy' (each batch
+    copied into pinned memory): data/gpu_pipeline.py's LOCK_SEGMENTS."""
+    import data.gpu_pipeline as g
     from data import build_loader
     from data.build import queued_batches
+    g.LOCK_SEGMENTS = segments == 'lock'
     cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches,
                   decode=decode)
     _, _, train, val, _ = build_loader(cfg)
@@ -122,7 +126,8 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     start = max(10, queued_batches(loader))
     batches = min(batches, len(loader) - 1)
     row = {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
-           'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers'}
+           'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers',
+           'segments': segments if pipeline == 'gpu' and pin else ''}
     if batches <= start + 10:
         print(f'{split}: {len(loader)} batches, too few to time after the first {start}: not timed (more images: '
               f'--images / --val-images)', flush=True)
@@ -139,7 +144,10 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
         if i >= batches:
             break
     torch.cuda.synchronize()
-    return {**row, 'img/s': n / (time.time() - t0), 'batches_timed': i - start}
+    rate = n / (time.time() - t0)
+    locked = getattr(loader, 'locked', None)
+    return {**row, 'img/s': rate, 'batches_timed': i - start,
+            'registered': locked.registered if locked is not None and not locked.failed else None}
 
 
 class _GpuLoad:
@@ -440,6 +448,9 @@ def main() -> None:
     p.add_argument('--decode', nargs='+', default=['device', 'workers'],
                    help="the pipelines part's decodes for the gpu pipeline: device, workers, device@SHARE (see "
                         "decode_opts)")
+    p.add_argument('--segments', nargs='+', default=['lock'], choices=['lock', 'copy'],
+                   help="the pipelines part's gpu rows (pinned) with the workers' segments page-locked where they "
+                        "lie, and/or copied into pinned memory a batch at a time")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--main-prelude', default='',
@@ -459,15 +470,18 @@ def main() -> None:
         runs = []
         for decode in a.decode:     # nvJPEG alone also with each --decode-batches and without pinned memory
             batches_a_call = a.decode_batches if decode == 'device' else [1]
-            runs += [('gpu', 'train', a.workers, a.batches, True, n, decode) for n in batches_a_call]
-            runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode)] if decode == 'device' else []
-            runs += [('gpu', 'val', a.workers, a.batches, True, n, decode) for n in batches_a_call]
-        runs += [('pil', 'train', 8, 40, True, 1, 'workers'), ('pil', 'train', cores - 1, 50, True, 1, 'workers'),
-                 ('pil', 'val', cores - 1, 45, True, 1, 'workers')]
-        for pipeline, split, workers, batches, pin, n, decode in runs:
+            for seg in a.segments:
+                runs += [('gpu', 'train', a.workers, a.batches, True, n, decode, seg) for n in batches_a_call]
+            runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode, '')] if decode == 'device' else []
+            for seg in a.segments:
+                runs += [('gpu', 'val', a.workers, a.batches, True, n, decode, seg) for n in batches_a_call]
+        runs += [('pil', 'train', 8, 40, True, 1, 'workers', ''),
+                 ('pil', 'train', cores - 1, 50, True, 1, 'workers', ''),
+                 ('pil', 'val', cores - 1, 45, True, 1, 'workers', '')]
+        for pipeline, split, workers, batches, pin, n, decode, seg in runs:
             if pipeline not in a.pipelines:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode, seg or 'lock'))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
@@ -515,7 +529,8 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'decode', 'round', 'prelude', 'pin_memory',
+                                                 'decode_batches', 'decode', 'segments', 'round', 'prelude',
+                                                 'pin_memory', 'registered',
                                                  'stream_priority', 'finish_streams', 'img/s', 'input_wait_%',
                                                  'workers_busy_%', 'ms_per_item', 'decode img/s', 'finish img/s',
                                                  'ms_per_batch', 'rc'], env))

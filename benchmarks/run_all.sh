@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -69,6 +69,19 @@ for part in $PARTS; do
     input)   # the input pipelines alone on a generated ImageNet-like JPEG folder (benchmarks/bench_input.py),
              # ours with each decode (nvJPEG, the workers), and one worker's cost a training image
              python3 benchmarks/bench_input.py --parts folder pipelines gputime worker --decode-batches 1 2 ;;
+    input-locked) # the pipelines alone with the workers' pooled segments page-locked where they lie vs copied
+             # into pinned memory a batch at a time; the val pipeline with nvJPEG taking all / 70% / 80% of the
+             # files (the workers decode the rest), one and two batches an nvJPEG call
+             python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --decode workers device \
+               --segments lock copy --decode-batches 1 2
+             python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --decode device@0.7 \
+               device@0.8 --segments lock copy --decode-batches 2 ;;
+    input-locked-main) # main.py on the JPEG folder (1219-step epochs, decode in the workers) with the segments
+             # page-locked (the default), copied, and page-locked with 4 batches ahead a worker; synthetic inputs
+             B="python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main"
+             $B --main-runs gpu:jpeg gpu:synthetic
+             $B --main-runs gpu:jpeg --main-prelude 'import data.gpu_pipeline as g; g.LOCK_SEGMENTS = False'
+             $B --main-runs gpu:jpeg --main-prelude 'import data.gpu_pipeline as g; g.WORKER_PREFETCH = 4' ;;
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;

@@ -31,6 +31,7 @@ DATA.INTERPOLATION other than bicubic.
 """
 import ctypes
 import functools
+import collections
 import io
 import itertools
 import math
@@ -356,9 +357,9 @@ class _SegmentPool:
 
 def _release(blob: torch.Tensor) -> bool:
     """Hands a pooled worker segment back to its worker (see _SegmentPool): False for any other blob."""
-    storage = blob.untyped_storage()
-    if not blob.is_shared() or storage.nbytes() <= blob.numel() or storage[storage.nbytes() - 1] != 1:
+    if not _pooled(blob):
         return False
+    storage = blob.untyped_storage()
     storage[storage.nbytes() - 1] = 0
     return True
 
@@ -393,6 +394,94 @@ def host_copy(blob: torch.Tensor, pin: bool = True, release: bool = False) -> to
         if end > start:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_REMOVE)
     return out
+
+
+# whether the DeviceLoader page-locks pooled worker segments where they lie (_LockedSegments) instead of
+# copying each batch into pinned memory (host_copy); an experiment may turn it off (bench_input.py --segments)
+LOCK_SEGMENTS = True
+_PORTABLE = 1          # CU_MEMHOSTREGISTER_PORTABLE: page-locked for every CUDA context of the process
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    try:
+        return ctypes.CDLL('libcuda.so.1') if sys.platform.startswith('linux') else None
+    except OSError:
+        return None
+
+
+def _pooled(blob: torch.Tensor) -> bool:
+    """Whether blob lies in a pooled worker segment not yet released (see _SegmentPool)."""
+    storage = blob.untyped_storage()
+    return blob.is_shared() and storage.nbytes() > blob.numel() and storage[storage.nbytes() - 1] == 1
+
+
+class _LockedSegments:
+    """The training process's side of the workers' segment pools on CUDA: each pooled segment is
+    page-locked once, where it lies (cuMemHostRegister), and kept mapped, so that a batch reaches the
+    GPU in one DMA from the worker's own memory: no copy into pinned memory on the host (host_copy:
+    about 72 MB a val batch of whole decoded images, 38 MB a train batch of crop boxes, on one thread).
+    Kept mapped, a segment that comes back with a later batch is the same storage (torch's sharing
+    looks a received segment up by its inode), at the same address: registered once. A segment goes
+    back to its worker only once the copies reading it are done (an event on the decode stream,
+    `copied` / `reap`). At most `capacity` segments stay registered (the least recently used are let
+    go: a worker replaces a segment grown too small, and the old one never comes back). If the driver
+    refuses to register (or has no driver API here), every batch takes host_copy's path."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.storages, self.pending = capacity, {}, []     # storages: address -> storage
+        self.held = collections.Counter()            # addresses of the segments taken and not given back
+        self.failed = _libcuda() is None
+        self.registered = self.taken = 0             # segments registered, batches taken (tests, benchmarks)
+
+    def take(self, blob: torch.Tensor) -> bool:
+        """True when blob lies in a registered pooled segment (registering it now if new): it may then
+        be copied to the GPU asynchronously as it is, and must be handed to `copied` after."""
+        if self.failed or not _pooled(blob):
+            return False
+        storage = blob.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.storages:
+            self.storages[key] = self.storages.pop(key)          # most recently used last
+            self.taken, self.held[key] = self.taken + 1, self.held[key] + 1
+            return True
+        # a runtime call first: it makes the device's primary context current in this thread, which the
+        # driver's register needs (a thread whose only CUDA work so far was taking streams may have none)
+        torch.cuda.current_stream().query()
+        if _libcuda().cuMemHostRegister_v2(ctypes.c_void_p(key), ctypes.c_size_t(storage.nbytes()), _PORTABLE):
+            self.failed = True
+            return False
+        self.storages[key] = storage
+        self.registered, self.taken, self.held[key] = self.registered + 1, self.taken + 1, self.held[key] + 1
+        for old in [k for k in self.storages if not self.held[k]][:max(0, len(self.storages) - self.capacity)]:
+            _libcuda().cuMemHostUnregister(ctypes.c_void_p(old))
+            del self.storages[old]
+        return True
+
+    def copied(self, blobs: list, stream: torch.cuda.Stream) -> None:
+        """The work reading `blobs` is queued on `stream`: they go back to their workers once it is done.
+        The group before is waited for if still pending, so that a worker's segments in flight stay
+        those its pool counts on (the prefetched, the one being built, one here)."""
+        if blobs:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self.pending.append((event, blobs))
+        self.reap(keep=1)
+
+    def reap(self, keep: int = 0) -> None:
+        """Gives back the segments whose copies are done, and waits for all but the newest `keep` groups."""
+        while self.pending and (len(self.pending) > keep or self.pending[0][0].query()):
+            event, blobs = self.pending.pop(0)
+            event.synchronize()
+            for blob in blobs:
+                _release(blob)
+                self.held[blob.untyped_storage().data_ptr()] -= 1
+
+    def close(self) -> None:
+        self.reap()
+        for key in self.storages:
+            _libcuda().cuMemHostUnregister(ctypes.c_void_p(key))
+        self.storages.clear()
 
 
 # RandAugment ops by how they run on a batch: one affine resample per layer for every geometric op,
@@ -685,7 +774,8 @@ class DeviceLoader:
         def read_raw():                # groups of decode_batches raw batches (the last may be short)
             group = []
             for raw in self.loader:
-                if self.pin_memory:    # here, not in the DataLoader's pin thread: see host_copy
+                # pinned here, not in the DataLoader's pin thread: see host_copy, and _LockedSegments
+                if self.pin_memory and not (locked is not None and locked.take(raw[0])):
                     raw = (host_copy(raw[0], release=True),) + tuple(raw[1:])
                 group.append(raw)
                 if len(group) == self.decode_batches:
@@ -699,7 +789,10 @@ class DeviceLoader:
                 yield get(decoded)
 
         def decode(group, stream):
-            return self.transform.decode_batches(group)
+            out = self.transform.decode_batches(group)
+            if locked is not None:      # the segments read by this group's copies and decodes, once done
+                locked.copied([raw[0] for raw in group if _pooled(raw[0])], stream)
+            return out
 
         def finish(item, stream):
             out, event = item
@@ -708,6 +801,10 @@ class DeviceLoader:
                 img.record_stream(stream)
             return [self.transform.finish(out)]
 
+        # a worker's pooled segments (_SegmentPool.limit()), twice over: room for the ones a worker replaced
+        locked = _LockedSegments(2 * _SegmentPool.limit() * max(1, self.loader.num_workers)) if (
+            self.pin_memory and LOCK_SEGMENTS) else None
+        self.locked = locked
         threads = [threading.Thread(target=stage, args=(read_raw, decode, decoded), daemon=True),
                    threading.Thread(target=stage, args=(read_decoded, finish, ready, self.finish_streams,
                                                         self.finish_priority), daemon=True)]
@@ -730,6 +827,9 @@ class DeviceLoader:
             stop.set()
             for t in threads:
                 t.join(timeout=10)
+            if locked is not None:
+                with torch.cuda.device(device):
+                    locked.close()
 
 
 def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler):

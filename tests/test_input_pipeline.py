@@ -988,6 +988,72 @@ def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data
     assert d.untyped_storage().nbytes() > 5000 and bool((a == 7).all()) and len(_SegmentPool.segments) == 2
 
 
+@pytest.mark.skipif(DEVICE != 'cuda', reason='page-locks memory for CUDA copies')
+def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
+    """On CUDA the DeviceLoader page-locks the workers' pooled segments where they lie (_LockedSegments)
+    instead of copying each batch into pinned memory: the loaders yield the batches they yield with
+    the copy (the workers' decode, and half the JPEGs to nvJPEG: both kinds of payload), every
+    batch went by a locked segment, and each segment went back to its worker (fewer registered than
+    batches). In this process: a registered segment reads as pinned, one reused is registered once, a
+    segment goes back after its copy, at most `capacity` stay registered (the least recently used let
+    go, never one taken and not yet given back), close() lets all go."""
+    import data.gpu_pipeline as g
+    from data import build_loader
+
+    def batches(lock: bool, decode: str):
+        monkeypatch.setattr(g, 'LOCK_SEGMENTS', lock)
+        cfg = _config('DATA.BATCH_SIZE', '2', 'DATA.NUM_WORKERS', '2', 'EXTRA.JPEG_DECODE', decode,
+                      'EXTRA.DEVICE_DECODE_SHARE', '0.5' if decode == 'device' else '1.0', data_path=jpeg_data)
+        _, _, train, val, _ = build_loader(cfg)
+        train.sampler.set_epoch(0)
+        out, registered = [], []
+        for loader in (train, val):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            out.append([(x.cpu(), y.cpu()) for x, y in loader])
+            registered.append((loader.locked.registered, loader.locked.taken) if lock else None)
+            assert not lock or (not loader.locked.failed and not loader.locked.storages)     # closed
+        return out, registered
+
+    for decode in ('workers', 'device'):
+        locked, registered = batches(True, decode)
+        copied, _ = batches(False, decode)
+        for split, a, b, (n, taken) in zip(('train', 'val'), locked, copied, registered):
+            assert len(a) == len(b) == (27 if split == 'train' else 11), (decode, split)
+            assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)), (
+                decode, split)
+            assert taken == len(a) and 0 < n < len(a), (decode, split, n, taken)
+
+    monkeypatch.setattr(g._SegmentPool, 'size', 8)
+    monkeypatch.setattr(g._SegmentPool, 'segments', [])
+    stream = torch.cuda.current_stream()
+    locked = g._LockedSegments(capacity=2)
+    blobs = [g._SegmentPool.blob(5000 + k) for k in range(3)]
+    for b in blobs:
+        b.fill_(len(b) % 251)
+        assert locked.take(b) and b.is_pinned()
+    assert locked.registered == 3 and len(locked.storages) == 3      # taken, not yet copied: none let go
+    copies = [b.to('cuda', non_blocking=True) for b in blobs]
+    torch.cuda._sleep(200_000_000)             # ~0.1 s: the copies' event still pending through the next take
+    locked.copied(blobs, stream)
+    fourth = g._SegmentPool.blob(6000)         # the three are not given back yet: a new segment
+    assert locked.take(fourth) and locked.registered == 4 and len(locked.storages) == 4
+    locked.copied([fourth], stream)            # waits for the group before it, which goes back
+    assert all(torch.equal(c.cpu(), b) and not g._pooled(b) for c, b in zip(copies, blobs))
+    again = g._SegmentPool.blob(5000)          # the worker reuses the first one given back: registered once
+    assert again.untyped_storage().data_ptr() == blobs[0].untyped_storage().data_ptr()
+    assert locked.take(again) and locked.registered == 4 and locked.taken == 5
+    locked.reap()
+    grown = g._SegmentPool.blob(9000)          # too big for the second: a new segment in its place
+    assert locked.take(grown) and locked.registered == 5
+    # past capacity the least recently used not taken are let go: the second, third and fourth
+    assert len(locked.storages) == 2 and again.is_pinned() and grown.is_pinned()
+    assert not any(b.is_pinned() for b in (blobs[1], blobs[2], fourth))
+    locked.close()
+    assert not locked.storages and not again.is_pinned() and not grown.is_pinned()
+
+
 def test_epoch_line_reports_the_wait_for_input(jpeg_data, tmp_path):
     """The EPOCH line gives the share of the steady steps' time the training loop waited for its next
     batch: with the JPEGs decoded and augmented in the training process itself (no workers, upstream's
