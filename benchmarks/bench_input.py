@@ -448,6 +448,8 @@ def main() -> None:
     p.add_argument('--decode', nargs='+', default=['device', 'workers'],
                    help="the pipelines part's decodes for the gpu pipeline: device, workers, device@SHARE (see "
                         "decode_opts)")
+    p.add_argument('--splits', nargs='+', default=['train', 'val'], choices=['train', 'val'],
+                   help="the pipelines part's splits")
     p.add_argument('--segments', nargs='+', default=['lock'], choices=['lock', 'copy'],
                    help="the pipelines part's gpu rows (pinned) with the workers' segments page-locked where they "
                         "lie, and/or copied into pinned memory a batch at a time")
@@ -469,7 +471,7 @@ def main() -> None:
     if 'pipelines' in a.parts:
         runs = []
         for decode in a.decode:     # nvJPEG alone also with each --decode-batches and without pinned memory
-            batches_a_call = a.decode_batches if decode == 'device' else [1]
+            batches_a_call = a.decode_batches if decode.startswith('device') else [1]
             for seg in a.segments:
                 runs += [('gpu', 'train', a.workers, a.batches, True, n, decode, seg) for n in batches_a_call]
             runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode, '')] if decode == 'device' else []
@@ -479,7 +481,7 @@ def main() -> None:
                  ('pil', 'train', cores - 1, 50, True, 1, 'workers', ''),
                  ('pil', 'val', cores - 1, 45, True, 1, 'workers', '')]
         for pipeline, split, workers, batches, pin, n, decode, seg in runs:
-            if pipeline not in a.pipelines:
+            if pipeline not in a.pipelines or split not in a.splits:
                 continue
             rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode, seg or 'lock'))
             print(rows[-1], flush=True)
