@@ -77,11 +77,12 @@ for part in $PARTS; do
              python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --splits val --decode \
                device@0.7 device@0.8 --segments lock copy --decode-batches 2 ;;
     input-locked-main) # main.py on the JPEG folder (1219-step epochs, decode in the workers) with the segments
-             # page-locked (the default), copied, and page-locked with 4 batches ahead a worker; synthetic inputs
+             # page-locked, copied, and page-locked with 4 batches ahead a worker; synthetic inputs
              B="python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main"
-             $B --main-runs gpu:jpeg gpu:synthetic
+             L="import data.gpu_pipeline as g; g.LOCK_SEGMENTS = True"
+             $B --main-runs gpu:jpeg gpu:synthetic --main-prelude "$L"
              $B --main-runs gpu:jpeg --main-prelude 'import data.gpu_pipeline as g; g.LOCK_SEGMENTS = False'
-             $B --main-runs gpu:jpeg --main-prelude 'import data.gpu_pipeline as g; g.WORKER_PREFETCH = 4' ;;
+             $B --main-runs gpu:jpeg --main-prelude "$L; g.WORKER_PREFETCH = 4" ;;
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;

@@ -397,8 +397,9 @@ def host_copy(blob: torch.Tensor, pin: bool = True, release: bool = False) -> to
 
 
 # whether the DeviceLoader page-locks pooled worker segments where they lie (_LockedSegments) instead of
-# copying each batch into pinned memory (host_copy); an experiment may turn it off (bench_input.py --segments)
-LOCK_SEGMENTS = True
+# copying each batch into pinned memory (host_copy). Off until measured on a GPU; an experiment turns it
+# on (bench_input.py --segments, or --main-prelude for main.py)
+LOCK_SEGMENTS = False
 _PORTABLE = 1          # CU_MEMHOSTREGISTER_PORTABLE: page-locked for every CUDA context of the process
 
 
