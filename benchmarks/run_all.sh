@@ -72,10 +72,10 @@ for part in $PARTS; do
     input-locked) # the pipelines alone with the workers' pooled segments page-locked where they lie vs copied
              # into pinned memory a batch at a time; the val pipeline with nvJPEG taking all / 70% / 80% of the
              # files (the workers decode the rest), one and two batches an nvJPEG call
-             python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --decode workers device \
-               --segments lock copy --decode-batches 1 2
+             python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --decode workers \
+               --segments lock copy
              python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --splits val --decode \
-               device@0.7 device@0.8 --segments lock copy --decode-batches 2 ;;
+               device device@0.7 device@0.8 --segments lock copy --decode-batches 1 2 ;;
     input-locked-main) # main.py on the JPEG folder (1219-step epochs, decode in the workers) with the segments
              # page-locked, copied, and page-locked with 4 batches ahead a worker; synthetic inputs
              B="python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main"
