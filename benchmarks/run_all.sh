@@ -82,7 +82,10 @@ for part in $PARTS; do
              L="import data.gpu_pipeline as g; g.LOCK_SEGMENTS = True"
              $B --main-runs gpu:jpeg gpu:synthetic --main-prelude "$L"
              $B --main-runs gpu:jpeg --main-prelude 'import data.gpu_pipeline as g; g.LOCK_SEGMENTS = False'
-             $B --main-runs gpu:jpeg --main-prelude "$L; g.WORKER_PREFETCH = 4" ;;
+             $B --main-runs gpu:jpeg --main-prelude "$L; g.WORKER_PREFETCH = 4"
+             # nvJPEG taking a quarter of the files off the workers (EXTRA.DEVICE_DECODE_SHARE): a host whose
+             # workers decode below the step's speed
+             $B --main-runs gpu:jpeg:compile:1:device@0.25 --main-prelude "$L" ;;
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;
