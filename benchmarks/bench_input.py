@@ -147,7 +147,7 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     rate = n / (time.time() - t0)
     locked = getattr(loader, 'locked', None)
     return {**row, 'img/s': rate, 'batches_timed': i - start,
-            'registered': locked.registered if locked is not None and not locked.failed else None}
+            'registered': locked.registered if locked is not None and locked.refused is None else None}
 
 
 class _GpuLoad:

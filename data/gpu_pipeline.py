@@ -434,13 +434,14 @@ class _LockedSegments:
     def __init__(self, capacity: int):
         self.capacity, self.storages, self.pending = capacity, {}, []     # storages: address -> storage
         self.held = collections.Counter()            # addresses of the segments taken and not given back
-        self.failed = _libcuda() is None
+        # why every batch takes host_copy's path, where it does: main.py says so once a run (refusal_note)
+        self.refused = None if _libcuda() is not None else 'no CUDA driver library (libcuda.so.1) found'
         self.registered = self.taken = 0             # segments registered, batches taken (tests, benchmarks)
 
     def take(self, blob: torch.Tensor) -> bool:
         """True when blob lies in a registered pooled segment (registering it now if new): it may then
         be copied to the GPU asynchronously as it is, and must be handed to `copied` after."""
-        if self.failed or not _pooled(blob):
+        if self.refused or not _pooled(blob):
             return False
         storage = blob.untyped_storage()
         key = storage.data_ptr()
@@ -451,8 +452,9 @@ class _LockedSegments:
         # a runtime call first: it makes the device's primary context current in this thread, which the
         # driver's register needs (a thread whose only CUDA work so far was taking streams may have none)
         torch.cuda.current_stream().query()
-        if _libcuda().cuMemHostRegister_v2(ctypes.c_void_p(key), ctypes.c_size_t(storage.nbytes()), _PORTABLE):
-            self.failed = True
+        status = _libcuda().cuMemHostRegister_v2(ctypes.c_void_p(key), ctypes.c_size_t(storage.nbytes()), _PORTABLE)
+        if status:
+            self.refused = f'the driver refused to page-lock a {storage.nbytes() >> 20} MB segment (CUresult {status})'
             return False
         self.storages[key] = storage
         self.registered, self.taken, self.held[key] = self.registered + 1, self.taken + 1, self.held[key] + 1
@@ -460,6 +462,13 @@ class _LockedSegments:
             _libcuda().cuMemHostUnregister(ctypes.c_void_p(old))
             del self.storages[old]
         return True
+
+    def refusal_note(self) -> Optional[str]:
+        """A line for the log where the segments could not be page-locked, else None."""
+        if self.refused is None:
+            return None
+        return (f"Note: the input workers' batches are copied into pinned memory one by one: {self.refused}. "
+                'Correct, but slower with EXTRA.JPEG_DECODE device (nvJPEG)')
 
     def copied(self, blobs: list, stream: torch.cuda.Stream) -> None:
         """The work reading `blobs` is queued on `stream`: they go back to their workers once it is done.
@@ -710,6 +719,7 @@ class DeviceLoader:
                  pin_memory: bool = True):
         self.loader, self.transform, self.prefetch, self.pin_memory = loader, transform, prefetch, pin_memory
         self.decode_batches = decode_batches       # raw batches per nvJPEG call (EXTRA.DECODE_BATCHES)
+        self.locked = None                         # the last iteration's _LockedSegments, where it had one
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
 
     def __len__(self) -> int:

@@ -1013,7 +1013,7 @@ def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
             np.random.seed(0)
             out.append([(x.cpu(), y.cpu()) for x, y in loader])
             registered.append((loader.locked.registered, loader.locked.taken) if lock else None)
-            assert not lock or (not loader.locked.failed and not loader.locked.storages)     # closed
+            assert not lock or (loader.locked.refused is None and not loader.locked.storages)     # closed
         return out, registered
 
     for decode in ('workers', 'device'):
@@ -1052,6 +1052,23 @@ def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
     assert not any(b.is_pinned() for b in (blobs[1], blobs[2], fourth))
     locked.close()
     assert not locked.storages and not again.is_pinned() and not grown.is_pinned()
+
+
+def test_locked_segments_decline_with_a_note_where_they_cannot_lock(monkeypatch):
+    """Without a CUDA driver (this CPU box) _LockedSegments declines every batch, which then goes by
+    host_copy's path, still its worker's, and its note for main.py's log says why; with one (a GPU
+    machine) it locks and has no note."""
+    import data.gpu_pipeline as g
+    monkeypatch.setattr(g._SegmentPool, 'size', 2)
+    monkeypatch.setattr(g._SegmentPool, 'segments', [])
+    blob = g._SegmentPool.blob(1000)
+    locked = g._LockedSegments(capacity=4)
+    if g._libcuda() is None:
+        assert not locked.take(blob) and locked.registered == locked.taken == 0 and g._pooled(blob)
+        assert 'libcuda.so.1' in locked.refusal_note() and 'copied into pinned memory' in locked.refusal_note()
+    else:
+        assert locked.take(blob) and locked.refusal_note() is None
+        locked.close()
 
 
 def test_epoch_line_reports_the_wait_for_input(jpeg_data, tmp_path):
