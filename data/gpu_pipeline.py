@@ -397,11 +397,13 @@ def host_copy(blob: torch.Tensor, pin: bool = True, release: bool = False) -> to
 
 
 # whether the DeviceLoader page-locks pooled worker segments where they lie (_LockedSegments) instead of
-# copying each batch into pinned memory (host_copy). One H100 host, 2026-12-07, the pipelines alone: val
-# with nvJPEG 12316 img/s against 10900 (1.13x), with nvJPEG taking 70% 12226 against 8254; the workers'
-# decode alone unchanged (their decode is the limit). An experiment may turn it off (bench_input.py
-# --segments, or --main-prelude for main.py)
-LOCK_SEGMENTS = True
+# copying each batch into pinned memory (host_copy): True, False, or 'nvjpeg' (the default: where nvJPEG
+# decodes some of the files, EXTRA.JPEG_DECODE device). One H100 host, 2026-12-07, the pipelines alone:
+# val with nvJPEG 12316 img/s against 10900 (1.13x), with nvJPEG taking 70% 12226 against 8254; with the
+# workers' decode no gain (train 4270 / 3744 against 4131 / 4081, val 3895 / 3833 against 4267 / 3950:
+# their decode is the limit, and each epoch's new workers bring new segments to register), so there the
+# copy stays. An experiment sets it (bench_input.py --segments, or --main-prelude for main.py)
+LOCK_SEGMENTS = 'nvjpeg'
 _PORTABLE = 1          # CU_MEMHOSTREGISTER_PORTABLE: page-locked for every CUDA context of the process
 
 
@@ -815,8 +817,9 @@ class DeviceLoader:
             return [self.transform.finish(out)]
 
         # a worker's pooled segments (_SegmentPool.limit()), twice over: room for the ones a worker replaced
+        lock = self.dataset.device_share > 0 if LOCK_SEGMENTS == 'nvjpeg' else LOCK_SEGMENTS
         locked = _LockedSegments(2 * _SegmentPool.limit() * max(1, self.loader.num_workers)) if (
-            self.pin_memory and LOCK_SEGMENTS) else None
+            self.pin_memory and lock) else None
         self.locked = locked
         threads = [threading.Thread(target=stage, args=(read_raw, decode, decoded), daemon=True),
                    threading.Thread(target=stage, args=(read_decoded, finish, ready, self.finish_streams,

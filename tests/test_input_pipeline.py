@@ -990,11 +990,11 @@ def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data
 
 @pytest.mark.skipif(DEVICE != 'cuda', reason='page-locks memory for CUDA copies')
 def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
-    """On CUDA the DeviceLoader page-locks the workers' pooled segments where they lie (_LockedSegments)
-    instead of copying each batch into pinned memory: the loaders yield the batches they yield with
-    the copy (the workers' decode, and half the JPEGs to nvJPEG: both kinds of payload), every
-    batch went by a locked segment, and each segment went back to its worker (fewer registered than
-    batches). In this process: a registered segment reads as pinned, one reused is registered once, a
+    """On CUDA the DeviceLoader can page-lock the workers' pooled segments where they lie (_LockedSegments)
+    instead of copying each batch into pinned memory (by default where nvJPEG decodes): the loaders
+    yield the batches they yield with the copy (the workers' decode, and half the JPEGs to nvJPEG: both
+    kinds of payload), every batch went by a locked segment, and each segment went back to its worker
+    (fewer registered than batches). In this process: a registered segment reads as pinned, one reused is registered once, a
     segment goes back after its copy, at most `capacity` stay registered (the least recently used let
     go, never one taken and not yet given back), close() lets all go."""
     import data.gpu_pipeline as g
@@ -1024,6 +1024,13 @@ def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
             assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)), (
                 decode, split)
             assert taken == len(a) and 0 < n < len(a), (decode, split, n, taken)
+    # the default locks where nvJPEG decodes, and copies with the workers' decode
+    monkeypatch.setattr(g, 'LOCK_SEGMENTS', 'nvjpeg')
+    for decode in ('workers', 'device'):
+        cfg = _config('DATA.BATCH_SIZE', '2', 'DATA.NUM_WORKERS', '2', 'EXTRA.JPEG_DECODE', decode,
+                      data_path=jpeg_data)
+        _, _, _, val, _ = build_loader(cfg)
+        assert len(list(val)) == 11 and (val.locked is not None) == (decode == 'device'), decode
 
     monkeypatch.setattr(g._SegmentPool, 'size', 8)
     monkeypatch.setattr(g._SegmentPool, 'segments', [])
