@@ -459,8 +459,9 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     if hint and epoch == config.TRAIN.START_EPOCH:         # once a run
         logger.info(hint)
     locked = getattr(data_loader, 'locked', None)          # the gpu pipeline on CUDA (data/gpu_pipeline.py)
-    if locked is not None and locked.refusal_note() and epoch == config.TRAIN.START_EPOCH:
-        logger.info(locked.refusal_note())
+    note = locked.refusal_note() if locked is not None else None
+    if note and epoch == config.TRAIN.START_EPOCH:
+        logger.info(note)
     return loss_meter.avg
 
 

@@ -108,13 +108,14 @@ def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: 
 
 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
-                  decode_batches: int = 1, decode: str = 'device', segments: str = 'lock') -> dict:
-    """segments: 'lock' (the workers' pooled segments page-locked where they lie) or 'copy' (each batch
-    copied into pinned memory): data/gpu_pipeline.py's LOCK_SEGMENTS."""
+                  decode_batches: int = 1, decode: str = 'device', segments: str = 'default') -> dict:
+    """segments: 'lock' (the workers' pooled segments page-locked where they lie), 'copy' (each batch
+    copied into pinned memory) or 'default' (locked where nvJPEG decodes): data/gpu_pipeline.py's
+    LOCK_SEGMENTS."""
     import data.gpu_pipeline as g
     from data import build_loader
     from data.build import queued_batches
-    g.LOCK_SEGMENTS = segments == 'lock'
+    g.LOCK_SEGMENTS = {'lock': True, 'copy': False, 'default': 'nvjpeg'}[segments]
     cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches,
                   decode=decode)
     _, _, train, val, _ = build_loader(cfg)
@@ -144,9 +145,8 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
         if i >= batches:
             break
     torch.cuda.synchronize()
-    rate = n / (time.time() - t0)
-    locked = getattr(loader, 'locked', None)
-    return {**row, 'img/s': rate, 'batches_timed': i - start,
+    locked = getattr(loader, 'locked', None)          # a DeviceLoader's (gpu pipeline)
+    return {**row, 'img/s': n / (time.time() - t0), 'batches_timed': i - start,
             'registered': locked.registered if locked is not None and locked.refused is None else None}
 
 
@@ -450,9 +450,10 @@ def main() -> None:
                         "decode_opts)")
     p.add_argument('--splits', nargs='+', default=['train', 'val'], choices=['train', 'val'],
                    help="the pipelines part's splits")
-    p.add_argument('--segments', nargs='+', default=['lock'], choices=['lock', 'copy'],
+    p.add_argument('--segments', nargs='+', default=['default'], choices=['default', 'lock', 'copy'],
                    help="the pipelines part's gpu rows (pinned) with the workers' segments page-locked where they "
-                        "lie, and/or copied into pinned memory a batch at a time")
+                        "lie, copied into pinned memory a batch at a time, or as main.py does (locked where "
+                        "nvJPEG decodes)")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--main-prelude', default='',
@@ -483,7 +484,7 @@ def main() -> None:
         for pipeline, split, workers, batches, pin, n, decode, seg in runs:
             if pipeline not in a.pipelines or split not in a.splits:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode, seg or 'lock'))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode, seg or 'default'))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)

@@ -77,7 +77,7 @@ for part in $PARTS; do
              python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --splits val --decode \
                device device@0.7 device@0.8 --segments lock copy --decode-batches 1 2 ;;
     input-locked-main) # main.py on the JPEG folder (1219-step epochs, decode in the workers) with the segments
-             # page-locked (the default), copied, and page-locked with 4 batches ahead a worker; synthetic inputs
+             # page-locked, copied (the default there), and page-locked with 4 batches ahead a worker; synthetic inputs
              B="python3 benchmarks/bench_input.py --images 156000 --val-images 256 --parts folder main"
              L="import data.gpu_pipeline as g; g.LOCK_SEGMENTS = True"
              $B --main-runs gpu:jpeg gpu:synthetic --main-prelude "$L"

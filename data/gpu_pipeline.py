@@ -29,9 +29,9 @@ What is not implemented (a clear error at start names it; use --data-pipeline pi
 (timm applies it only without an auto-augment policy, or with '3a'), AutoAugment / AugMix policies,
 DATA.INTERPOLATION other than bicubic.
 """
+import collections
 import ctypes
 import functools
-import collections
 import io
 import itertools
 import math

@@ -994,9 +994,9 @@ def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
     instead of copying each batch into pinned memory (by default where nvJPEG decodes): the loaders
     yield the batches they yield with the copy (the workers' decode, and half the JPEGs to nvJPEG: both
     kinds of payload), every batch went by a locked segment, and each segment went back to its worker
-    (fewer registered than batches). In this process: a registered segment reads as pinned, one reused is registered once, a
-    segment goes back after its copy, at most `capacity` stay registered (the least recently used let
-    go, never one taken and not yet given back), close() lets all go."""
+    (fewer registered than batches). In this process: a registered segment reads as pinned, one reused
+    is registered once, a segment goes back after its copy, at most `capacity` stay registered (the
+    least recently used let go, never one taken and not yet given back), close() lets all go."""
     import data.gpu_pipeline as g
     from data import build_loader
 
