@@ -108,14 +108,17 @@ def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: 
 
 
 def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: int, pin: bool = True,
-                  decode_batches: int = 1, decode: str = 'device', segments: str = 'default') -> dict:
+                  decode_batches: int = 1, decode: str = 'device', segments: str = 'default',
+                  engines: str = 'on') -> dict:
     """segments: 'lock' (the workers' pooled segments page-locked where they lie), 'copy' (each batch
     copied into pinned memory) or 'default' (locked where nvJPEG decodes): data/gpu_pipeline.py's
-    LOCK_SEGMENTS."""
+    LOCK_SEGMENTS. engines: 'on' (nvJPEG's engines called directly, data/nvjpeg.py) or 'off'
+    (torchvision's decode_jpeg): its HARDWARE_DECODE."""
     import data.gpu_pipeline as g
     from data import build_loader
     from data.build import queued_batches
     g.LOCK_SEGMENTS = {'lock': True, 'copy': False, 'default': 'nvjpeg'}[segments]
+    g.HARDWARE_DECODE = engines == 'on'
     cfg = _config(root, pipeline, workers, evaluate=(split == 'val'), pin=pin, decode_batches=decode_batches,
                   decode=decode)
     _, _, train, val, _ = build_loader(cfg)
@@ -128,7 +131,8 @@ def pipeline_rate(root: str, pipeline: str, split: str, workers: int, batches: i
     batches = min(batches, len(loader) - 1)
     row = {'part': 'pipeline', 'pipeline': pipeline, 'split': split, 'workers': workers, 'pin_memory': pin,
            'decode_batches': decode_batches, 'decode': decode if pipeline == 'gpu' else 'workers',
-           'segments': segments if pipeline == 'gpu' and pin else ''}
+           'segments': segments if pipeline == 'gpu' and pin else '',
+           'engines': engines if pipeline == 'gpu' and decode.startswith('device') else ''}
     if batches <= start + 10:
         print(f'{split}: {len(loader)} batches, too few to time after the first {start}: not timed (more images: '
               f'--images / --val-images)', flush=True)
@@ -454,6 +458,9 @@ def main() -> None:
                    help="the pipelines part's gpu rows (pinned) with the workers' segments page-locked where they "
                         "lie, copied into pinned memory a batch at a time, or as main.py does (locked where "
                         "nvJPEG decodes)")
+    p.add_argument('--engines', nargs='+', default=['on'], choices=['on', 'off'],
+                   help="the pipelines part's nvJPEG rows with its engines called directly (data/nvjpeg.py, "
+                        "main.py's way) or through torchvision's decode_jpeg")
     p.add_argument('--decode-batches', nargs='+', type=int, default=[1],
                    help="the pipelines part's EXTRA.DECODE_BATCHES values (gpu pipeline, pinned rows)")
     p.add_argument('--main-prelude', default='',
@@ -473,18 +480,21 @@ def main() -> None:
         runs = []
         for decode in a.decode:     # nvJPEG alone also with each --decode-batches and without pinned memory
             batches_a_call = a.decode_batches if decode.startswith('device') else [1]
-            for seg in a.segments:
-                runs += [('gpu', 'train', a.workers, a.batches, True, n, decode, seg) for n in batches_a_call]
-            runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode, '')] if decode == 'device' else []
-            for seg in a.segments:
-                runs += [('gpu', 'val', a.workers, a.batches, True, n, decode, seg) for n in batches_a_call]
-        runs += [('pil', 'train', 8, 40, True, 1, 'workers', ''),
-                 ('pil', 'train', cores - 1, 50, True, 1, 'workers', ''),
-                 ('pil', 'val', cores - 1, 45, True, 1, 'workers', '')]
-        for pipeline, split, workers, batches, pin, n, decode, seg in runs:
+            for eng in (a.engines if decode.startswith('device') else ['on']):
+                for seg in a.segments:
+                    runs += [('gpu', 'train', a.workers, a.batches, True, n, decode, seg, eng) for n in batches_a_call]
+                if decode == 'device':
+                    runs += [('gpu', 'train', a.workers, a.batches, False, 1, decode, '', eng)]
+                for seg in a.segments:
+                    runs += [('gpu', 'val', a.workers, a.batches, True, n, decode, seg, eng) for n in batches_a_call]
+        runs += [('pil', 'train', 8, 40, True, 1, 'workers', '', 'on'),
+                 ('pil', 'train', cores - 1, 50, True, 1, 'workers', '', 'on'),
+                 ('pil', 'val', cores - 1, 45, True, 1, 'workers', '', 'on')]
+        for pipeline, split, workers, batches, pin, n, decode, seg, eng in runs:
             if pipeline not in a.pipelines or split not in a.splits:
                 continue
-            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode, seg or 'default'))
+            rows.append(pipeline_rate(a.root, pipeline, split, workers, batches, pin, n, decode, seg or 'default',
+                                      eng))
             print(rows[-1], flush=True)
     if 'contention' in a.parts:
         rows += contention(a.root)
@@ -532,7 +542,7 @@ def main() -> None:
     env['cpu_cores'] = cores
     env['folder'] = info
     print(write_results('input_pipeline', rows, ['part', 'pipeline', 'split', 'data', 'step', 'workers',
-                                                 'decode_batches', 'decode', 'segments', 'round', 'prelude',
+                                                 'decode_batches', 'decode', 'segments', 'engines', 'round', 'prelude',
                                                  'pin_memory', 'registered',
                                                  'stream_priority', 'finish_streams', 'img/s', 'input_wait_%',
                                                  'workers_busy_%', 'ms_per_item', 'decode img/s', 'finish img/s',

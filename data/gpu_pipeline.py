@@ -404,6 +404,12 @@ def host_copy(blob: torch.Tensor, pin: bool = True, release: bool = False) -> to
 # their decode is the limit, and each epoch's new workers bring new segments to register), so there the
 # copy stays. An experiment sets it (bench_input.py --segments, or --main-prelude for main.py)
 LOCK_SEGMENTS = 'nvjpeg'
+
+# whether JPEGs for the device go to nvJPEG's hardware engines through data/nvjpeg.py (one call a group,
+# straight into the batch's buffer), else through torchvision's decode_jpeg; where there are no engines
+# (or nvJPEG refuses a call) torchvision's call decodes them anyway. An experiment sets it
+# (bench_input.py --main-prelude)
+HARDWARE_DECODE = True
 _PORTABLE = 1          # CU_MEMHOSTREGISTER_PORTABLE: page-locked for every CUDA context of the process
 
 
@@ -535,6 +541,7 @@ class DeviceTransform:
         # per-op torch path elsewhere (tests turn the kernels on under Triton's CPU interpreter)
         self.colour_kernels = device.type == 'cuda'
         self.normalize_kernel = device.type == 'cuda'      # the same for kernels/normalize_erase.py
+        self._hardware, self.engines_note = None, None     # see _engines
 
     def __call__(self, *raw):
         return self.finish(self.decode(*raw))
@@ -548,8 +555,8 @@ class DeviceTransform:
         """decode() for several raw batches, with one nvJPEG call for all their JPEGs. A call has a
         fixed cost besides its per-image one (one H100, 2026-11-28: 14,298 img/s at 128 files a
         call, 17,822 at 256, i.e. ~3.6 ms a call + ~42 us an image)."""
-        batches, jobs = [], []       # jobs: (images list, position, payload, indices) for nvJPEG
-        for blob, sizes, shapes, kinds, params, labels, indices, seed in raws:
+        batches, pending = [None] * len(raws), []
+        for k, (blob, sizes, shapes, kinds, params, labels, indices, seed) in enumerate(raws):
             params, labels, indices = torch.as_tensor(params), torch.as_tensor(labels), torch.as_tensor(indices)
             kind = kinds.tolist()
             if 0 not in kind:
@@ -557,30 +564,117 @@ class DeviceTransform:
                 # and stays one buffer, which the resize kernels read in place (HWC)
                 offsets = [0] + list(itertools.accumulate(sizes.tolist()))[:-1]
                 hw = [s[:2] for s in shapes.tolist()]
-                batches.append((Packed(blob.to(self.device, non_blocking=True), offsets, hw), kind, params, labels,
-                                indices, seed))
-                continue
+                batches[k] = (Packed(blob.to(self.device, non_blocking=True), offsets, hw), kind, params, labels,
+                              indices, seed)
+            else:
+                pending.append((k, (blob, sizes, shapes, kind, params, labels, indices, seed)))
+        if pending:
+            decoded = self._decode_engines(pending) if HARDWARE_DECODE else None
+            if decoded is None:
+                decoded = self._decode_torchvision(pending)
+            for k, batch in decoded:
+                batches[k] = batch
+        return batches
+
+    def _engines(self):
+        """This transform's HardwareDecoder (data/nvjpeg.py), made on first use; None where there is none
+        (`engines_note` says why)."""
+        if self._hardware is None and self.device.type != 'cuda':
+            self._hardware, self.engines_note = False, 'not a CUDA device'
+        if self._hardware is None:
+            from .nvjpeg import hardware_decoder
+            with torch.cuda.device(self.device):
+                self._hardware, self.engines_note = hardware_decoder()
+            if self._hardware is None:
+                self._hardware = False
+        return self._hardware or None
+
+    def _decode_engines(self, pending: list) -> Optional[list]:
+        """The batches with JPEGs for the device, each as one Packed buffer: the workers' decoded images
+        where the batch's copy put them, and every JPEG the engines take decoded in one nvJPEG call
+        into its place after them; JPEGs they do not take go through torchvision's decode_jpeg and a
+        copy. None where there are no engines or nvJPEG refuses the call (the caller then decodes
+        the batches with torchvision's call)."""
+        engines = self._engines()
+        if engines is None:
+            return None
+        try:
+            return self._decode_engines_or_raise(engines, pending)
+        except RuntimeError:        # a header nvJPEG cannot read, or a call it refuses
+            return None
+
+    def _decode_engines_or_raise(self, engines, pending: list) -> list:
+        from .nvjpeg import aligned
+        stream = torch.cuda.current_stream(self.device)
+        out, sources, lengths, targets, widths, others = [], [], [], [], [], []
+        for k, (blob, sizes, shapes, kind, params, labels, indices, seed) in pending:
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+            base = blob.data_ptr()
+            end = aligned(blob.numel()) if any(kind) else 0       # the workers' pixels, as the batch holds them
+            offsets, hw, jpegs = [], [], []
+            for i, (k_i, start, size) in enumerate(zip(kind, starts, sizes.tolist())):
+                if k_i:
+                    offsets.append(start)
+                    hw.append(shapes[i][:2].tolist())
+                    continue
+                h, w, css = engines.info(base + start, size)
+                offsets.append(end)
+                hw.append([h, w])
+                jpegs.append((i, start, size, css, end, h, w))
+                end = aligned(end + h * w * 3)
+            buf = torch.empty(end, dtype=torch.uint8, device=self.device)
+            if any(kind):
+                buf[:blob.numel()].copy_(blob, non_blocking=True)
+            for i, start, size, css, offset, h, w in jpegs:
+                if engines.supported(base + start, size, css):
+                    sources.append(base + start)
+                    lengths.append(size)
+                    targets.append(buf.data_ptr() + offset)
+                    widths.append(w)
+                else:
+                    others.append((blob[start:start + size], buf, offset, h, w, indices[i]))
+            out.append((k, (Packed(buf, offsets, hw), kind, params, labels, indices, seed)))
+        if sources:
+            engines.decode(np.array(sources, dtype=np.uint64), np.array(lengths, dtype=np.uint64),
+                           np.array(targets, dtype=np.uint64), np.array(widths, dtype=np.uint64), stream.cuda_stream)
+        if others:
+            for (_, buf, offset, h, w, _), img in zip(others, self._jpegs([o[0] for o in others],
+                                                                           [o[5] for o in others])):
+                buf[offset:offset + h * w * 3].view(h, w, 3).copy_(img.permute(1, 2, 0))
+        # nvJPEG reads the JPEGs from the host buffers as its work runs on the stream: they must outlive
+        # it (the batch's pinned memory may be reused, or its worker segment handed back, once we return)
+        stream.synchronize()
+        return out
+
+    def _jpegs(self, payloads: list, indices: list) -> list:
+        """torchvision's nvJPEG call for these JPEGs ([3, H, W] uint8 on the device); where it fails (one
+        bad file fails the whole call) each one on the host, whose error names the file."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return [self._decode_on_host(payload, int(index)) for payload, index in zip(payloads, indices)]
+
+    def _decode_torchvision(self, pending: list) -> list:
+        """The batches with JPEGs for the device, each image a tensor: the workers' decoded pixels as views
+        of the batch's copy, the JPEGs through one torchvision decode_jpeg call."""
+        out, jobs = [], []       # jobs: (images list, position, payload, index) for nvJPEG
+        for k, (blob, sizes, shapes, kind, params, labels, indices, seed) in pending:
             host = torch.split(blob, sizes.tolist())
             # decoded pixels reach the device in one copy of the whole batch (with the compressed bytes of
             # the images nvJPEG takes: small next to pixels), each image an HWC view of it; nvJPEG reads
             # its files from the host
             pixels = torch.split(blob.to(self.device, non_blocking=True), sizes.tolist()) if any(kind) else host
             images = [None] * len(host)
-            for i, k in enumerate(kind):
-                if k == 0:
-                    jobs.append((images, i, host[i], indices))
+            for i, k_i in enumerate(kind):
+                if k_i == 0:
+                    jobs.append((images, i, host[i], indices[i]))
                 else:
                     images[i] = pixels[i].view(shapes[i].tolist()).permute(2, 0, 1)
-            batches.append((images, kind, params, labels, indices, seed))
-        if jobs:
-            from torchvision.io import ImageReadMode, decode_jpeg
-            try:
-                decoded = decode_jpeg([job[2] for job in jobs], mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:      # one bad file fails the whole call: decode these on the host, one by one
-                decoded = [self._decode_on_host(payload, int(indices[i])) for _, i, payload, indices in jobs]
-            for (images, i, _, _), img in zip(jobs, decoded):
-                images[i] = img
-        return batches
+            out.append((k, (images, kind, params, labels, indices, seed)))
+        for (images, i, _, _), img in zip(jobs, self._jpegs([j[2] for j in jobs], [j[3] for j in jobs])):
+            images[i] = img
+        return out
 
     def _decode_on_host(self, payload: torch.Tensor, index: int) -> torch.Tensor:
         try:

@@ -988,6 +988,66 @@ def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data
     assert d.untyped_storage().nbytes() > 5000 and bool((a == 7).all()) and len(_SegmentPool.segments) == 2
 
 
+@pytest.mark.skipif(DEVICE != 'cuda', reason="nvJPEG's hardware engines")
+def test_hardware_decode_gives_torchvisions_pixels(jpeg_data, tmp_path, monkeypatch):
+    """JPEGs for the device go to nvJPEG's engines (data/nvjpeg.py) in one call a group, each batch one
+    Packed buffer: every kind of file the workers send (4:4:4, 4:2:2, 4:2:0 and grey baseline JPEGs at
+    odd sizes; the messy folder's), alone and beside the workers' decoded images, two batches a call,
+    gives torchvision's decode_jpeg pixels (the same engines: at most one level off, on under 1% of
+    the pixels); a kind the engines do not take goes through torchvision's call into its place; where
+    nvJPEG refuses the call, torchvision's call decodes the group."""
+    import data.gpu_pipeline as g
+    from data.gpu_pipeline import collate_raw
+    from data.nvjpeg import hardware_decoder
+    from torchvision import datasets
+    engines, why = hardware_decoder()
+    if engines is None:
+        pytest.skip(f'no hardware JPEG engines here: {why}')
+    engines.close()
+    rng = np.random.default_rng(5)
+    folder = tmp_path / 'kinds' / 'a'
+    folder.mkdir(parents=True)
+    for k, (w, h, sub, grey) in enumerate([(45, 37, 0, False), (333, 501, 1, False), (500, 375, 2, False),
+                                            (257, 129, 2, True), (64, 48, 0, False), (97, 211, 2, False)]):
+        img = photo(rng, w, h)
+        (img.convert('L') if grey else img).save(folder / f'{k}.JPEG', quality=90, subsampling=sub)
+    for root, share in ((str(tmp_path / 'kinds'), 1.0), (os.path.join(jpeg_data, 'val'), 1.0),
+                        (os.path.join(jpeg_data, 'val'), 0.5)):
+        source = datasets.ImageFolder(root)
+        raw = RawImages(source, None, device_share=share)
+        items = [raw[i] for i in range(len(raw))]
+        assert 0 in {it[1] for it in items}
+        half = len(items) // 2
+        raws = [collate_raw(items[:half]), collate_raw(items[half:])]
+        monkeypatch.setattr(g, 'HARDWARE_DECODE', False)
+        want = [img.cpu() for batch in DeviceTransform(raw, torch.device('cuda'), 224, train=False).decode_batches(
+            raws) for img in batch[0]]
+        monkeypatch.setattr(g, 'HARDWARE_DECODE', True)
+        transform = DeviceTransform(raw, torch.device('cuda'), 224, train=False)
+        runs = {'engines': transform.decode_batches(raws)}
+        assert transform.engines_note is None and all(isinstance(b[0], g.Packed) for b in runs['engines'])
+        # every kind the engines took handed to torchvision's call instead, decoded into its place
+        transform._hardware.supported = lambda *a: False
+        runs['declined'] = transform.decode_batches(raws)
+        del transform._hardware.supported
+        monkeypatch.setattr(transform._hardware, 'decode', lambda *a: (_ for _ in ()).throw(RuntimeError('refused')))
+        runs['refused'] = transform.decode_batches(raws)
+        assert not isinstance(runs['refused'][0][0], g.Packed)
+        for name, batches in runs.items():
+            got = [img.cpu() for batch in batches for img in batch[0]]
+            assert len(got) == len(want) == len(items)
+            for (path, _), a, b in zip(source.samples, got, want):
+                assert a.shape == b.shape, (name, path)
+                diff = (a.int() - b.int()).abs()
+                assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (name, path, diff.max())
+        # and the whole val transform (resize, centre crop, normalise) gives the same batch
+        monkeypatch.setattr(g, 'HARDWARE_DECODE', False)
+        ref = DeviceTransform(raw, torch.device('cuda'), 224, train=False)(*raws[0])[0]
+        monkeypatch.setattr(g, 'HARDWARE_DECODE', True)
+        fast = DeviceTransform(raw, torch.device('cuda'), 224, train=False)(*raws[0])[0]
+        assert (fast - ref).abs().max() < 0.05
+
+
 @pytest.mark.skipif(DEVICE != 'cuda', reason='page-locks memory for CUDA copies')
 def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
     """On CUDA the DeviceLoader can page-lock the workers' pooled segments where they lie (_LockedSegments)
