@@ -462,6 +462,11 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
     note = locked.refusal_note() if locked is not None else None
     if note and epoch == config.TRAIN.START_EPOCH:
         logger.info(note)
+    transform = getattr(data_loader, 'transform', None)
+    why = getattr(transform, 'engines_note', None)        # set where nvJPEG decodes and its engines are absent
+    if why and epoch == config.TRAIN.START_EPOCH:
+        logger.info(f"nvJPEG's hardware engines are not used here ({why}): torchvision's decode_jpeg decodes "
+                    f"the JPEGs for the GPU, more slowly")
     return loss_meter.avg
 
 

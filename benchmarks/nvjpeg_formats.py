@@ -30,19 +30,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_input import _GpuLoad, _encode  # noqa: E402
+from data.nvjpeg import library  # noqa: E402
 
 FORMATS = {'unchanged': 0, 'yuv': 1, 'y': 2, 'rgb': 3, 'rgbi': 5}
 BACKEND_HARDWARE = 3
-
-
-def library() -> ctypes.CDLL:
-    import torchvision.io.image  # noqa: F401  (its extension links the libnvjpeg it uses)
-    with open('/proc/self/maps') as f:
-        for line in f:
-            path = line.split()[-1]
-            if 'libnvjpeg' in os.path.basename(path):
-                return ctypes.CDLL(path)
-    return ctypes.CDLL('libnvjpeg.so')
 
 
 class Decoder:
