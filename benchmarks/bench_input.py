@@ -104,6 +104,7 @@ def _config(root: str, pipeline: str, workers: int, batch: int = 128, evaluate: 
     return get_config(argparse.Namespace(cfg=TINY, data_path=root, data_pipeline=pipeline, eval=evaluate,
                                          opts=['DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(batch),
                                                'DATA.PIN_MEMORY', str(pin), 'EXTRA.DECODE_BATCHES',
+                                               str(decode_batches), 'EXTRA.VAL_DECODE_BATCHES',
                                                str(decode_batches)] + decode_opts(decode)))
 
 

@@ -953,7 +953,8 @@ def build_gpu_loader(dataset, config, device: torch.device, train: bool, sampler
         pin_memory=False, drop_last=train, collate_fn=collate_raw, persistent_workers=False,
         prefetch_factor=WORKER_PREFETCH if config.DATA.NUM_WORKERS else None)
     transform = DeviceTransform(raw, device, config.DATA.IMG_SIZE, train, config.TEST.CROP)
-    return raw, DeviceLoader(loader, transform, decode_batches=config.EXTRA.DECODE_BATCHES,
+    batches_a_call = config.EXTRA.DECODE_BATCHES if train else config.EXTRA.VAL_DECODE_BATCHES
+    return raw, DeviceLoader(loader, transform, decode_batches=batches_a_call,
                              pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda')
 
 

@@ -747,7 +747,8 @@ def test_host_jpeg_decode_is_pils_on_every_kind_of_file(jpeg_data, monkeypatch):
 
 
 def test_decoding_batches_together_changes_nothing(jpeg_data):
-    """EXTRA.DECODE_BATCHES: raw batches decoded in one call give the images each gives alone (the
+    """EXTRA.DECODE_BATCHES / VAL_DECODE_BATCHES (1 / 4 by default): raw batches decoded in one call give
+    the images each gives alone (the
     messy val folder: nvJPEG's files and host-decoded ones in one call, a short last batch); on CUDA
     the loaders with 2 and 3 batches a call (a short last group), and with the augment stage on two
     streams in turn, yield the batches they yield with 1."""
@@ -767,13 +768,18 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
         assert a[1] == b[1] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
         assert len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
     assert {k for r in raws for k in r[3].tolist()} == ({0, 1} if DEVICE == 'cuda' else {1})
+    # the defaults: one batch a call in training, EXTRA.VAL_DECODE_BATCHES (4) in validation
+    _, _, train, val, _ = build_loader(_config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', data_path=jpeg_data))
+    assert (train.decode_batches, val.decode_batches) == (1, 4)
     if DEVICE != 'cuda':
         return
     runs = {}
     for n in (1, 2, 3, 'two augment streams'):
-        cfg = _config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', 'EXTRA.DECODE_BATCHES',
-                      '1' if isinstance(n, str) else str(n), 'EXTRA.JPEG_DECODE', 'device', data_path=jpeg_data)
+        k = '1' if isinstance(n, str) else str(n)
+        cfg = _config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', 'EXTRA.DECODE_BATCHES', k,
+                      'EXTRA.VAL_DECODE_BATCHES', k, 'EXTRA.JPEG_DECODE', 'device', data_path=jpeg_data)
         _, _, train, val, _ = build_loader(cfg)
+        assert train.decode_batches == val.decode_batches == int(k)
         if n == 'two augment streams':
             train.finish_streams = val.finish_streams = 2
         train.sampler.set_epoch(0)
@@ -788,6 +794,8 @@ def test_decoding_batches_together_changes_nothing(jpeg_data):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ConfigError, match='DECODE_BATCHES'):
         _config('EXTRA.DECODE_BATCHES', '0')
+    with pytest.raises(ConfigError, match='VAL_DECODE_BATCHES'):
+        _config('EXTRA.VAL_DECODE_BATCHES', '0')
 
 
 # ----------------------------------------------------------------------------- main.py
@@ -1007,7 +1015,7 @@ def test_hardware_decode_gives_torchvisions_pixels(jpeg_data, tmp_path, monkeypa
     rng = np.random.default_rng(5)
     folder = tmp_path / 'kinds' / 'a'
     folder.mkdir(parents=True)
-    for k, (w, h, sub, grey) in enumerate([(45, 37, 0, False), (333, 501, 1, False), (500, 375, 2, False),
+    for k, (w, h, sub, grey) in enumerate([(67, 45, 0, False), (333, 501, 1, False), (500, 375, 2, False),
                                             (257, 129, 2, True), (64, 48, 0, False), (97, 211, 2, False)]):
         img = photo(rng, w, h)
         (img.convert('L') if grey else img).save(folder / f'{k}.JPEG', quality=90, subsampling=sub)
@@ -1195,7 +1203,9 @@ def test_workers_busy_tells_working_workers_from_waiting_ones():
         after = worker_cpu_seconds()
         busy[spin] = workers_busy(before, after, time.time() - t0)
         del it
-    assert busy[True] > 0.5 and busy[False] < 0.2, busy
+    # relative: on a loaded host (the GPU tests spread over 12 processes on 16 cores, one H100 host,
+    # 2026-12-07) the computing worker got 32% of a core and the sleeping one 1.2%
+    assert busy[True] > 0.1 and busy[True] > 10 * busy[False], busy
     assert workers_busy({}, {1: 2.0}, 1.0) is None and workers_busy({1: 1.0}, {1: 1.5}, 0.5) == 1.0
 
 
