@@ -182,7 +182,9 @@ _C.EXTRA.VAL_DECODE_BATCHES = 4
 _C.EXTRA.JPEG_DECODE = 'workers'
 # with EXTRA.JPEG_DECODE 'device': the share of the baseline JPEGs (spread evenly over the indices) sent
 # to nvJPEG; the workers decode the rest as with 'workers', at the same time (the train pipeline alone:
-# 4808 / 6127 / 7896 img/s at 0.3 / 0.5 / 0.7 on the host above; main.py no faster than either alone)
+# 4808 / 6127 / 7896 img/s at 0.3 / 0.5 / 0.7 on the host above; main.py no faster than either alone).
+# With nvJPEG's engines called directly (data/nvjpeg.py), main.py on JPEGs, one H100 host, 14 workers,
+# 2026-12-07: 4874 img/s with the workers alone, 5530 at 0.15, 5269 at 0.25; 5934 on synthetic inputs
 _C.EXTRA.DEVICE_DECODE_SHARE = 1.0
 _C.EXTRA.COMPILE_MODE = ''            # torch.compile mode with --compile: '' (default), 'reduce-overhead'
                                       # (CUDA graphs: fastest with the fused ops), 'max-autotune', ...

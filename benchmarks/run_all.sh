@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -86,6 +86,16 @@ for part in $PARTS; do
              # nvJPEG taking a quarter of the files off the workers (EXTRA.DEVICE_DECODE_SHARE): a host whose
              # workers decode below the step's speed
              $B --main-runs gpu:jpeg:compile:1:device@0.25 --main-prelude "$L" ;;
+    input-engines) # nvJPEG's engines called directly (data/nvjpeg.py) vs torchvision's decode_jpeg: the pipelines
+             # alone (val with 1 / 2 / 4 batches a call, all files or 70% to nvJPEG; train), then main.py on the JPEG
+             # folder (1219-step epochs, 14 workers) with the workers' decode and 15% / 25% of the files to nvJPEG
+             O=$OUT; mkdir -p "$O/val" "$O/train" "$O/main"
+             OUT=$O/val python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --splits val \
+               --decode device device@0.7 --engines on off --decode-batches 1 2 4
+             OUT=$O/train python3 benchmarks/bench_input.py --parts folder pipelines --pipelines gpu --splits train \
+               --decode device --engines on off
+             OUT=$O/main python3 benchmarks/bench_input.py --images 156000 --val-images 256 --workers 14 --parts folder \
+               main --main-runs gpu:jpeg gpu:synthetic gpu:jpeg:compile:1:device@0.15 gpu:jpeg:compile:1:device@0.25 ;;
     nvjpeg)  # nvJPEG's hardware batched decode alone: each output format and 1 / 2 / 4 decoders at once,
              # with the GPU idle and kept busy by GEMMs (benchmarks/nvjpeg_formats.py)
              python3 benchmarks/nvjpeg_formats.py ;;

@@ -238,8 +238,11 @@ def input_bound_hint(config, share: float, busy: Optional[float] = None) -> Opti
         return head + ('--data-pipeline gpu augments on the GPU (upstream\'s recipe, upstream\'s pixels), or give '
                        'DATA.NUM_WORKERS more of the host\'s cores')
     if config.EXTRA.JPEG_DECODE == 'workers':
+        # one H100 host, 16 cores, 14 workers busy 92% (2026-12-07): 4874 img/s on JPEGs, 5530 with 15% of the
+        # files to nvJPEG's engines, 5269 with 25%, against 5934 on synthetic inputs
         return head + (f'more DATA.NUM_WORKERS ({config.DATA.NUM_WORKERS} now) if the host has idle cores, else '
-                       f'EXTRA.JPEG_DECODE device with EXTRA.DEVICE_DECODE_SHARE (a share of the files to nvJPEG)')
+                       f'EXTRA.JPEG_DECODE device with EXTRA.DEVICE_DECODE_SHARE 0.15 (that share of the files to '
+                       f'nvJPEG, the rest still decoded in the workers)')
     return head + (f'EXTRA.DEVICE_DECODE_SHARE below 1 ({config.EXTRA.DEVICE_DECODE_SHARE} now) has the workers '
                    f'decode the rest of the files, with more DATA.NUM_WORKERS ({config.DATA.NUM_WORKERS} now)')
 

@@ -1220,3 +1220,4 @@ def test_input_bound_hint_names_the_knob_for_each_pipeline():
     hint = input_bound_hint(_config('DATA.NUM_WORKERS', '12'), 0.3, busy=0.6)
     assert 'busy only 60%' in hint and 'more of them will not help' in hint
     assert 'DATA.NUM_WORKERS (12 now)' in input_bound_hint(_config('DATA.NUM_WORKERS', '12'), 0.3, busy=0.95)
+    assert 'DEVICE_DECODE_SHARE 0.15' in input_bound_hint(_config('DATA.NUM_WORKERS', '12'), 0.3, busy=0.95)
