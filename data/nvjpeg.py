@@ -45,7 +45,8 @@ def library() -> ctypes.CDLL:
 
 class HardwareDecoder:
     """One nvJPEG handle on the hardware backend, its decode state and a stream parser (for the support
-    test). Not thread-safe: one decoder a decoding thread."""
+    test). Not thread-safe: one decoder a decoding thread. The pipeline keeps one for each transform's life
+    (close() is not called at exit: CUDA may be torn down by then)."""
 
     def __init__(self):
         lib = self.lib = library()
@@ -76,10 +77,11 @@ class HardwareDecoder:
         (nvjpegDecodeBatchedSupported) on the first such file, remembered."""
         known = self._kinds.get(subsampling)
         if known is None:
+            if self.lib.nvjpegJpegStreamParse(self.handle, ctypes.c_void_p(ptr), ctypes.c_size_t(length), 0, 0,
+                                              self.parsed) != 0:
+                return False            # this file, not its kind: the next one of the kind is asked again
             answer = ctypes.c_int(1)
-            ok = self.lib.nvjpegJpegStreamParse(self.handle, ctypes.c_void_p(ptr), ctypes.c_size_t(length), 0, 0,
-                                                self.parsed) == 0 and self.lib.nvjpegDecodeBatchedSupported(
-                self.handle, self.parsed, ctypes.byref(answer)) == 0
+            ok = self.lib.nvjpegDecodeBatchedSupported(self.handle, self.parsed, ctypes.byref(answer)) == 0
             known = self._kinds[subsampling] = ok and answer.value == 0
         return known
 
