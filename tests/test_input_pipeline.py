@@ -996,6 +996,31 @@ def test_worker_batch_is_one_shared_blob_and_host_copy_frees_its_pages(jpeg_data
     assert d.untyped_storage().nbytes() > 5000 and bool((a == 7).all()) and len(_SegmentPool.segments) == 2
 
 
+def test_hardware_decode_declines_with_a_reason_where_there_are_no_engines(jpeg_data):
+    """Without CUDA (or without nvJPEG's library) there are no engines to call: the transform says why and
+    torchvision's call (here on the CPU) decodes the JPEGs sent for the device, the pixels it gives
+    alone."""
+    import torchvision
+    from torchvision import datasets
+    from data.gpu_pipeline import collate_raw
+    from data.nvjpeg import hardware_decoder
+    engines, why = hardware_decoder()
+    if engines is not None:
+        engines.close()
+        pytest.skip('this machine has the engines (the GPU test covers them)')
+    assert isinstance(why, str) and why
+    source = datasets.ImageFolder(os.path.join(jpeg_data, 'val'))
+    raw = RawImages(source, None, device_share=1.0)
+    items = [raw[i] for i in range(8)]
+    assert 0 in {it[1] for it in items}
+    transform = DeviceTransform(raw, torch.device('cpu'), 64, train=False)
+    images = transform.decode(*collate_raw(items))[0]
+    assert transform._engines() is None and transform.engines_note == 'not a CUDA device'
+    for (payload, kind, _, _, _), img in zip(items, images):
+        if kind == 0:
+            assert torch.equal(img, torchvision.io.decode_jpeg(payload, mode=torchvision.io.ImageReadMode.RGB))
+
+
 @pytest.mark.skipif(DEVICE != 'cuda', reason="nvJPEG's hardware engines")
 def test_hardware_decode_gives_torchvisions_pixels(jpeg_data, tmp_path, monkeypatch):
     """JPEGs for the device go to nvJPEG's engines (data/nvjpeg.py) in one call a group, each batch one
