@@ -16,7 +16,8 @@ ships float32 images to the GPU. Here the work is split where each part is cheap
   which match Pillow's ops), on its own CUDA stream, a few batches ahead.
 - EXTRA.JPEG_DECODE 'device': the workers send baseline JPEGs (YCbCr or grey) as compressed bytes and
   the background thread decodes the batch with nvJPEG, on the GPU's hardware JPEG engines (slightly
-  different pixels; slower than 12+ workers next to a training step, see config.py). Files nvJPEG
+  different pixels; slower than 12+ workers next to a training step, see config.py), called directly
+  (data/nvjpeg.py) so that a group of batches is one call writing into each batch's buffer. Files nvJPEG
   does not take (CMYK, progressive, PNG named .JPEG, anything else PIL opens) are decoded in the
   worker with PIL's convert('RGB') either way; a file PIL cannot read is an error naming it. Nothing
   is dropped. EXTRA.DEVICE_DECODE_SHARE below 1 sends only that share of them to nvJPEG; the workers
