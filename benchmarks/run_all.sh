@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -32,6 +32,9 @@ for part in $PARTS; do
                  "--fp8 fc1/fc2 only (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
                  "reference + --fused_adam + compile (CUDA graphs), O2 bf16" \
                  "--fp8 (tensorwise) + reference + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
+    fp8-finetune) # Swin-L fine-tuning from the same weights (a short bf16 pre-training on the 224-px shapes), bf16
+             # seeds 0 and 1 vs --fp8 seed 0: the train loss at about step 200 (benchmarks/fp8_finetune.py; torchao)
+             python3 benchmarks/fp8_finetune.py --out "$OUT/fp8_finetune" ;;
     fp8-profile) # where the FP8 step's time goes: the top kernels with and without --fp8 (compiled, all flags)
              for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
                for f in "" "--fp8 tensorwise"; do

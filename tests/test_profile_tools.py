@@ -71,3 +71,28 @@ def test_gil_profile_summary_of_known_samples():
     assert dict(main['functions'])['f (a.py)'] == 2                 # two frames of f in one stack: counted once
     assert main['lines'][0] == ('step (amp.py:10)', 7)
     assert s['stage']['samples'] == 7 and list(s)[0] == 'MainThread'
+
+
+def test_fp8_finetune_procedure_on_the_cpu(tmp_path):
+    """benchmarks/fp8_finetune.py end to end where float8 is not available (the micro model, no --fp8
+    runs): the shapes JPEGs, a pre-training run, fine-tuning runs started from its last checkpoint, their
+    per-epoch curves and the verdict's seed spread; and the verdict's rule on its own."""
+    import json
+    import subprocess
+    from fp8_finetune import verdict
+    assert verdict({0: 1.00, 1: 1.05}, {0: 1.04})['within'] is True            # inside the seed spread
+    assert verdict({0: 1.00, 1: 1.05}, {0: 1.06})['within'] is False
+    assert verdict({0: 1.00, 1: 1.001}, {0: 1.015})['within'] is True          # 2% floor
+    r = subprocess.run([sys.executable, 'benchmarks/fp8_finetune.py', '--out', str(tmp_path), '--cfg',
+                        'configs/demo/swin_micro_shapes10.yaml', '--flags', 'none', '--runs', 'bf16:0', 'bf16:1',
+                        '--batch', '8', '--train-per-class', '4', '--steps', '8', '--pretrain-epochs', '1',
+                        '--workers', '0'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.load(open(tmp_path / 'fp8_finetune.json'))
+    assert result['steps'] == 10 and result['start'].endswith('pretrain/ckpt_epoch_0.pth')
+    assert sorted(result['final_train_loss']['bf16']) == ['0', '1'] and result['within'] is None
+    assert result['bf16_seed_spread'] == pytest.approx(abs(result['final_train_loss']['bf16']['1']
+                                                           - result['final_train_loss']['bf16']['0']))
+    assert [c['steps'] for c in result['curves'] if c['variant'] == 'bf16:0'] == [5, 10]
+    for name in ('finetune_bf16_seed0.out', 'finetune_bf16_seed1.out'):
+        assert 'for fine-tuning' in open(tmp_path / name).read()      # started from the pre-trained weights
