@@ -458,15 +458,9 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mix
                 f'train_loss {loss_meter.avg:.6f}')
     if hint and epoch == config.TRAIN.START_EPOCH:         # once a run
         logger.info(hint)
-    locked = getattr(data_loader, 'locked', None)          # the gpu pipeline on CUDA (data/gpu_pipeline.py)
-    note = locked.refusal_note() if locked is not None else None
-    if note and epoch == config.TRAIN.START_EPOCH:
-        logger.info(note)
-    transform = getattr(data_loader, 'transform', None)
-    why = getattr(transform, 'engines_note', None)        # set where nvJPEG decodes and its engines are absent
-    if why and epoch == config.TRAIN.START_EPOCH:
-        logger.info(f"nvJPEG's hardware engines are not used here ({why}): torchvision's decode_jpeg decodes "
-                    f"the JPEGs for the GPU, more slowly")
+    if epoch == config.TRAIN.START_EPOCH and hasattr(data_loader, 'notes'):     # the gpu pipeline's DeviceLoader
+        for line in data_loader.notes():
+            logger.info(line)
     return loss_meter.avg
 
 

@@ -580,14 +580,14 @@ class DeviceTransform:
     def _engines(self):
         """This transform's HardwareDecoder (data/nvjpeg.py), made on first use; None where there is none
         (`engines_note` says why)."""
-        if self._hardware is None and self.device.type != 'cuda':
-            self._hardware, self.engines_note = False, 'not a CUDA device'
-        if self._hardware is None:
-            from .nvjpeg import hardware_decoder
-            with torch.cuda.device(self.device):
-                self._hardware, self.engines_note = hardware_decoder()
-            if self._hardware is None:
-                self._hardware = False
+        if self._hardware is None:          # not asked yet (False: asked, none)
+            if self.device.type != 'cuda':
+                decoder, self.engines_note = None, 'not a CUDA device'
+            else:
+                from .nvjpeg import hardware_decoder
+                with torch.cuda.device(self.device):
+                    decoder, self.engines_note = hardware_decoder()
+            self._hardware = decoder or False
         return self._hardware or None
 
     def _decode_engines(self, pending: list) -> Optional[list]:
@@ -636,8 +636,7 @@ class DeviceTransform:
                     others.append((blob[start:start + size], buf, offset, h, w, indices[i]))
             out.append((k, (Packed(buf, offsets, hw), kind, params, labels, indices, seed)))
         if sources:
-            engines.decode(np.array(sources, dtype=np.uint64), np.array(lengths, dtype=np.uint64),
-                           np.array(targets, dtype=np.uint64), np.array(widths, dtype=np.uint64), stream.cuda_stream)
+            engines.decode(sources, lengths, targets, widths, stream.cuda_stream)
         if others:
             for (_, buf, offset, h, w, _), img in zip(others, self._jpegs([o[0] for o in others],
                                                                            [o[5] for o in others])):
@@ -821,6 +820,15 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def notes(self) -> list:
+        """Lines for the log where this loader runs slower than it could, and why: the workers' segments not
+        page-locked, nvJPEG's engines absent (torchvision's call decodes instead)."""
+        lines = [self.locked.refusal_note()] if self.locked is not None else []
+        if self.transform.engines_note is not None and self.transform.device.type == 'cuda':
+            lines.append(f"nvJPEG's hardware engines are not used here ({self.transform.engines_note}): "
+                         f"torchvision's decode_jpeg decodes the JPEGs for the GPU, more slowly")
+        return [line for line in lines if line]
 
     @property
     def queued(self) -> int:

@@ -85,17 +85,16 @@ class HardwareDecoder:
             known = self._kinds[subsampling] = ok and answer.value == 0
         return known
 
-    def decode(self, sources: np.ndarray, lengths: np.ndarray, outputs: np.ndarray, widths: np.ndarray,
-               stream: int) -> None:
+    def decode(self, sources: list, lengths: list, outputs: list, widths: list, stream: int) -> None:
         """Decodes JPEGs (host addresses `sources`, byte `lengths`) as interleaved RGB into device addresses
         `outputs` (rows of 3 * width bytes), work ordered on CUDA `stream`. Raises RuntimeError where
         nvJPEG refuses the call; the caller then decodes the group another way."""
         n = len(sources)
         images = np.zeros((n, 2 * MAX_COMPONENTS), dtype=np.uint64)       # nvjpegImage_t: 4 pointers, 4 pitches
         images[:, 0] = outputs
-        images[:, MAX_COMPONENTS] = 3 * widths
-        data = np.ascontiguousarray(sources, dtype=np.uint64)
-        sizes = np.ascontiguousarray(lengths, dtype=np.uint64)
+        images[:, MAX_COMPONENTS] = 3 * np.asarray(widths, dtype=np.uint64)
+        data = np.asarray(sources, dtype=np.uint64)
+        sizes = np.asarray(lengths, dtype=np.uint64)
         self._check(self.lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, OUTPUT_RGBI),
                     'nvjpegDecodeBatchedInitialize')
         self._check(self.lib.nvjpegDecodeBatched(self.handle, self.state, ctypes.c_void_p(data.ctypes.data),

@@ -1154,11 +1154,14 @@ def test_locked_segments_give_the_copied_batches(jpeg_data, monkeypatch):
     assert not locked.storages and not again.is_pinned() and not grown.is_pinned()
 
 
-def test_locked_segments_decline_with_a_note_where_they_cannot_lock(monkeypatch):
+def test_locked_segments_decline_with_a_note_where_they_cannot_lock(monkeypatch, jpeg_data):
     """Without a CUDA driver (this CPU box) _LockedSegments declines every batch, which then goes by
-    host_copy's path, still its worker's, and its note for main.py's log says why; with one (a GPU
-    machine) it locks and has no note."""
+    host_copy's path, still its worker's, and its note for main.py's log says why (the loader's notes);
+    with one (a GPU machine) it locks and has no note."""
     import data.gpu_pipeline as g
+    from data import build_loader
+    _, _, _, val, _ = build_loader(_config('DATA.BATCH_SIZE', '5', 'DATA.NUM_WORKERS', '0', data_path=jpeg_data))
+    assert val.notes() == []
     monkeypatch.setattr(g._SegmentPool, 'size', 2)
     monkeypatch.setattr(g._SegmentPool, 'segments', [])
     blob = g._SegmentPool.blob(1000)
@@ -1166,6 +1169,8 @@ def test_locked_segments_decline_with_a_note_where_they_cannot_lock(monkeypatch)
     if g._libcuda() is None:
         assert not locked.take(blob) and locked.registered == locked.taken == 0 and g._pooled(blob)
         assert 'libcuda.so.1' in locked.refusal_note() and 'copied into pinned memory' in locked.refusal_note()
+        val.locked = locked
+        assert val.notes() == [locked.refusal_note()]
     else:
         assert locked.take(blob) and locked.refusal_note() is None
         locked.close()
