@@ -222,7 +222,7 @@ def bench_mlp(rows):
         g = torch.randn(M, C, device='cuda', dtype=torch.bfloat16)
         flops = 4 * M * C * H
         for impl, fn in (('unfused (F.linear, F.gelu)', mlp.mlp_ref), ('unfused + torch.compile', compiled),
-                         ('triton fused', mlp.fused_mlp)):
+                         ('--fused_mlp (cuBLAS + our bias gradients)', mlp.fused_mlp)):
             call = (lambda fn=fn: fn(x, w1, b1, w2, b2))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, w1, b1, w2, b2], g))
@@ -233,7 +233,7 @@ def bench_mlp(rows):
 
 
 def bench_dense(rows):
-    """--fused_dense (bias gradient folded into the weight-gradient GEMM) against F.linear."""
+    """--fused_dense (cuBLAS GEMMs, our bias gradient) against F.linear."""
     from kernels import dense
     for name, M, cin, cout in [('qkv, Swin-T stage 1', 128 * 3136, 96, 288), ('proj, Swin-T stage 1', 128 * 3136, 96, 96),
                                ('qkv, Swin-L stage 3', 128 * 196, 768, 2304)]:
@@ -242,7 +242,7 @@ def bench_dense(rows):
         b = torch.zeros(cout, device='cuda', dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(M, cout, device='cuda', dtype=torch.bfloat16)
         flops = 2 * M * cin * cout
-        for impl, fn in (('F.linear', dense.dense_ref), ('triton fused backward', dense.fused_dense)) + _apex('dense'):
+        for impl, fn in (('F.linear', dense.dense_ref), ('--fused_dense', dense.fused_dense)) + _apex('dense'):
             call = (lambda fn=fn: fn(x, w, b))
             f = bench_ms(call)
             fb = bench_ms(_fwd_bwd(call, [x, w, b], g))
@@ -250,6 +250,24 @@ def bench_dense(rows):
             rows.append({'op': 'dense', 'shape': f'{name}: {M}x{cin}->{cout}', 'dtype': 'bfloat16', 'impl': impl,
                          'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3, 'fwd+bwd_graph_us': fbg, 'fwd_TFLOP/s': flops / f / 1e9,
                          'fwd+bwd_TFLOP/s': 3 * flops / fb / 1e9})
+
+
+def bench_bias_grad(rows):
+    """The bias gradients alone (kernels/bias_grad.py) against torch's column sum, and GELU's backward +
+    fc1's bias gradient against torch's two ops, bf16, GPU time (CUDA graph replay) and bandwidth."""
+    from kernels import bias_grad as bg
+    for name, M, N in [('Swin-T stage 1 proj / fc2', 128 * 3136, 96), ('Swin-T stage 1 qkv', 128 * 3136, 288),
+                       ('Swin-T stage 1 fc1', 128 * 3136, 384), ('Swin-T stage 3 fc1', 128 * 196, 1536),
+                       ('Swin-L stage 3 fc1', 128 * 196, 3072), ('Swin-L stage 4 fc2', 128 * 49, 1536)]:
+        dy = torch.randn(M, N, device='cuda', dtype=torch.bfloat16)
+        z = torch.randn(M, N, device='cuda', dtype=torch.bfloat16)
+        for impl, fn, passes in (('torch dy.sum(0)', lambda: bg.bias_grad_ref(dy), 1),
+                                 ('ours', lambda: bg.bias_grad(dy), 1),
+                                 ('torch gelu_backward + sum', lambda: bg.gelu_bias_grad_ref(dy, z), 4),
+                                 ('ours, with dGELU', lambda: bg.bias_grad(dy, z), 3)):
+            us = graph_us(fn)
+            rows.append({'op': 'bias gradient', 'shape': f'{name}: {M}x{N}', 'dtype': 'bfloat16', 'impl': impl,
+                         'fwd_us': us, 'fwd_GB/s': passes * dy.numel() * 2 / us / 1e3 if us else None})
 
 
 def _warm_up_gpu(seconds=2.0):
@@ -267,7 +285,7 @@ def main():
     env = environment()
     rows = []
     parts = sys.argv[1:] or ['window_process', 'window_norm', 'window_attention', 'layer_norm', 'add_layer_norm',
-                             'mlp', 'dense']
+                             'mlp', 'dense', 'bias_grad']
     _warm_up_gpu()
     for part in parts:
         globals()[f'bench_{part}'](rows)

@@ -60,6 +60,7 @@ ALL_ADAM = dict(ALL, **ADAM)
 WP_LN = dict(fused_window_process=True, fused_layernorm=True)
 UNFOLDED = dict(fold=False)   # not a flag: keep the window shuffles out of the LayerNorm kernels
 CG = 'reduce-overhead'      # torch.compile with CUDA graphs
+MAT = 'max-autotune'        # torch.compile with CUDA graphs and inductor's GEMM templates (bias / GELU inside)
 GRAPH = 'graph'             # not torch.compile: the whole eager step captured (--cuda-graph, cuda_graph.py)
 # KERNEL_BACKEND apex (apex's LayerNorm, dense and FusedAdam; ours where apex has no op or not
 # upstream's math). The earlier fork's configuration, as close as current apex allows: every flag,
@@ -97,6 +98,9 @@ TRAIN = [
     ('--unfused_mha + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ATTN, **ADAM), 'O2', 'bfloat16', CG),
     ('reference + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ADAM, 'O2', 'bfloat16', GRAPH),
     ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
+    ('all five flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', dict(ALL5, **ADAM), 'O2',
+     'bfloat16', GRAPH),
+    ('all five flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL5, **ADAM), 'O2', 'bfloat16', CG),
     ('--fp8 (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL_ADAM, fp8='tensorwise'),
      'O2', 'bfloat16', CG),
     ('--fp8 (rowwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL_ADAM, fp8='rowwise'),
@@ -108,6 +112,8 @@ TRAIN = [
     ('--fp8 fc1/fc2 only (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16',
      dict(ALL_ADAM, fp8='tensorwise', fp8_layers=('fc1', 'fc2')), 'O2', 'bfloat16', CG),
     ('reference + --fused_adam + compile (CUDA graphs), O2 bf16', ADAM, 'O2', 'bfloat16', CG),
+    ('all flags + --fused_adam + compile max-autotune, O2 bf16', ALL_ADAM, 'O2', 'bfloat16', MAT),
+    ('reference + --fused_adam + compile max-autotune, O2 bf16', ADAM, 'O2', 'bfloat16', MAT),
     ('--fp8 (tensorwise) + reference + --fused_adam + compile (CUDA graphs), O2 bf16',
      dict(ADAM, fp8='tensorwise'), 'O2', 'bfloat16', CG),
     ('apex: --fused_layernorm --fused_dense --fused_adam, O2 bf16', APEX_OPS, 'O2', 'bfloat16', False),
@@ -156,6 +162,10 @@ INFER = [
     ('all flags O3 bf16', ALL, 'O3', 'bfloat16', False),
     ('reference + compile (CUDA graphs), O3 bf16', {}, 'O3', 'bfloat16', CG),
     ('--unfused_mha + compile (CUDA graphs), O3 bf16', ATTN, 'O3', 'bfloat16', CG),
+    ('all flags + compile (CUDA graphs), O3 bf16', ALL, 'O3', 'bfloat16', CG),
+    ('all flags + compile max-autotune, O3 bf16', ALL, 'O3', 'bfloat16', MAT),
+    ('--unfused_mha + compile max-autotune, O3 bf16', ATTN, 'O3', 'bfloat16', MAT),
+    ('reference + compile max-autotune, O3 bf16', {}, 'O3', 'bfloat16', MAT),
 ]
 
 

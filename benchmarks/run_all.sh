@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -22,6 +22,21 @@ for part in $PARTS; do
                2>&1 | tee "$OUT/pytest_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
     tests2)  python3 -m pytest -q -rf $XDIST --durations=8 tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py \
                tests/test_fp8.py 2>&1 | tee "$OUT/pytest_tests2.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
+    fused-dense) # --fused_dense / --fused_mlp (cuBLAS's GEMMs, our bias gradients and GELU backward): the kernels
+             # alone, then whole steps with and without the two flags: eager, --cuda-graph, compile
+             python3 benchmarks/bench_kernels.py bias_grad mlp dense
+             for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
+               python3 benchmarks/bench_train.py --model $m --skip-infer --exact --only \
+                 "all flags + --fused_adam eager, O2 bf16" "all five flags + --fused_adam eager, O2 bf16" \
+                 "all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16" \
+                 "all five flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16" \
+                 "all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
+                 "all five flags + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
+    infer-autotune) # inference, compiled: CUDA graphs alone vs inductor's max-autotune (its GEMM templates, bias
+             # and GELU inside), our flags and the reference
+             for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
+               python3 benchmarks/bench_train.py --model $m --compiled only --only "O3 bf16" 2>"$OUT/autotune_$m.log"
+             done ;;
     fp8)     # --fp8 (needs torchao: pip install it, or a wheel on PYTHONPATH) beside bf16 under compile: every
              # FP8 layer, the MLP only, and upstream's ops (no custom ops between inductor and the casts);
              # tiny, base or large (both: tiny and large), one model a call

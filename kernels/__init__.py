@@ -130,13 +130,12 @@ class Ops:
 
 def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool = False,
               dense: bool = False, window_attention: bool = False, backend: str = 'auto',
-              fold_window_norm: bool = True, tf32: bool = False, post_norm: bool = False) -> Ops:
+              fold_window_norm: bool = True, post_norm: bool = False) -> Ops:
     """Resolve every requested fused op once; log the choice; fail early and clearly.
 
     fold_window_norm: where --fused_window_process and --fused_layernorm both run on Triton, fold
     the window shuffles into the LayerNorm kernels (the math is the same either way; only the
-    benchmarks turn it off, to measure what the fold buys). tf32: whether our fp32 GEMMs may use
-    TF32, as the reference path's cuBLAS calls may (config EXTRA.TF32; off, as in PyTorch).
+    benchmarks turn it off, to measure what the fold buys).
     post_norm: the model has res-post-norm blocks (Swin V2): resolve the post-norm forms too."""
     on = {'--fused_window_process': window_process, '--unfused_mha': window_attention,
           '--fused_layernorm': layer_norm, '--fused_mlp': mlp, '--fused_dense': dense}
@@ -147,8 +146,6 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
     for op, (b, impl) in found.items():
         if op == 'window_process':
             ops.window_partition, ops.window_merge = impl
-        elif op in ('mlp', 'dense') and b == 'triton':
-            setattr(ops, 'linear' if op == 'dense' else op, functools.partial(impl, tf32=tf32))
         elif op not in ('norm_partition', 'merge_add_norm') + post_ops:
             setattr(ops, 'linear' if op == 'dense' else op, impl)
     # the window-layout LayerNorms run where both of their flags run our kernels (and the

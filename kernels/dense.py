@@ -1,12 +1,11 @@
-"""Linear with the bias in the GEMM epilogue and its gradient folded into the weight-gradient
-pass (--fused_dense): y = x @ W^T + b.
+"""Linear with the bias in the GEMM epilogue and a fast bias gradient (--fused_dense): y = x @ W^T + b.
 
-Forward: F.linear, whose cuBLASLt call already adds the bias in its epilogue (a Triton GEMM
-cannot add anything there). Backward:
-  dx = dy @ W                        cuBLAS
-  dW = dy^T @ x,  db = sum_rows dy   one Triton GEMM (kernels/gemm.py): dy is read once for both,
-                                     where torch reads it a second time for db
-Split-K over the rows keeps the GPU full when W is small; the partials are summed in a fixed order.
+Forward: F.linear, whose cuBLASLt call already adds the bias in its epilogue. Backward:
+  dx = dy @ W,  dW = dy^T @ x        cuBLAS, as torch's
+  db = sum_rows dy                   kernels/bias_grad.py, where torch's column sum runs at about a
+                                     quarter of the card's bandwidth at Swin's tall, narrow shapes
+(Before 2026-12-07 dW and db came from one Triton GEMM reading dy once; at 35-90% of cuBLAS's speed
+it lost more than the shared read saved.) fp32 GEMMs follow torch's TF32 setting, as F.linear's do.
 apex: apex.fused_dense's CUDA kernels where apex is importable (KERNEL_BACKEND apex, and auto: see below).
 """
 from typing import Optional
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from ._utils import apex_available, autocast_inputs, triton_available
 
 if triton_available():
-    from .gemm import gemm
+    from .bias_grad import bias_grad
 
 APEX_MODULE = 'apex.fused_dense'
 
@@ -26,13 +25,9 @@ def dense_ref(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
-def dense_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bias: bool, tf32: bool = False):
+def dense_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bias: bool):
     """-> dx [M, in], dW like weight, db [out] (None without a bias)."""
-    dx = dy2 @ weight
-    if has_bias:
-        dw, db = gemm(dy2.t(), x2, rowsum=True, out_dtype=weight.dtype, tf32=tf32)
-        return dx, dw, db.to(weight.dtype)
-    return dx, gemm(dy2.t(), x2, out_dtype=weight.dtype, tf32=tf32), None
+    return dy2 @ weight, dy2.t() @ x2, bias_grad(dy2) if has_bias else None
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -40,36 +35,36 @@ def dense_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bia
 # the launches in an eager step). Both save the same tensors and run the same `_grads`.
 @torch.library.custom_op('swin::dense_bwd', mutates_args=())
 def _bwd_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
-            has_bias: bool, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = dense_bwd(dy2, x2, weight, has_bias, tf32)
+            has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = dense_bwd(dy2, x2, weight, has_bias)
     return dx, dw, db if db is not None else weight.new_zeros(0)
 
 
 @_bwd_op.register_fake
-def _(dy2, x2, weight, has_bias, tf32):
+def _(dy2, x2, weight, has_bias):
     return torch.empty_like(x2), torch.empty_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 @torch.library.custom_op('swin::dense_fwd', mutates_args=())
-def _fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tf32: bool) -> torch.Tensor:
+def _fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return F.linear(x2, weight, bias)
 
 
 @_fwd_op.register_fake
-def _(x2, weight, bias, tf32):
+def _(x2, weight, bias):
     return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
-def _save(ctx, x2, weight, bias, tf32):
+def _save(ctx, x2, weight, bias):
     ctx.save_for_backward(x2, weight)
-    ctx.has_bias, ctx.tf32 = bias is not None, tf32
+    ctx.has_bias = bias is not None
 
 
 def _grads(ctx, dy2, bwd):
     """The one backward of both paths; `bwd` is the custom op or the launcher it wraps."""
     x2, weight = ctx.saved_tensors
-    dx, dw, db = bwd(dy2.contiguous(), x2, weight, ctx.has_bias, ctx.tf32)
-    return dx, dw, db if ctx.has_bias else None, None
+    dx, dw, db = bwd(dy2.contiguous(), x2, weight, ctx.has_bias)
+    return dx, dw, db if ctx.has_bias else None
 
 
 _fwd_op.register_autograd(lambda ctx, dy2: _grads(ctx, dy2, _bwd_op),
@@ -78,8 +73,8 @@ _fwd_op.register_autograd(lambda ctx, dy2: _grads(ctx, dy2, _bwd_op),
 
 class _Dense(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias, tf32):
-        _save(ctx, x2, weight, bias, tf32)
+    def forward(ctx, x2, weight, bias):
+        _save(ctx, x2, weight, bias)
         return F.linear(x2, weight, bias)
 
     @staticmethod
@@ -87,18 +82,16 @@ class _Dense(torch.autograd.Function):
         return _grads(ctx, dy2, dense_bwd)
 
 
-def fused_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                tf32: bool = False) -> torch.Tensor:
-    """Differentiable F.linear with the fused backward; autocast as F.linear. tf32: whether fp32
-    weight-gradient GEMMs may use TF32 (chosen at model build, with the reference path's setting)."""
+def fused_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Differentiable F.linear with the fused backward; autocast as F.linear."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():
-            y = _fwd_op(x2, weight, bias, tf32)
+            y = _fwd_op(x2, weight, bias)
         else:
-            y = _Dense.apply(x2, weight, bias, tf32)
+            y = _Dense.apply(x2, weight, bias)
     return y.view(*shape[:-1], weight.shape[0])
 
 

@@ -190,7 +190,8 @@ if triton_available():
     def _layer_norm_wgrad_kernel(part_ptr, dw_ptr, db_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """dw, db = the backward's per-program partial sums part [2, P, C] (fp32) summed over P, in a
         fixed order (deterministic), written in the weight's dtype: one launch where torch took four
-        (two column sums, two casts). Program (column block, 0 for dw / 1 for db)."""
+        (two column sums, two casts). Program (column block, 0 for dw / 1 for db); a grid of one
+        in the second dimension sums part [1, P, C] into dw alone (kernels/bias_grad.py)."""
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         which = tl.program_id(1)
@@ -212,12 +213,14 @@ _WGRAD_ROWS, _WGRAD_COLS = 256, 16
 
 
 def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """part [2, P, C] fp32 (the backward's per-program sums for dw and db) -> (dw, db) [C] in `dtype`,
-    summed over P in a fixed order, in one launch."""
-    _, P, C = part.shape
-    dw, db = torch.empty(C, dtype=dtype, device=part.device), torch.empty(C, dtype=dtype, device=part.device)
-    _layer_norm_wgrad_kernel[(cdiv(C, _WGRAD_COLS), 2)](part, dw, db, P, C, BLOCK_P=_WGRAD_ROWS, BLOCK_C=_WGRAD_COLS)
-    return dw, db
+    """part [K, P, C] fp32, K = 2 (the backward's per-program sums for dw and db) or 1 -> K sums [C]
+    in `dtype`, each summed over P in a fixed order, in one launch."""
+    K, P, C = part.shape
+    assert K in (1, 2), part.shape
+    sums = [torch.empty(C, dtype=dtype, device=part.device) for _ in range(K)]
+    _layer_norm_wgrad_kernel[(cdiv(C, _WGRAD_COLS), K)](part, sums[0], sums[-1], P, C, BLOCK_P=_WGRAD_ROWS,
+                                                        BLOCK_C=_WGRAD_COLS)
+    return tuple(sums)
 
 
 @functools.lru_cache(None)

@@ -12,7 +12,7 @@ def build_model(config, is_pretrain: bool = False) -> nn.Module:
         raise NotImplementedError('SimMIM pre-training (is_pretrain=True) is not implemented in this fork')
     flags = dict(fused_window_process=config.FUSED_WINDOW_PROCESS, fused_layernorm=config.FUSED_LAYERNORM,
                  fused_mlp=config.FUSED_MLP, fused_dense=config.FUSED_DENSE, fused_attention=config.UNFUSED_MHA,
-                 kernel_backend=config.KERNEL_BACKEND, tf32=config.EXTRA.TF32)
+                 kernel_backend=config.KERNEL_BACKEND)
     if model_type == 'swin':
         s = config.MODEL.SWIN
         return SwinTransformer(

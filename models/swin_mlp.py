@@ -106,7 +106,7 @@ class SwinMLP(SwinBackbone):
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
                  fused_window_process: bool = False, fused_layernorm: bool = False, fused_mlp: bool = False,
                  fused_dense: bool = False, fused_attention: bool = False, kernel_backend: str = 'auto',
-                 tf32: bool = False, **kwargs):
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f'SwinMLP got unknown keyword arguments: {sorted(kwargs)}')
@@ -114,7 +114,7 @@ class SwinMLP(SwinBackbone):
             raise kernels.KernelUnavailable('--unfused_mha: Swin-MLP has no attention to fuse; turn the flag off '
                                             'for MODEL.TYPE swin_mlp (the other flags apply)')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
-                                     dense=fused_dense, backend=kernel_backend, tf32=tf32)
+                                     dense=fused_dense, backend=kernel_backend)
         self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
                          mlp_ratio, num_classes)
         self.layers = nn.ModuleList([

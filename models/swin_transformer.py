@@ -473,8 +473,7 @@ class SwinTransformer(SwinBackbone):
     Our keyword switches (all off by default) choose fused implementations at build time:
     `fused_window_process`, `fused_layernorm`, `fused_mlp`, `fused_dense`, `fused_attention`
     (the `--unfused_mha` flag), resolved through `kernels` for `kernel_backend`
-    ('auto', 'triton', 'apex' or 'torch'); `tf32` lets our fp32 GEMMs use TF32 (config EXTRA.TF32, as
-    cuBLAS is allowed to for the reference); `fold_window_norm=False` keeps the window shuffles out
+    ('auto', 'triton', 'apex' or 'torch'); `fold_window_norm=False` keeps the window shuffles out
     of the LayerNorm kernels (benchmarks only: same math, one more pass).
     """
 
@@ -486,13 +485,13 @@ class SwinTransformer(SwinBackbone):
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
                  fused_window_process: bool = False, fused_layernorm: bool = False,
                  fused_mlp: bool = False, fused_dense: bool = False, fused_attention: bool = False,
-                 kernel_backend: str = 'auto', tf32: bool = False, fold_window_norm: bool = True, **kwargs):
+                 kernel_backend: str = 'auto', fold_window_norm: bool = True, **kwargs):
         super().__init__()
         if kwargs:      # a misspelled switch (fused_layer_norm=True) must not build a plain model
             raise TypeError(f'SwinTransformer got unknown keyword arguments: {sorted(kwargs)}')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm,
                                      mlp=fused_mlp, dense=fused_dense, window_attention=fused_attention,
-                                     backend=kernel_backend, tf32=tf32, fold_window_norm=fold_window_norm)
+                                     backend=kernel_backend, fold_window_norm=fold_window_norm)
         self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
                          mlp_ratio, num_classes)
         self.layers = nn.ModuleList([

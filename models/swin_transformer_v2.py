@@ -224,13 +224,13 @@ class SwinTransformerV2(SwinBackbone):
                  use_checkpoint: bool = False, pretrained_window_sizes=(0, 0, 0, 0),
                  fused_window_process: bool = False, fused_layernorm: bool = False, fused_mlp: bool = False,
                  fused_dense: bool = False, fused_attention: bool = False, kernel_backend: str = 'auto',
-                 tf32: bool = False, **kwargs):
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f'SwinTransformerV2 got unknown keyword arguments: {sorted(kwargs)}')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
                                      dense=fused_dense, window_attention=fused_attention, backend=kernel_backend,
-                                     tf32=tf32, post_norm=True)
+                                     post_norm=True)
         if dict(self.ops.chosen).get('window_attention', 'torch') != 'torch' and window_size ** 2 > 1024:
             raise kernels.KernelUnavailable(
                 f'--unfused_mha: the fused window attention holds windows of up to 32x32 tokens, this model\'s '

@@ -75,9 +75,9 @@ def test_opcheck_mlp_and_dense():
     x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
     w1, b1 = torch.randn(32, 16, device=DEVICE, requires_grad=True), torch.randn(32, device=DEVICE, requires_grad=True)
     w2, b2 = torch.randn(16, 32, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(mlp._fwd_op, (x, w1, b1, w2, b2, False), test_utils=CHECKS)
-    torch.library.opcheck(dense._fwd_op, (x, w1, b1, False), test_utils=CHECKS)
-    torch.library.opcheck(dense._fwd_op, (x, w1, None, False), test_utils=CHECKS)
+    torch.library.opcheck(mlp._fwd_op, (x, w1, b1, w2, b2), test_utils=CHECKS)
+    torch.library.opcheck(dense._fwd_op, (x, w1, b1), test_utils=CHECKS)
+    torch.library.opcheck(dense._fwd_op, (x, w1, None), test_utils=CHECKS)
 
 
 def _reference_and_fused():
@@ -210,8 +210,8 @@ def test_eager_and_custom_op_paths_give_identical_gradients():
     w1, b1 = torch.randn(32, 16, device=DEVICE), torch.randn(32, device=DEVICE)
     w2, b2 = torch.randn(16, 32, device=DEVICE), torch.randn(16, device=DEVICE)
     for eager_fn, op_fn, args in (
-            (lambda *a: mlp._Mlp.apply(*a, False), lambda *a: mlp._fwd_op(*a, False)[0], (x2, w1, b1, w2, b2)),
-            (lambda *a: dense._Dense.apply(*a, False), lambda *a: dense._fwd_op(*a, False), (x2, w1, b1))):
+            (mlp._Mlp.apply, lambda *a: mlp._fwd_op(*a)[0], (x2, w1, b1, w2, b2)),
+            (dense._Dense.apply, dense._fwd_op, (x2, w1, b1))):
         g.manual_seed(1)
         eager = _grads_of(eager_fn, args, up)
         g.manual_seed(1)

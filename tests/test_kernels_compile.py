@@ -1,4 +1,4 @@
-"""Our Triton kernels (window process, window attention, LayerNorm, the fused-epilogue GEMM, the fused
+"""Our Triton kernels (window process, window attention, LayerNorm, the bias gradients, the fused
 optimizers, the input pipeline's) compiled for a Hopper GPU (sm_90) on any machine.
 
 On the CPU the tests run the kernels under Triton's interpreter, which accepts some code the GPU
@@ -148,24 +148,20 @@ def test_window_attention_compiles_within_shared_memory(window, head_dim):
         ''')
 
 
-def test_gemm_compiles_within_shared_memory():
-    """The fused-epilogue GEMM (--fused_mlp / --fused_dense) in bf16 with each prologue and epilogue,
-    and in IEEE fp32, at Swin-T's fc1 shape (M = 128 * 3136 tokens, K = 96, N = 384) and a long-K
-    weight-gradient shape."""
+def test_bias_grad_compiles():
+    """The bias gradients of --fused_dense / --fused_mlp (with and without GELU's backward) in each
+    dtype at Swin-T's narrowest and Swin-L's widest shapes, with the launcher's tiles."""
     _compile_in_child('''
-        from kernels import gemm as g
-        sig = dict(a_ptr='*bf16', b_ptr='*bf16', out_ptr='*bf16', bias_ptr='*bf16', aux_ptr='*bf16',
-                   rowsum_ptr='*fp32', M=I32, N=I32, K=I32, k_per_split=I32, stride_am=I32, stride_ak=I32,
-                   stride_bk=I32, stride_bn=I32, stride_om=I32, stride_on=I32, stride_split=I32)
-        for M, N, K in ((401408, 384, 96), (96, 384, 401408)):
-            bm, bn, bk, warps, stages = g._blocks(M, N, K)
-            for gelu_a, gelu_b, epilogue, rowsum, ieee, dtype in (
-                    (False, False, 1, False, False, 'bf16'), (True, False, 0, True, False, 'bf16'),
-                    (False, True, 2, False, False, 'bf16'), (False, False, 1, False, True, 'fp32')):
-                typed = {k: ('*' + dtype if v == '*bf16' else v) for k, v in sig.items()}
-                compile_(g._gemm_kernel, typed, dict(GELU_A=gelu_a, GELU_B=gelu_b, EPILOGUE=epilogue, ROWSUM=rowsum,
-                                                     IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
-                         num_warps=warps, num_stages=stages)
+        import torch
+        from kernels import bias_grad as bg
+        for dtype in ('bf16', 'fp16', 'fp32'):
+            sig = dict(dy_ptr='*' + dtype, z_ptr='*' + dtype, dz_ptr='*' + dtype, part_ptr='*fp32', M=I32, N=I32,
+                       rows_per_program=I32)
+            for M, N in ((401408, 96), (25088, 3072)):
+                block_rows, block_n, _, _ = bg._launch(M, N, torch.device('cpu'))
+                for dgelu in (False, True):
+                    compile_(bg._bias_grad_kernel, sig, dict(DGELU=dgelu, BLOCK_ROWS=block_rows, BLOCK_N=block_n),
+                             num_warps=4)
         ''')
 
 

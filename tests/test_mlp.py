@@ -1,13 +1,14 @@
-"""--fused_mlp and --fused_dense (kernels/mlp.py, kernels/dense.py on kernels/gemm.py): forward and
-every gradient against float64 from the same rounded inputs, over dtypes and odd shapes; CPU
-under TRITON_INTERPRET=1 and the GPU. Errors are relative (norm of the difference over the norm
-of the reference): the unfused half-precision ops round z and GELU(z) to the dtype, and so do we."""
+"""--fused_mlp and --fused_dense (kernels/mlp.py, kernels/dense.py, their bias gradients in
+kernels/bias_grad.py): forward and every gradient against float64 from the same rounded inputs,
+over dtypes and odd shapes; CPU under TRITON_INTERPRET=1 and the GPU. Errors are relative (norm of
+the difference over the norm of the reference): the unfused half-precision ops round z, GELU(z)
+and dz to the dtype, and so do we."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
-from kernels import dense, gemm, mlp
+from kernels import bias_grad, dense, mlp
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 MLP_SHAPES = [((37, 20), 80), ((3, 5, 96), 384), ((130, 24), 48), ((1, 16), 64)]
@@ -78,18 +79,36 @@ def test_autocast_matches_f_linear_dtypes():
     assert _rel(got.detach().float(), want.detach().double().cpu()) < TOLERANCE[torch.bfloat16]
 
 
-def test_split_k_weight_gradient_is_deterministic_and_exact_in_fp32():
-    """The weight-gradient GEMM cut into several k slices equals one slice and torch's."""
-    g = torch.Generator().manual_seed(0)
-    dy = torch.randn(300, 40, generator=g).to(DEVICE)
-    x = torch.randn(300, 24, generator=g).to(DEVICE)
-    one, s1 = gemm.gemm(dy.t(), x, rowsum=True, split=1)
-    many, s4 = gemm.gemm(dy.t(), x, rowsum=True, split=4)
-    torch.testing.assert_close(many, dy.t() @ x, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(s4, dy.sum(0), rtol=1e-5, atol=1e-4)
-    again, _ = gemm.gemm(dy.t(), x, rowsum=True, split=4)
-    assert torch.equal(again, many)
+# M x N: one band and a column tail (37 x 20); several bands with a short last one and two column
+# blocks, the second a tail (1000 x 300: blocks of 256 columns x 16 rows); a whole number of
+# everything (64 x 256); no rows (0 x 24)
+BIAS_SHAPES = [(37, 20), (1000, 300), (64, 256), (0, 24)]
+
+
+@pytest.mark.parametrize('dtype', list(TOLERANCE), ids=str)
+@pytest.mark.parametrize('shape', BIAS_SHAPES, ids=str)
+def test_bias_gradients_against_float64(shape, dtype):
+    """db = column sums of dy; with GELU's input z, dz = dy * gelu'(z) rounded to the dtype and its
+    column sums. Relative to float64 from the same rounded inputs; run twice, bit-identical."""
+    g = torch.Generator().manual_seed(shape[0] + shape[1])
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    z = (torch.randn(*shape, generator=g) * 2).to(dtype)
+    want_dz = torch.ops.aten.gelu_backward(dy.double(), z.double())
+    db = bias_grad.bias_grad(dy.to(DEVICE))
+    dz, db1 = bias_grad.bias_grad(dy.to(DEVICE), z.to(DEVICE))
+    assert db.dtype == dz.dtype == db1.dtype == dtype and db.shape == db1.shape == (shape[1],)
+    if shape[0] == 0:
+        assert not db.any() and not db1.any() and dz.shape == shape
+        return
+    tol = TOLERANCE[dtype]
+    assert _rel(db, dy.double().sum(0)) < tol
+    assert _rel(dz, want_dz) < tol
+    # db1 sums the dz this op stored (as torch sums its stored dz), to fp32 rounding of that sum
+    assert _rel(db1, dz.double().cpu().sum(0)) < max(tol, 1e-6)
+    assert _rel(db1, want_dz.sum(0)) < 2 * tol
+    again = bias_grad.bias_grad(dy.to(DEVICE), z.to(DEVICE))
+    assert torch.equal(again[0], dz) and torch.equal(again[1], db1)
+    assert torch.equal(bias_grad.bias_grad(dy.to(DEVICE)), db)
 
 
 def test_mlp_dropout_with_fused_mlp_is_rejected():
@@ -97,38 +116,3 @@ def test_mlp_dropout_with_fused_mlp_is_rejected():
     with pytest.raises(ValueError, match='--fused_mlp needs MLP dropout 0'):
         SwinTransformer(img_size=32, patch_size=2, embed_dim=32, depths=(2,), num_heads=(2,), window_size=4,
                         drop_rate=0.1, fused_mlp=True, kernel_backend='triton')
-
-
-@pytest.mark.skipif(DEVICE != 'cuda', reason='TF32 exists on the GPU only')
-def test_tf32_is_the_callers_choice_not_the_process_flag():
-    """fp32 GEMMs use IEEE products unless tf32=True is passed, whatever torch's global flag says."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 512, generator=g).cuda()
-    b = torch.randn(512, 192, generator=g).cuda()
-    exact = (a.double() @ b.double()).cpu()
-    before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert _rel(gemm.gemm(a, b), exact) < 1e-6
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert _rel(gemm.gemm(a, b, tf32=True), exact) > 1e-5     # TF32 keeps 10 mantissa bits
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def test_tf32_choice_travels_from_config_to_the_kernels():
-    import argparse
-    import os
-    from config import get_config
-    from kernels import build_ops
-    from models import build_model
-    ops = build_ops(mlp=True, dense=True, backend='triton', tf32=True)
-    assert ops.mlp.func is mlp.fused_mlp and ops.mlp.keywords == {'tf32': True}
-    assert ops.linear.func is dense.fused_dense and ops.linear.keywords == {'tf32': True}
-    for tf32 in (False, True):
-        cfg = os.path.join(os.path.dirname(__file__), '..', 'configs/swin/swin_tiny_patch4_window7_224.yaml')
-        config = get_config(argparse.Namespace(cfg=cfg, opts=['MODEL.SWIN.EMBED_DIM', '32', 'MODEL.SWIN.DEPTHS', '[1, 1]',
-                                       'MODEL.SWIN.NUM_HEADS', '[2, 2]', 'FUSED_MLP', 'True', 'FUSED_DENSE', 'True',
-                                       'KERNEL_BACKEND', 'triton', 'EXTRA.TF32', str(tf32)]))
-        model = build_model(config)
-        assert model.ops.mlp.keywords == {'tf32': tf32} and model.ops.linear.keywords == {'tf32': tf32}
