@@ -137,6 +137,7 @@ TRAIN_V2 = [
     ('all flags + --fused_adam eager, O2 bf16', ALL_ADAM, 'O2', 'bfloat16', False),
     ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
     ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', CG),
+    ('all five flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL5, **ADAM), 'O2', 'bfloat16', CG),
 ]
 # Swin-MLP (--model mlptiny): upstream's own module beside ours; --unfused_mha does not apply (no attention)
 MLP_FLAGS = dict(fused_window_process=True, fused_layernorm=True)
@@ -145,6 +146,8 @@ TRAIN_MLP = [
     ('reference eager O1 fp16 (upstream default)', {}, 'O1', 'float16', False),
     ('all flags + --fused_adam eager, O2 bf16', dict(MLP_FLAGS, **ADAM), 'O2', 'bfloat16', False),
     ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(MLP_FLAGS, **ADAM), 'O2', 'bfloat16', CG),
+    ('all four flags + --fused_adam + compile (CUDA graphs), O2 bf16',
+     dict(MLP_FLAGS, fused_mlp=True, fused_dense=True, **ADAM), 'O2', 'bfloat16', CG),
     ('upstream MLP + compile, O1 bf16', 'upstream', 'O1', 'bfloat16', True),
 ]
 INFER_MLP = [
