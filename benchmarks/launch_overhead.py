@@ -43,7 +43,7 @@ def direct_launch_cases() -> list:
     block_rows, block_c, num_warps = ln._tile(C)
     grid = (cdiv(M, block_rows),)
     args = [x, x, x, x, w, b, y, mean, rstd, M, C, 1, 1e-5]
-    meta = dict(HAS_RESIDUAL=False, HAS_SCALE=False, POST=False, WINDOWED=False, H=1, W=1, WS=1, SHIFT=0,
+    meta = dict(HAS_RESIDUAL=False, HAS_SCALE=False, POST=False, WINDOWED=False, H=1, W=1, WS=1, SHIFT=0, WIN_OUT=False,
                 BLOCK_ROWS=block_rows, BLOCK_C=block_c)
     kernel = ln._layer_norm_fwd_kernel
     compiled = kernel[grid](*args, **meta, num_warps=num_warps)

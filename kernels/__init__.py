@@ -23,8 +23,8 @@ import torch
 from . import dense, layer_norm, mlp, window_attention, window_process
 from ._utils import apex_available, triton_available, triton_interpret
 from .dense import dense_ref
-from .layer_norm import (add_layer_norm_ref, layer_norm_partition_ref, layer_norm_ref, merge_add_layer_norm_ref,
-                         merge_post_norm_add_ref)
+from .layer_norm import (add_layer_norm_partition_ref, add_layer_norm_ref, layer_norm_partition_ref, layer_norm_ref,
+                         merge_add_layer_norm_ref, merge_post_norm_add_ref)
 from .window_process import window_merge_ref, window_partition_ref
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ OPS = {
                             apex_note='apex has no residual add + drop-path + LayerNorm op'),
     'norm_partition': Entry(layer_norm.PARTITION_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     'merge_add_norm': Entry(layer_norm.MERGE_ADD_IMPLS, ('--fused_layernorm', '--fused_window_process')),
+    'add_norm_partition': Entry(layer_norm.ADD_PARTITION_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     # Swin V2's post-norm residuals (resolved only for models that ask: build_ops(post_norm=True))
     'post_norm_add': Entry(layer_norm.POST_IMPLS, ('--fused_layernorm',),
                            apex_note='apex has no LayerNorm + drop-path + residual add op'),
@@ -121,6 +122,10 @@ class Ops:
     # kernel each where --fused_layernorm and --fused_window_process both run on Triton
     norm_partition: Callable = layer_norm_partition_ref
     merge_add_norm: Callable = merge_add_layer_norm_ref
+    # the previous block's MLP residual + norm1 + roll + partition: (shortcut, branch, drop-path scale,
+    # w, b, eps, H, W, window, shift) -> (h, windows); V1 blocks defer their MLP residual to it
+    add_norm_partition: Callable = add_layer_norm_partition_ref
+    defer_mlp_residual: bool = False              # True where add_norm_partition is one kernel
     # V2's `shortcut + drop_path(norm(branch))` as one kernel (and with the window merge folded in):
     # None where --fused_layernorm does not run our kernels (the model then runs upstream's ops)
     post_norm_add: Optional[Callable] = None
@@ -146,7 +151,7 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
     for op, (b, impl) in found.items():
         if op == 'window_process':
             ops.window_partition, ops.window_merge = impl
-        elif op not in ('norm_partition', 'merge_add_norm') + post_ops:
+        elif op not in ('norm_partition', 'merge_add_norm', 'add_norm_partition') + post_ops:
             setattr(ops, 'linear' if op == 'dense' else op, impl)
     # the window-layout LayerNorms run where both of their flags run our kernels (and the
     # benchmarks have not turned the fold off); otherwise the two chosen ops are composed
@@ -154,12 +159,15 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
                                     for op in ('window_process', 'layer_norm', 'norm_partition'))
     if fold:
         ops.norm_partition, ops.merge_add_norm = found['norm_partition'][1], found['merge_add_norm'][1]
+        ops.add_norm_partition, ops.defer_mlp_residual = found['add_norm_partition'][1], True
     else:
-        found.pop('norm_partition', None), found.pop('merge_add_norm', None)
+        found.pop('norm_partition', None), found.pop('merge_add_norm', None), found.pop('add_norm_partition', None)
         ops.norm_partition = functools.partial(layer_norm_partition_ref, layer_norm=ops.layer_norm,
                                                window_partition=ops.window_partition)
         ops.merge_add_norm = functools.partial(merge_add_layer_norm_ref, add_layer_norm=ops.add_layer_norm,
                                                window_merge=ops.window_merge)
+        ops.add_norm_partition = functools.partial(add_layer_norm_partition_ref, add_layer_norm=ops.add_layer_norm,
+                                                   window_partition=ops.window_partition)
     # the post-norm forms: ours where --fused_layernorm runs our kernels; the merge folded in where
     # --fused_window_process does too
     if found.get('post_norm_add', ('',))[0] == 'triton' and found.get('layer_norm', ('',))[0] == 'triton':

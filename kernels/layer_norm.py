@@ -72,13 +72,15 @@ if triton_available():
                                M, C, rows_per_sample, eps, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
                                POST: tl.constexpr,
                                WINDOWED: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr,
-                               SHIFT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                               SHIFT: tl.constexpr, WIN_OUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
         """y = LayerNorm(x); with HAS_RESIDUAL, x is the branch and h = res + x * scale[row's sample]
         is written to h_ptr and normalised (pre-norm, V1). With POST, x is the branch and
         h = res + LayerNorm(x) * scale is written to h_ptr, y only giving its dtype (post-norm, V2).
         Rows are tokens of a [B, H, W] map; with WINDOWED the attention side is in window layout
-        (shift SHIFT): y is written there (norm1 + partition), or, with HAS_RESIDUAL or POST, the
-        branch is read from there (merge + residual + norm2; merge + norm1 + residual)."""
+        (shift SHIFT): y is written there (norm1 + partition; with HAS_RESIDUAL and WIN_OUT the MLP's
+        residual + norm1 + partition), or, with HAS_RESIDUAL or POST, the branch is read from there
+        (merge + residual + norm2; merge + norm1 + residual)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < M
@@ -90,7 +92,7 @@ if triton_available():
             win_off = win_rows[:, None] * C + cols[None, :]
         else:
             win_off = off
-        if HAS_RESIDUAL or POST:
+        if (HAS_RESIDUAL or POST) and not WIN_OUT:
             x = tl.load(x_ptr + win_off, mask=ok, other=0.).to(tl.float32)
         else:
             x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
@@ -114,7 +116,7 @@ if triton_available():
                 y = (y * s[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
             h = tl.load(res_ptr + off, mask=ok, other=0.).to(tl.float32) + y
             tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
-        elif HAS_RESIDUAL:
+        elif HAS_RESIDUAL and not WIN_OUT:
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
         else:
             tl.store(y_ptr + win_off, y.to(y_ptr.dtype.element_ty), mask=ok)
@@ -127,12 +129,13 @@ if triton_available():
                                HAS_DRES: tl.constexpr, HAS_DBRANCH: tl.constexpr, HAS_SCALE: tl.constexpr,
                                POST: tl.constexpr,
                                WINDOWED: tl.constexpr, H: tl.constexpr, W: tl.constexpr, WS: tl.constexpr,
-                               SHIFT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                               SHIFT: tl.constexpr, WIN_OUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
         """dx = dLN(dy) (+ dres: the gradient of h from its other use); with HAS_DBRANCH also
         dbranch = dx * scale[row's sample]. With POST (dy is h's gradient in the norm's dtype, x the
         branch): dy * scale feeds dLN and dx is the branch's gradient. WINDOWED as in the forward:
-        dbranch (HAS_DBRANCH) or, with POST, x and dx are in window layout; else dy is read from it
-        (norm1 + partition)."""
+        dbranch (HAS_DBRANCH) or, with POST, x and dx are in window layout; else (and with WIN_OUT)
+        dy is read from it (norm1 + partition)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -156,7 +159,7 @@ if triton_available():
                 x = tl.load(x_ptr + win_off, mask=ok, other=0.).to(tl.float32)
             else:
                 x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
-            if HAS_DBRANCH or POST:
+            if (HAS_DBRANCH or POST) and not WIN_OUT:
                 dy = tl.load(dy_ptr + off, mask=ok, other=0.).to(tl.float32)
             else:
                 dy = tl.load(dy_ptr + win_off, mask=ok, other=0.).to(tl.float32)
@@ -180,7 +183,10 @@ if triton_available():
                 if HAS_SCALE:
                     s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
                     dx = dx * s[:, None]
-                tl.store(dbranch_ptr + win_off, dx.to(dbranch_ptr.dtype.element_ty), mask=ok)
+                if WIN_OUT:
+                    tl.store(dbranch_ptr + off, dx.to(dbranch_ptr.dtype.element_ty), mask=ok)
+                else:
+                    tl.store(dbranch_ptr + win_off, dx.to(dbranch_ptr.dtype.element_ty), mask=ok)
             dw += dy * xhat
             db += dy
         tl.store(dw_part_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=col_ok)
@@ -258,15 +264,16 @@ def _fp32_output(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _geometry(window: Optional[Sequence[int]], M: int) -> dict:
-    """The kernels' window arguments: window = (H, W, window_size, shift) or None."""
+    """The kernels' window arguments: window = (H, W, window_size, shift[, out]) or None; out = 1 (the
+    residual forms only): the branch is in the map's layout and y goes to window layout."""
     if not window:
-        return dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)
-    H, W, ws, shift = (int(v) for v in window)
+        return dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0, WIN_OUT=False)
+    H, W, ws, shift = (int(v) for v in window[:4])
     check_window(H, W, ws, shift)
     check_tokens(M)
     if M % (H * W):
         raise ValueError(f'LayerNorm with window layout: {M} tokens are not a whole number of {H}x{W} maps')
-    return dict(WINDOWED=True, H=H, W=W, WS=ws, SHIFT=shift)
+    return dict(WINDOWED=True, H=H, W=W, WS=ws, SHIFT=shift, WIN_OUT=len(window) > 4 and bool(window[4]))
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -279,14 +286,15 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     output (fp32 with fp32_output, else x's dtype) never written.
     With window = (H, W, window_size, shift), the attention side is in window layout
     [B*nW, ws, ws, C]: y is returned in it (x is the map), or the branch x is read from it (with
-    `residual`, which is the map); mean and rstd follow the map's rows."""
+    `residual`, which is the map); with window = (H, W, window_size, shift, 1) and `residual`, x and
+    the residual are maps and y is returned in window layout. mean and rstd follow the map's rows."""
     check_triton_device(x)
     C = x.shape[-1]
     M = x.numel() // C
     geometry = _geometry(window, M)        # before anything is allocated
     x2 = x.reshape(-1, C).contiguous()
     if residual is not None:
-        if residual.numel() != x.numel() or (not window and residual.shape != x.shape):
+        if residual.numel() != x.numel() or ((not window or _win_out(window)) and residual.shape != x.shape):
             raise ValueError(f'add_layer_norm: shortcut {tuple(residual.shape)} and branch {tuple(x.shape)} differ')
         y_dtype = torch.float32 if fp32_output else x.dtype
         h_dtype = torch.promote_types(residual.dtype, y_dtype if post else x.dtype)
@@ -311,7 +319,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     if post:
         return h.view(residual.shape), mean, rstd
     if residual is not None:
-        return y.view(residual.shape), mean, rstd, h.view(residual.shape)
+        y = y.view(-1, geometry['WS'], geometry['WS'], C) if geometry['WIN_OUT'] else y.view(residual.shape)
+        return y, mean, rstd, h.view(residual.shape)
     if window:
         ws = geometry['WS']
         return y.view(-1, ws, ws, C), mean, rstd
@@ -325,7 +334,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     """-> (dx like x, dweight like weight, dbias like weight). For add_layer_norm (x is h): dres is
     h's gradient from its other use, added in; with `branch_dtype` also -> dbranch = dx * scale
     (the branch's gradient, a 4th result). `window` as in the forward: dy is read from window
-    layout, or (with branch_dtype) dbranch is returned in it. With `post` (post_norm_add's
+    layout, or (with branch_dtype) dbranch is returned in it (in the map's layout, dy read from window
+    layout, where window has a 5th value 1). With `post` (post_norm_add's
     backward): x is the branch, dy h's gradient in the norm's output dtype, `scale` drop-path's; dx
     (the branch's gradient) is returned in x's layout."""
     check_triton_device(x)
@@ -360,7 +370,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     if branch_dtype is None:
         return out
     ws = geometry['WS']
-    return out + (dbranch.view(-1, ws, ws, C) if window else dbranch.view(x.shape),)
+    return out + (dbranch.view(-1, ws, ws, C) if window and not geometry['WIN_OUT'] else dbranch.view(x.shape),)
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -369,6 +379,11 @@ def _windows_shape(window, M: int, C: int) -> tuple:
     """[B*nW, ws, ws, C] for M tokens."""
     ws = window[2]
     return (M // (ws * ws), ws, ws, C)
+
+
+def _win_out(window) -> bool:
+    """A residual form's y (not its branch) in window layout: the MLP's residual + norm1 + partition."""
+    return len(window) > 4 and bool(window[4])
 
 
 # Compiled code calls the custom ops; eager code calls the autograd.Functions (custom-op dispatch
@@ -470,8 +485,9 @@ def _add_fwd_op(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[to
 def _(shortcut, branch, scale, weight, bias, eps, fp32_output, window):
     M = branch.numel() // branch.shape[-1]
     h_dtype = torch.promote_types(shortcut.dtype, branch.dtype)
+    y_shape = _windows_shape(window, M, branch.shape[-1]) if window and _win_out(window) else shortcut.shape
     return (shortcut.new_empty(shortcut.shape, dtype=h_dtype),
-            shortcut.new_empty(shortcut.shape, dtype=torch.float32 if fp32_output else h_dtype),
+            shortcut.new_empty(y_shape, dtype=torch.float32 if fp32_output else h_dtype),
             branch.new_empty((M,), dtype=torch.float32), branch.new_empty((M,), dtype=torch.float32))
 
 
@@ -492,7 +508,7 @@ def _add_bwd_op(dh: Optional[torch.Tensor], dy: torch.Tensor, h: torch.Tensor, w
 @_add_bwd_op.register_fake
 def _(dh, dy, h, weight, mean, rstd, scale, branch_dtype, window):
     M = h.numel() // h.shape[-1]
-    branch_shape = _windows_shape(window, M, h.shape[-1]) if window else h.shape
+    branch_shape = _windows_shape(window, M, h.shape[-1]) if window and not _win_out(window) else h.shape
     return (h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight),
             h.new_empty(branch_shape, dtype=branch_dtype) if branch_dtype is not None else h.new_empty(0))
 
@@ -508,7 +524,7 @@ def _add_grads(ctx, dh, dy, bwd):
     shortcut_dtype, branch_dtype = ctx.dtypes
     # without a scale, a dtype change or a layout change, the branch's gradient IS the shortcut's:
     # one tensor, written once
-    separate = scale is not None or branch_dtype != h.dtype or bool(ctx.window)
+    separate = scale is not None or branch_dtype != h.dtype or (bool(ctx.window) and not _win_out(ctx.window))
     dshortcut, dw, db, dbranch = bwd(dh, dy, h, weight, mean, rstd, scale, branch_dtype if separate else None,
                                      ctx.window)
     return dshortcut.to(shortcut_dtype), dbranch if separate else dshortcut, None, dw, db, None, None, None
@@ -559,6 +575,15 @@ def merge_add_layer_norm(shortcut: torch.Tensor, windows: torch.Tensor, scale: O
     the attention output is read straight from window layout [B*nW, ws, ws, C]; shortcut, h and
     y are [B, H*W, C]. Its backward writes the branch's gradient straight into window layout."""
     return _add_layer_norm(shortcut, windows, scale, weight, bias, eps, [H, W, windows.shape[1], shift_size])
+
+
+def add_layer_norm_partition(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor],
+                             weight: torch.Tensor, bias: torch.Tensor, eps: float, H: int, W: int, window_size: int,
+                             shift_size: int):
+    """Fused `h = shortcut + branch * scale; windows = window_partition(LayerNorm(h), window_size,
+    shift_size)` -> (h [B, H*W, C], windows [B*nW, ws, ws, C]): the previous block's MLP residual
+    with this block's norm1, roll and partition, one pass each way."""
+    return _add_layer_norm(shortcut, branch, scale, weight, bias, eps, [H, W, window_size, shift_size, 1])
 
 
 # ----------------------------------------------------------------------------- post-norm: LayerNorm, then add
@@ -661,6 +686,13 @@ def layer_norm_partition_ref(x, weight, bias, eps, H, W, window_size, shift_size
     return window_partition(y.view(y.shape[0], H, W, y.shape[-1]), window_size, shift_size)
 
 
+def add_layer_norm_partition_ref(shortcut, branch, scale, weight, bias, eps, H, W, window_size, shift_size,
+                                 add_layer_norm=add_layer_norm_ref, window_partition=window_partition_ref):
+    """residual add + norm1, then roll + partition, through the given implementations."""
+    h, y = add_layer_norm(shortcut, branch, scale, weight, bias, eps)
+    return h, window_partition(y.view(y.shape[0], H, W, y.shape[-1]), window_size, shift_size)
+
+
 def merge_add_layer_norm_ref(shortcut, windows, scale, weight, bias, eps, H, W, shift_size,
                              add_layer_norm=add_layer_norm_ref, window_merge=window_merge_ref):
     """merge + reverse roll, then residual add + norm2, through the given implementations."""
@@ -703,6 +735,12 @@ ADD_IMPLS = {
 PARTITION_IMPLS = {
     'torch': layer_norm_partition_ref,
     'triton': layer_norm_partition if triton_available() else None,
+    'apex': None,
+}
+
+ADD_PARTITION_IMPLS = {
+    'torch': add_layer_norm_partition_ref,
+    'triton': add_layer_norm_partition if triton_available() else None,
     'apex': None,
 }
 

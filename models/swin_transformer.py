@@ -186,6 +186,12 @@ def drop_path_scale(x: torch.Tensor, drop_path: nn.Module) -> Optional[torch.Ten
     return scale
 
 
+def add_residual(x: torch.Tensor, pending: tuple) -> torch.Tensor:
+    """x + branch * scale for pending = (branch, scale): `x + drop_path(branch)`, the same ops."""
+    branch, scale = pending
+    return x + (branch * scale if scale is not None else branch)
+
+
 class WindowBlock(nn.Module):
     """What every (shifted-)window block shares: its geometry, under upstream's window-fitting
     rule, and its repr. V1, V2 and Swin-MLP blocks subclass it."""
@@ -235,13 +241,24 @@ class SwinTransformerBlock(WindowBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
+        return add_residual(*self.forward_deferred(x))
+
+    def forward_deferred(self, x: torch.Tensor, pending: Optional[tuple] = None) -> tuple:
+        """forward() with the MLP's residual add left to the next block: -> (h, (branch, scale)), the
+        block's output being h + branch * scale (scale: drop-path's per-sample factor, drawn as timm's
+        DropPath draws it, or None). `pending`, the previous block's (branch, scale), is added here,
+        inside norm1's kernel where --fused_layernorm and --fused_window_process fold."""
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
-        shortcut = x
-        # norm1, roll by -shift, partition: [B, H*W, C] -> [B*nW, w, w, C]
-        windows = self.ops.norm_partition(x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
-                                          H, W, self.window_size, self.shift_size)
+        # [residual add,] norm1, roll by -shift, partition: [B, H*W, C] -> [B*nW, w, w, C]
+        if pending is None:
+            shortcut = x
+            windows = self.ops.norm_partition(x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                              H, W, self.window_size, self.shift_size)
+        else:
+            shortcut, windows = self.ops.add_norm_partition(x, *pending, self.norm1.weight, self.norm1.bias,
+                                                            self.norm1.eps, H, W, self.window_size, self.shift_size)
         windows = windows.view(-1, self.window_size * self.window_size, C)   # B*nW, N, C
         attn_windows = self.attn(windows, mask=self.attn_mask)              # B*nW, N, C
         attn_windows = attn_windows.view(-1, self.window_size, self.window_size, C)
@@ -249,7 +266,8 @@ class SwinTransformerBlock(WindowBlock):
         # One kernel each way under --fused_layernorm with --fused_window_process.
         x, y = self.ops.merge_add_norm(shortcut, attn_windows, drop_path_scale(shortcut, self.drop_path),
                                        self.norm2.weight, self.norm2.bias, self.norm2.eps, H, W, self.shift_size)
-        return x + self.drop_path(self.mlp(y))
+        branch = self.mlp(y)
+        return x, (branch, drop_path_scale(branch, self.drop_path))
 
     def flops(self) -> int:
         H, W = self.input_resolution
@@ -320,11 +338,19 @@ class Stage(nn.Module):
                            if downsample is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # V1 blocks hand their MLP residual to the next block's norm1 kernel where it is one kernel
+        # (--fused_layernorm with --fused_window_process); the stage's last one is added here
+        defer = all(hasattr(b, 'forward_deferred') and b.ops.defer_mlp_residual for b in self.blocks)
+        pending = None
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = checkpoint.checkpoint(blk, x, use_reentrant=False)
+            elif defer:
+                x, pending = blk.forward_deferred(x, pending)
             else:
                 x = blk(x)
+        if pending is not None:
+            x = add_residual(x, pending)
         return self.downsample(x) if self.downsample is not None else x
 
     def extra_repr(self) -> str:

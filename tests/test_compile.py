@@ -65,6 +65,9 @@ def test_opcheck_add_layer_norm():
     windows = torch.randn(3, 2, 2, 40, device=DEVICE, requires_grad=True)   # merge from window layout
     torch.library.opcheck(ln._add_fwd_op, (shortcut, windows, scale, w, b, 1e-5, False, [2, 2, 2, 1]),
                           test_utils=CHECKS)
+    for s in (scale, None):     # the MLP's residual + norm1 + partition: y to window layout
+        torch.library.opcheck(ln._add_fwd_op, (shortcut, branch, s, w, b, 1e-5, False, [2, 2, 2, 1, 1]),
+                              test_utils=CHECKS)
     # Swin V2's post-norm residual, plain and merging from window layout
     torch.library.opcheck(ln._post_fwd_op, (shortcut, branch, scale, w, b, 1e-5, False, []), test_utils=CHECKS)
     torch.library.opcheck(ln._post_fwd_op, (shortcut, windows, None, w, b, 1e-5, False, [2, 2, 2, 1]),
@@ -103,12 +106,13 @@ def test_compiled_backward_with_every_flag_matches_reference():
     """torch.compile (aot_eager on the CPU, inductor on CUDA), fullgraph, with all five flags on the
     Triton kernels: forward and every parameter gradient against the uncompiled reference model.
     This runs each custom op's registered backward under AOT autograd, as --compile does."""
-    from kernels.layer_norm import layer_norm_partition, merge_add_layer_norm
+    from kernels.layer_norm import add_layer_norm_partition, layer_norm_partition, merge_add_layer_norm
     ref, fused = _reference_and_fused()
     assert dict(fused.ops.chosen) == {op: 'triton' for op in ('window_process', 'window_attention', 'layer_norm',
                                                               'add_layer_norm', 'norm_partition', 'merge_add_norm',
-                                                              'mlp', 'dense')}
+                                                              'add_norm_partition', 'mlp', 'dense')}
     assert fused.ops.norm_partition is layer_norm_partition and fused.ops.merge_add_norm is merge_add_layer_norm
+    assert fused.ops.add_norm_partition is add_layer_norm_partition and fused.ops.defer_mlp_residual
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)

@@ -97,22 +97,26 @@ def test_layer_norm_and_window_process_compile():
         from kernels import layer_norm as ln, window_process as wp
         for C in (96, 768):
             rows, block_c, warps = ln._tile(C)
-            geometry = dict(WINDOWED=True, H=56, W=56, WS=7, SHIFT=3)
+            geometry = dict(WINDOWED=True, H=56, W=56, WS=7, SHIFT=3, WIN_OUT=False)
             fwd = dict(x_ptr='*bf16', res_ptr='*fp32', scale_ptr='*bf16', h_ptr='*fp32', w_ptr='*fp32', b_ptr='*fp32',
                        y_ptr='*fp32', mean_ptr='*fp32', rstd_ptr='*fp32', M=I32, C=I32, rows_per_sample=I32, eps=F32)
-            for residual, post, windowed in ((False, False, False), (True, False, True), (True, True, False)):
+            for residual, post, windowed, out in ((False, False, False, False), (True, False, True, False),
+                                                  (True, True, False, False), (True, False, True, True)):
                 compile_(ln._layer_norm_fwd_kernel, fwd, dict(
                     HAS_RESIDUAL=residual and not post, HAS_SCALE=residual, POST=post,
-                    **(geometry if windowed else dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)),
+                    **(dict(geometry, WIN_OUT=out) if windowed else
+                       dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0, WIN_OUT=False)),
                     BLOCK_ROWS=rows, BLOCK_C=block_c), num_warps=warps)
             brows, bwarps, _ = ln._bwd_launch(C)
             bwd = dict(dy_ptr='*fp32', x_ptr='*bf16', w_ptr='*fp32', mean_ptr='*fp32', rstd_ptr='*fp32', dx_ptr='*bf16',
                        dw_part_ptr='*fp32', db_part_ptr='*fp32', dres_ptr='*fp32', scale_ptr='*bf16',
                        dbranch_ptr='*bf16', M=I32, C=I32, rows_per_program=I32, rows_per_sample=I32)
-            for dres, post, windowed in ((False, False, False), (True, False, True), (False, True, False)):
+            for dres, post, windowed, out in ((False, False, False, False), (True, False, True, False),
+                                              (False, True, False, False), (True, False, True, True)):
                 compile_(ln._layer_norm_bwd_kernel, bwd, dict(
                     HAS_DRES=dres, HAS_DBRANCH=dres, HAS_SCALE=dres or post, POST=post,
-                    **(geometry if windowed else dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0)),
+                    **(dict(geometry, WIN_OUT=out) if windowed else
+                       dict(WINDOWED=False, H=1, W=1, WS=1, SHIFT=0, WIN_OUT=False)),
                     BLOCK_ROWS=brows, BLOCK_C=block_c), num_warps=bwarps)
             compile_(ln._layer_norm_wgrad_kernel, dict(part_ptr='*fp32', dw_ptr='*fp32', db_ptr='*fp32', P=I32, C=I32),
                      dict(BLOCK_P=ln._WGRAD_ROWS, BLOCK_C=ln._WGRAD_COLS))

@@ -260,6 +260,56 @@ def test_merge_add_layer_norm_matches_the_unfolded_kernels(case, with_scale):
         _same(a, e)
 
 
+@pytest.mark.parametrize('with_scale', [False, True], ids=['no_drop_path', 'drop_path'])
+@pytest.mark.parametrize('case', WINDOW_CASES, ids=str)
+def test_add_layer_norm_partition_matches_the_unfolded_kernels(case, with_scale):
+    """The previous block's MLP residual + norm1 + roll + partition (h in the map's layout, y in
+    window layout) against add_layer_norm then the reference partition."""
+    from kernels import window_process as wp
+    B, H, W, C, ws, s, dtype = case
+    shortcut, w, b, g = _window_inputs(B, H, W, C, dtype, C + 2)
+    branch = torch.randn(B, H * W, C, generator=g).to(dtype).to(DEVICE)
+    scale = (torch.arange(B) % 2 == 1).to(dtype).div_(0.8).view(B, 1, 1).to(DEVICE) if with_scale else None
+    dh = torch.randn(B, H * W, C, generator=g).to(dtype).to(DEVICE)
+    dy = torch.randn(B * H * W // ws ** 2, ws, ws, C, generator=g).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (shortcut, branch, w, b)]
+    h, y = ln.add_layer_norm(inputs[0], inputs[1], scale, inputs[2], inputs[3])
+    want = (h, wp.window_partition_ref(y.view(B, H, W, C), ws, s))
+    want_grads = _grads(list(want), [dh, dy], inputs)
+    got = ln.add_layer_norm_partition(inputs[0], inputs[1], scale, inputs[2], inputs[3], 1e-5, H, W, ws, s)
+    for a, e in zip(got, want):
+        _same(a, e)
+    for a, e in zip(_grads(list(got), [dh, dy], inputs), want_grads):
+        _same(a, e)
+
+
+def test_stage_defers_the_mlp_residual_to_the_next_norm1():
+    """A V1 stage of three blocks with drop-path, training: with both folding flags each block's MLP
+    residual is added inside the next block's norm1 kernel (the last one's by the stage); output and
+    every gradient as the reference stage's, from the same random draws."""
+    import kernels
+    from models.swin_transformer import BasicLayer
+    torch.manual_seed(0)
+    stages = []
+    for ops in (kernels.Ops(), kernels.build_ops(layer_norm=True, window_process=True, backend='triton')):
+        torch.manual_seed(0)
+        stages.append(BasicLayer(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
+    ref, fused = stages
+    assert fused.blocks[0].ops.defer_mlp_residual and not ref.blocks[0].ops.defer_mlp_residual
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 64, 32, device=DEVICE)
+    outs = []
+    for stage in (ref, fused):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = stage(xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out))
+        outs.append([out, xi.grad] + [p.grad for p in stage.parameters()])
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1:], outs[1][1:]):   # sums over rows in another order: fp32 rounding
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
 def test_window_layout_rejects_bad_geometry_before_allocating():
     x, w, b, _ = _window_inputs(1, 9, 8, 16, torch.float32, 0)
     with pytest.raises(ValueError, match='not a multiple of the window'):
