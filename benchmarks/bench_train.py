@@ -59,6 +59,7 @@ ADAM = dict(optim='fused_adam')            # not a model flag: the optimizer (--
 ALL_ADAM = dict(ALL, **ADAM)
 WP_LN = dict(fused_window_process=True, fused_layernorm=True)
 UNFOLDED = dict(fold=False)   # not a flag: keep the window shuffles out of the LayerNorm kernels
+UNDEFERRED = dict(defer=False)   # not a flag: each block adds its own MLP residual (torch's ops)
 CG = 'reduce-overhead'      # torch.compile with CUDA graphs
 MAT = 'max-autotune'        # torch.compile with CUDA graphs and inductor's GEMM templates (bias / GELU inside)
 GRAPH = 'graph'             # not torch.compile: the whole eager step captured (--cuda-graph, cuda_graph.py)
@@ -101,6 +102,10 @@ TRAIN = [
     ('all five flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', dict(ALL5, **ADAM), 'O2',
      'bfloat16', GRAPH),
     ('all five flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL5, **ADAM), 'O2', 'bfloat16', CG),
+    ('all five flags + --fused_adam + --cuda-graph, MLP residual not deferred, O2 bf16',
+     dict(ALL5, **ADAM, **UNDEFERRED), 'O2', 'bfloat16', GRAPH),
+    ('all five flags + --fused_adam + compile (CUDA graphs), MLP residual not deferred, O2 bf16',
+     dict(ALL5, **ADAM, **UNDEFERRED), 'O2', 'bfloat16', CG),
     ('--fp8 (tensorwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL_ADAM, fp8='tensorwise'),
      'O2', 'bfloat16', CG),
     ('--fp8 (rowwise) + all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL_ADAM, fp8='rowwise'),
@@ -210,9 +215,11 @@ def build(size, flags):
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])
-    model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend', 'fp8', 'fp8_layers')}
+    model_flags = {k: v for k, v in flags.items()
+                   if k not in ('optim', 'fold', 'defer', 'backend', 'fp8', 'fp8_layers')}
     model = SwinTransformer(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'),
                             fold_window_norm=flags.get('fold', True))
+    model.ops.defer_mlp_residual &= flags.get('defer', True)      # one Ops bundle, shared by every block
     if flags.get('fp8'):
         enable_fp8(model, flags['fp8'], layers=flags.get('fp8_layers', FP8_LAYERS))
     return model

@@ -31,7 +31,9 @@ for part in $PARTS; do
                  "all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16" \
                  "all five flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16" \
                  "all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
-                 "all five flags + --fused_adam + compile (CUDA graphs), O2 bf16"; done ;;
+                 "all five flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
+                 "all five flags + --fused_adam + --cuda-graph, MLP residual not deferred, O2 bf16" \
+                 "all five flags + --fused_adam + compile (CUDA graphs), MLP residual not deferred, O2 bf16"; done ;;
     infer-autotune) # inference, compiled: CUDA graphs alone vs inductor's max-autotune (its GEMM templates, bias
              # and GELU inside), our flags and the reference
              for m in $([ "$MODEL" = both ] && echo tiny large || echo "$MODEL"); do
