@@ -103,8 +103,10 @@ def parse_option(argv=None):
     p.add_argument('--fused_adam', action='store_true', help='fused AdamW (= --optim fused_adam)')
     p.add_argument('--fused_window_process', action='store_true', help='fused cyclic shift + window partition')
     p.add_argument('--fused_layernorm', action='store_true', help='fused LayerNorm')
-    p.add_argument('--fused_mlp', action='store_true', help="fc1 + GELU + fc2: GELU's backward and the bias gradients fused around cuBLAS's GEMMs")
-    p.add_argument('--fused_dense', action='store_true', help="Linear: the bias in cuBLAS's epilogue, our bias-gradient kernel")
+    p.add_argument('--fused_mlp', action='store_true',
+                   help="fc1 + GELU + fc2: GELU's backward and the bias gradients fused around cuBLAS's GEMMs")
+    p.add_argument('--fused_dense', action='store_true',
+                   help="Linear: the bias in cuBLAS's epilogue, our bias-gradient kernel")
     p.add_argument('--unfused_mha', '--fused_window_attention', action='store_true', dest='unfused_mha',
                    help='fused window attention: q k^T + bias + mask + softmax + @v in one kernel')
     p.add_argument('--kernel-backend', type=str, choices=list(KERNEL_BACKENDS),
