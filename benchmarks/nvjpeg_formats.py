@@ -10,7 +10,9 @@ synchronises once an image in every format. Concurrent 128-image calls on 2 / 4 
 8,518 img/s under the load against 3,897 for one. In the pipeline, though (a batch split over 4
 decoders, or 4 batches a call over 4), main.py on JPEGs did not get faster (4,450 / 4,628 img/s
 against 4,465 / 4,672 with torchvision's decode, results/input_decode_threads_h200_2026-11-29*.md),
-so the pipeline keeps torchvision's decode_jpeg. The `inputs` rows time torchvision's call beside
+so the pipeline uses one decoder. Since 2026-12-07 the pipeline calls the engines itself
+(data/nvjpeg.py: interleaved RGB straight into the batch's buffer, one call a group of batches);
+this script keeps its own decoder for the formats it compares. The `inputs` rows time torchvision's call beside
 the direct one on JPEGs held as separate pageable tensors, views of a pageable buffer and views of a
 pinned buffer (the pipeline's case), with the GPU idle. GPU only.
 
