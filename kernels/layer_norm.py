@@ -273,7 +273,7 @@ def _geometry(window: Optional[Sequence[int]], M: int) -> dict:
     check_tokens(M)
     if M % (H * W):
         raise ValueError(f'LayerNorm with window layout: {M} tokens are not a whole number of {H}x{W} maps')
-    return dict(WINDOWED=True, H=H, W=W, WS=ws, SHIFT=shift, WIN_OUT=len(window) > 4 and bool(window[4]))
+    return dict(WINDOWED=True, H=H, W=W, WS=ws, SHIFT=shift, WIN_OUT=_win_out(window))
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -294,7 +294,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     geometry = _geometry(window, M)        # before anything is allocated
     x2 = x.reshape(-1, C).contiguous()
     if residual is not None:
-        if residual.numel() != x.numel() or ((not window or _win_out(window)) and residual.shape != x.shape):
+        if residual.numel() != x.numel() or ((not window or geometry['WIN_OUT']) and residual.shape != x.shape):
             raise ValueError(f'add_layer_norm: shortcut {tuple(residual.shape)} and branch {tuple(x.shape)} differ')
         y_dtype = torch.float32 if fp32_output else x.dtype
         h_dtype = torch.promote_types(residual.dtype, y_dtype if post else x.dtype)

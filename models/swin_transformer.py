@@ -339,8 +339,10 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # V1 blocks hand their MLP residual to the next block's norm1 kernel where it is one kernel
-        # (--fused_layernorm with --fused_window_process); the stage's last one is added here
-        defer = all(hasattr(b, 'forward_deferred') and b.ops.defer_mlp_residual for b in self.blocks)
+        # (--fused_layernorm with --fused_window_process); the stage's last one is added here. The
+        # blocks share one Ops bundle (make_block): the first one's decides.
+        first = self.blocks[0]
+        defer = hasattr(first, 'forward_deferred') and first.ops.defer_mlp_residual
         pending = None
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
