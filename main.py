@@ -33,7 +33,7 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import (CheckpointError, all_rng_states, auto_resume_helper, is_dist, load_checkpoint,
                    load_pretrained, rank, read_checkpoint, reduce_tensor, rng_state, save_checkpoint,
-                   set_rng_state, world_size)
+                   set_rng_state, world_size, broadcast_weights, replicas_differ)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -203,6 +203,7 @@ def main(config, logger=None):
     if pretrained_ckpt is not None:
         load_pretrained(config, model, logger, checkpoint=pretrained_ckpt)
         del pretrained_ckpt
+    broadcast_weights(model)       # before the O2 copy: DDP would make only the copy it wraps the same
     if config.FP8:
         fp8 = enable_fp8(model, config.EXTRA.FP8_RECIPE, layers=tuple(config.EXTRA.FP8_LAYERS))
         logger.info(f'--fp8 ({config.EXTRA.FP8_RECIPE}): {len(fp8)} Linear layers in float8 '
@@ -284,12 +285,20 @@ def main(config, logger=None):
         graphed = GraphedTrainStep(model, criterion, optimizer, precision, config.TRAIN.CLIP_GRAD,
                                    accum=config.TRAIN.ACCUMULATION_STEPS)
         logger.info(f'--cuda-graph: the training step is captured after {graphed.warmup} eager steps')
+    differ = replicas_differ(master)
+    if differ:
+        raise RuntimeError(f'the ranks start training from different weights: {differ}. Nothing was trained; '
+                           'this is a bug in how the model is set up for DDP, please report it')
     logger.info('Start training')
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, config.TRAIN.EPOCHS):
         data_loader_train.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
                                      lr_scheduler, precision, master, logger, graphed)
+        differ = replicas_differ(master)
+        if differ:
+            logger.warning(f'the ranks\' weights differ after epoch {epoch}: {differ}. DDP replicas must stay '
+                           'equal; this run is not training one model. Please report it')
         acc1, acc5, loss = validate(config, data_loader_val, model, precision, logger)
         for tag, value in (('train/loss', train_loss), ('train/lr', optimizer.param_groups[0]['lr']),
                            ('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):

@@ -40,6 +40,33 @@ def reduce_tensor(tensor: torch.Tensor, average: bool = True) -> torch.Tensor:
     return rt
 
 
+def broadcast_weights(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers. DDP does this only for the module it wraps,
+    which at O2 is the half-precision copy: the fp32 master weights the optimizer steps would keep each
+    rank's own initialisation (seeded with SEED + rank) and the replicas would part from the first step.
+    So the fp32 model is made the same everywhere before the copies are taken."""
+    if is_dist():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def replicas_differ(model: torch.nn.Module) -> Optional[str]:
+    """None when every rank holds the same weights (DDP replicas must: same averaged gradients, same
+    optimizer), else the first parameter that differs. One float64 sum a tensor, two all-reduces."""
+    if not is_dist():
+        return None
+    named = list(model.named_parameters())
+    sums = torch.stack([p.detach().double().sum() for _, p in named]) if named else torch.zeros(0)
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = ((low != high) & ~(low.isnan() & high.isnan())).nonzero()
+    if differ.numel() == 0:
+        return None
+    i = int(differ[0, 0])
+    return f'{named[i][0]} (sums over the ranks from {low[i].item():.9g} to {high[i].item():.9g})'
+
+
 # ----------------------------------------------------------------------------- RNG state
 def rng_state() -> dict:
     """Every RNG the training loop draws from, in a form torch.load(weights_only=True) accepts."""

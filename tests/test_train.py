@@ -88,12 +88,55 @@ def test_two_process_cpu_ddp(demo_data, tmp_path, launcher):
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29511']
     else:
         cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node', '2', '--master_port', '29512']
-    extra = ['--accumulation-steps', '2'] if launcher != 'torchrun' else []     # no_sync path
+    # the no_sync path; O2: DDP makes the half copy it wraps the same on every rank, the fp32 master
+    # weights must be made so before the copy (main.py refuses to train replicas that start apart)
+    extra = (['--accumulation-steps', '2'] if launcher != 'torchrun' else
+             ['--amp-opt-level', 'O2', '--opts', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bfloat16'])
     out = run_main(['--cfg', DEMO_CFG, '--data-path', demo_data, '--output', str(tmp_path)] + extra +
-                   ['--opts', 'TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0'], launcher=cmd)
+                   ([] if '--opts' in extra else ['--opts']) +
+                   ['TRAIN.EPOCHS', '1', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0'], launcher=cmd)
     # Exact validation over both ranks: every one of the 40 images counted once.
-    assert '40 images)' in out
+    assert '40 images)' in out and 'differ' not in out
     assert (tmp_path / 'swin_micro_shapes10' / 'default' / 'ckpt_epoch_0.pth').exists()
+
+
+def _replicas(rank_, path, results):
+    import torch.distributed as dist
+    sys.path.insert(0, ROOT)
+    from utils import broadcast_weights, replicas_differ
+    dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank_, world_size=2)
+    torch.manual_seed(rank_)                           # each rank its own initialisation, as main.py seeds
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    found = [replicas_differ(model)]
+    broadcast_weights(model)
+    found.append(replicas_differ(model))
+    with torch.no_grad():
+        if rank_ == 1:
+            model[1].bias[2] += 1e-6                   # one element of one tensor, barely
+    found.append(replicas_differ(model))
+    with torch.no_grad():
+        model[1].bias.fill_(float('nan'))              # NaN on both ranks: the same, not a difference
+    found.append(replicas_differ(model))
+    results.put((rank_, found))
+    dist.destroy_process_group()
+
+
+def test_replicas_check_and_broadcast(tmp_path):
+    """utils.broadcast_weights makes two gloo ranks' weights equal; replicas_differ names the first
+    tensor that differs, however little."""
+    ctx = torch.multiprocessing.get_context('spawn')
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_replicas, args=(r, str(tmp_path / 'store'), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    for found in got.values():
+        assert found[0] is not None and found[0].startswith('0.weight')
+        assert found[1] is None
+        assert found[2] is not None and found[2].startswith('1.bias')
+        assert found[3] is None
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path):
