@@ -31,9 +31,9 @@ from logger import Scalars, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (CheckpointError, all_rng_states, auto_resume_helper, is_dist, load_checkpoint,
-                   load_pretrained, rank, read_checkpoint, reduce_tensor, rng_state, save_checkpoint,
-                   set_rng_state, world_size, broadcast_weights, replicas_differ)
+from utils import (CheckpointError, all_rng_states, auto_resume_helper, broadcast_weights, is_dist,
+                   load_checkpoint, load_pretrained, rank, read_checkpoint, reduce_tensor, replicas_differ,
+                   rng_state, save_checkpoint, set_rng_state, world_size)
 
 
 class NonFiniteLossError(RuntimeError):

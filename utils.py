@@ -56,8 +56,8 @@ def replicas_differ(model: torch.nn.Module) -> Optional[str]:
     if not is_dist():
         return None
     named = list(model.named_parameters())
-    sums = torch.stack([p.detach().sum(dtype=torch.float64) for _, p in named]) if named else torch.zeros(0)
-    low, high = sums.clone(), sums.clone()
+    low = torch.stack([p.detach().sum(dtype=torch.float64) for _, p in named])
+    high = low.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     differ = ((low != high) & ~(low.isnan() & high.isnan())).nonzero()
