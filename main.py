@@ -222,15 +222,16 @@ def main(config, logger=None):
     logger.info(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__}"
                 + (f" (backend {optimizer.backend})" if hasattr(optimizer, 'backend') else ''))
     model = model_without_ddp
-    if is_dist():
+    graph_training = config.CUDA_GRAPH and not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if graph_training:
+        check_cuda_graph_config(config, device, optimizer)      # refuse now, not after an epoch
+    if is_dist() and not graph_training:       # --cuda-graph averages the gradients inside its graph
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[config.LOCAL_RANK] if device.type == 'cuda' else None,
             broadcast_buffers=False)
     if config.COMPILE:
         model = torch.compile(model, mode=config.EXTRA.COMPILE_MODE or None)
         logger.info(f"torch.compile, mode {config.EXTRA.COMPILE_MODE or 'default'}")
-    if config.CUDA_GRAPH and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
-        check_cuda_graph_config(config, device, optimizer, is_dist())      # refuse now, not after an epoch
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     # --eval / --throughput read no training split; the schedule is then built only to be resumed into.
@@ -283,7 +284,7 @@ def main(config, logger=None):
     graphed = None
     if config.CUDA_GRAPH:
         graphed = GraphedTrainStep(model, criterion, optimizer, precision, config.TRAIN.CLIP_GRAD,
-                                   accum=config.TRAIN.ACCUMULATION_STEPS)
+                                   accum=config.TRAIN.ACCUMULATION_STEPS, distributed=is_dist())
         logger.info(f'--cuda-graph: the training step is captured after {graphed.warmup} eager steps')
     differ = replicas_differ(master)
     if differ:

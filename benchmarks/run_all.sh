@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -158,6 +158,12 @@ for part in $PARTS; do
              DATA_PATH=/tmp/bench_jpeg EXTRA_OPTS="EXTRA.COMPILE_MODE reduce-overhead SAVE_FREQ 10" \
                bash benchmarks/scaling.sh "$(nvidia-smi -L | wc -l)" --fused_window_process --unfused_mha \
                --fused_layernorm --fused_adam --amp-opt-level O2 --amp-dtype bfloat16 --compile ;;
+    scaling-graph) # DDP scaling with --cuda-graph (the gradients averaged inside the captured step, not
+             # overlapped with the backward) beside --compile (CUDA graphs, DDP's overlapped buckets); synthetic
+             F="--fused_window_process --unfused_mha --fused_layernorm --fused_adam --amp-opt-level O2 --amp-dtype bfloat16"
+             bash benchmarks/scaling.sh "$(nvidia-smi -L | wc -l)" $F --cuda-graph
+             EXTRA_OPTS="EXTRA.COMPILE_MODE reduce-overhead" bash benchmarks/scaling.sh "$(nvidia-smi -L | wc -l)" $F \
+               --compile ;;
     gil-main) # which of main.py's threads hold the GIL (benchmarks/gil_profile.py: py-spy, from a wheel on PATH),
              # synthetic inputs and the JPEG folder
              python3 benchmarks/bench_input.py --images 26000 --val-images 256 --parts folder gil \

@@ -1,14 +1,18 @@
 """--cuda-graph: the captured whole step against the eager step (same losses, gradients' effects and
 weights after N steps, with drop-path, changing learning rates, the fp16 loss scale, O2 master
-weights and a batch-shape change), main.py with it, and its refusals."""
+weights and a batch-shape change), main.py with it (on one GPU and under torchrun on two), the
+gradients' average over ranks (two gloo processes on the CPU; NCCL inside a captured graph on the
+GPU), and its refusals."""
 import argparse
+import copy
 import os
+import sys
 
 import pytest
 import torch
 
 from config import ConfigError, get_config
-from cuda_graph import GraphedTrainStep, check_cuda_graph_config
+from cuda_graph import FlatGradients, GraphedTrainStep, check_cuda_graph_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs/swin/swin_tiny_patch4_window7_224.yaml')
@@ -24,16 +28,15 @@ def test_refusals_name_the_reason():
     p = [torch.nn.Parameter(torch.zeros(3))]
     fused, plain = FusedAdamW(p, backend='torch'), torch.optim.AdamW(p)
     cuda = torch.device('cuda')
-    cases = [(_config(), torch.device('cpu'), fused, False, 'needs a CUDA GPU'),
-             (_config(), cuda, plain, False, '--fused_adam'),
-             (_config(), cuda, fused, True, 'DDP'),
-             (_config('TRAIN.USE_CHECKPOINT', 'True'), cuda, fused, False, 'use-checkpoint'),
-             (_config('COMPILE', 'True'), cuda, fused, False, 'reduce-overhead')]
-    for config, device, opt, dist, match in cases:
+    cases = [(_config(), torch.device('cpu'), fused, 'needs a CUDA GPU'),
+             (_config(), cuda, plain, '--fused_adam'),
+             (_config('TRAIN.USE_CHECKPOINT', 'True'), cuda, fused, 'use-checkpoint'),
+             (_config('COMPILE', 'True'), cuda, fused, 'reduce-overhead')]
+    for config, device, opt, match in cases:
         with pytest.raises(ConfigError, match=match):
-            check_cuda_graph_config(config, device, opt, dist)
-    check_cuda_graph_config(_config(), cuda, fused, False)      # what it accepts
-    check_cuda_graph_config(_config('TRAIN.ACCUMULATION_STEPS', '3'), cuda, fused, False)
+            check_cuda_graph_config(config, device, opt)
+    check_cuda_graph_config(_config(), cuda, fused)      # what it accepts
+    check_cuda_graph_config(_config('TRAIN.ACCUMULATION_STEPS', '3'), cuda, fused)
 
 
 def test_main_refuses_cuda_graph_on_the_cpu(demo_data, tmp_path):
@@ -45,7 +48,7 @@ def test_main_refuses_cuda_graph_on_the_cpu(demo_data, tmp_path):
     assert 'error: --cuda-graph needs a CUDA GPU' in out and 'Traceback' not in out
 
 
-def _run(level, dtype, graphed, batches, flags, accum=1):
+def _run(level, dtype, graphed, batches, flags, accum=1, distributed=False):
     """N training micro-steps of a small Swin from fixed weights, the optimizer stepping every
     `accum` of them as main.py does; -> (losses, grad norms, master weights, the graphed step)."""
     from amp import Precision
@@ -61,7 +64,8 @@ def _run(level, dtype, graphed, batches, flags, accum=1):
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     model.train()
     torch.manual_seed(1)          # the same drop-path draws from here on, in both runs
-    step = GraphedTrainStep(model, criterion, optimizer, precision, 5.0, accum=accum) if graphed else None
+    step = (GraphedTrainStep(model, criterion, optimizer, precision, 5.0, accum=accum, distributed=distributed)
+            if graphed else None)
     losses, norms = [], []
     for i, (x, y) in enumerate(batches):
         first, update = i % accum == 0, (i + 1) % accum == 0
@@ -151,6 +155,91 @@ def test_main_with_cuda_graph_trains_like_eager(demo_data, tmp_path, accum):
     eager = run_main(base + ['--output', str(tmp_path / 'eager')] + opts)
     graphed = run_main(base + ['--output', str(tmp_path / 'graph'), '--cuda-graph'] + opts)
     assert 'captured after' in graphed
+    le, lg = epoch_losses(eager), epoch_losses(graphed)
+    assert set(le) == set(lg) == {0, 1}
+    for e in le:
+        assert abs(float(le[e]) - float(lg[e])) <= 1e-4 * abs(float(le[e])), (le, lg)
+
+
+def _flat_gradients(rank_, path, results):
+    """One gloo rank: a model of fp32 and bf16 layers, two micro-batches of this rank's own inputs
+    accumulated into FlatGradients' views, then averaged; beside it a plain copy's own gradients."""
+    import torch.distributed as dist
+    sys.path.insert(0, ROOT)
+    dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank_, world_size=2)
+    torch.manual_seed(0)                                   # the same weights on both ranks
+    model = torch.nn.ModuleList([torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3)])
+    model[2].to(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    flat = FlatGradients(list(model.parameters()))
+    g = torch.Generator().manual_seed(10 + rank_)          # each rank its own data
+    for _ in range(2):
+        x = torch.randn(6, 5, generator=g)
+        for m in (model, plain):
+            (m[2](m[1](m[0](x)).to(torch.bfloat16)).float() ** 2).sum().backward()
+    is_view = [p.grad.untyped_storage().data_ptr() in [f.untyped_storage().data_ptr() for f in flat.flats]
+               for p in model.parameters()]
+    flat.average()
+    local = [p.grad.float() for p in plain.parameters()]
+    gathered = [[torch.empty_like(t) for _ in range(2)] for t in local]
+    for t, out in zip(local, gathered):
+        dist.all_gather(out, t)
+    results.put((rank_, len(flat.flats), is_view, [p.grad.float() for p in model.parameters()],
+                 [(a + b) / 2 for a, b in gathered], [p.grad.dtype for p in model.parameters()]))
+    dist.destroy_process_group()
+
+
+def test_flat_gradients_average_over_two_ranks(tmp_path):
+    """--cuda-graph under torchrun: each rank's accumulated gradients, one flat buffer a dtype, become
+    the mean of both ranks' (as DDP's), in place, in both dtypes, the same on both ranks."""
+    ctx = torch.multiprocessing.get_context('spawn')
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_flat_gradients, args=(r, str(tmp_path / 'store'), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r[0], r[1:]) for r in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(60)
+    for n_flats, is_view, averaged, expected, dtypes in got.values():
+        assert n_flats == 2 and all(is_view)
+        assert dtypes == [torch.float32] * 4 + [torch.bfloat16] * 2
+        for a, e, d in zip(averaged, expected, dtypes):
+            tol = dict(rtol=1e-6, atol=1e-7) if d == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+            torch.testing.assert_close(a, e, **tol)
+    for a, b in zip(got[0][2], got[1][2]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_graphed_step_with_the_all_reduce_captured(tmp_path):
+    """NCCL's all-reduce of the flat gradients (and of the finite flag) inside the captured step: one
+    rank, so the average is the rank's own gradients and the run must equal the eager one."""
+    import torch.distributed as dist
+    dist.init_process_group('nccl', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1,
+                            device_id=torch.device('cuda', torch.cuda.current_device()))
+    try:
+        flags = dict(fused_window_process=True, fused_attention=True, fused_layernorm=True)
+        batches = _batches(8)
+        eager = _run('O2', 'bfloat16', False, batches, flags, accum=2)
+        graphed = _run('O2', 'bfloat16', True, batches, flags, accum=2, distributed=True)
+        assert graphed[3].captures == 2 and graphed[3].flat is not None
+        _same_run(graphed, eager)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_main_with_cuda_graph_under_torchrun_trains_like_ddp(demo_data, tmp_path):
+    """Two ranks, NCCL: --cuda-graph (gradients averaged inside the graph) against eager DDP over two
+    epochs, with gradient accumulation: the same epoch losses, and replicas that stay equal."""
+    from test_train import DEMO_CFG, FAST, epoch_losses, run_main
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531']
+    base = ['--cfg', DEMO_CFG, '--data-path', demo_data, '--fused_adam', '--fused_layernorm',
+            '--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16', '--accumulation-steps', '2']
+    opts = ['--opts'] + FAST + ['TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '8']     # 5 steps a rank an epoch
+    eager = run_main(base + ['--output', str(tmp_path / 'eager')] + opts, launcher=launcher)
+    graphed = run_main(base + ['--output', str(tmp_path / 'graph'), '--cuda-graph'] + opts, launcher=launcher)
+    assert 'captured after' in graphed and 'weights differ' not in graphed + eager
     le, lg = epoch_losses(eager), epoch_losses(graphed)
     assert set(le) == set(lg) == {0, 1}
     for e in le:
