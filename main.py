@@ -165,6 +165,26 @@ def best_accuracy_in(output_dir: str) -> float:
     return float(read_checkpoint(path, mmap=True).get('max_accuracy', 0.0))
 
 
+def speed_hint(config, device: torch.device) -> Optional[str]:
+    """One line for a training run on a GPU that leaves out part of the fastest configuration measured
+    (README, "What to use"), naming what to add; None when nothing is missing or nothing is trained."""
+    if device.type != 'cuda' or config.EVAL_MODE or config.THROUGHPUT_MODE:
+        return None
+    flags = [('--fused_window_process', config.FUSED_WINDOW_PROCESS),
+             ('--unfused_mha', config.UNFUSED_MHA or config.MODEL.TYPE == 'swin_mlp'),    # no attention there
+             ('--fused_layernorm', config.FUSED_LAYERNORM),
+             ('--fused_adam', config.TRAIN.OPTIMIZER.NAME.lower() in ('fused_adam', 'fused_lamb')),
+             ('--amp-opt-level O2 --amp-dtype bfloat16',
+              amp_opt_level(config) == 'O2' and config.AMP_DTYPE == 'bfloat16')]
+    missing = [flag for flag, on in flags if not on]
+    if not (config.COMPILE or config.CUDA_GRAPH):
+        missing.append('--compile with EXTRA.COMPILE_MODE reduce-overhead, or --cuda-graph --fused_mlp --fused_dense')
+    if not missing:
+        return None
+    return ('speed: this run leaves out ' + '; '.join(missing) + ' (the fastest measured configuration, README.md '
+            '"What to use"; the fused flags change speed, not the math)')
+
+
 def main(config, logger=None):
     device = init_distributed(config)
     if config.FP8:
@@ -193,6 +213,9 @@ def main(config, logger=None):
     if hint:
         logger.info(hint)
 
+    hint = speed_hint(config, device)
+    if hint:
+        logger.info(hint)
     precision = Precision(amp_opt_level(config), config.AMP_DTYPE, device, tf32=config.EXTRA.TF32)
     logger.info(f'Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME} ({precision.describe()})')
     model = build_model(config)

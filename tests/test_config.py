@@ -123,3 +123,28 @@ def test_disable_amp_with_an_amp_level_is_an_error():
     with pytest.raises(ConfigError, match='contradicts'):
         get_config(argparse.Namespace(cfg=TINY, opts=None, disable_amp=True, amp_opt_level='O2'))
     assert get_config(argparse.Namespace(cfg=TINY, opts=None, disable_amp=True, amp_opt_level='O0')).AMP_OPT_LEVEL == 'O0'
+
+
+def test_speed_hint_names_what_the_fastest_configuration_adds():
+    """main.py's one line on a GPU training run: upstream's command line is told every flag of the
+    fastest measured configuration; a run with all of them is told nothing; --eval / --throughput and
+    the CPU get no line; Swin-MLP is not told to fuse an attention it does not have."""
+    import torch
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    best = ['--fused_window_process', '--unfused_mha', '--fused_layernorm', '--fused_adam',
+            '--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16']
+    plain = main.speed_hint(main.parse_option(['--cfg', TINY])[1], cuda)
+    for flag in best[:4] + ['--amp-opt-level O2 --amp-dtype bfloat16', '--compile', '--cuda-graph']:
+        assert flag in plain, (flag, plain)
+    eager = main.speed_hint(main.parse_option(['--cfg', TINY] + best)[1], cuda)
+    assert eager.startswith('speed: this run leaves out --compile') and '--fused_layernorm' not in eager
+    assert main.speed_hint(main.parse_option(['--cfg', TINY] + best + ['--cuda-graph'])[1], cuda) is None
+    assert main.speed_hint(main.parse_option(['--cfg', TINY] + best + ['--compile'])[1], cuda) is None
+    assert main.speed_hint(main.parse_option(['--cfg', TINY] + best[:3] + ['--compile'])[1], cuda) == (
+        'speed: this run leaves out --fused_adam; --amp-opt-level O2 --amp-dtype bfloat16 (the fastest measured '
+        'configuration, README.md "What to use"; the fused flags change speed, not the math)')
+    assert main.speed_hint(main.parse_option(['--cfg', TINY])[1], cpu) is None
+    assert main.speed_hint(main.parse_option(['--cfg', TINY, '--throughput'])[1], cuda) is None
+    mlp_cfg = os.path.join(ROOT, 'configs/swinmlp/swin_mlp_tiny_c24_patch4_window8_256.yaml')
+    mlp = main.speed_hint(main.parse_option(['--cfg', mlp_cfg] + best[:1] + best[2:] + ['--compile'])[1], cuda)
+    assert mlp is None
