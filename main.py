@@ -179,6 +179,8 @@ def speed_hint(config, device: torch.device) -> Optional[str]:
     missing = [flag for flag, on in flags if not on]
     if not (config.COMPILE or config.CUDA_GRAPH):
         missing.append('--compile with EXTRA.COMPILE_MODE reduce-overhead, or --cuda-graph --fused_mlp --fused_dense')
+    elif config.CUDA_GRAPH and config.MODEL.TYPE == 'swin' and not (config.FUSED_MLP and config.FUSED_DENSE):
+        missing.append('--fused_mlp --fused_dense (measured faster with --cuda-graph on Swin V1)')
     if not missing:
         return None
     return ('speed: this run leaves out ' + '; '.join(missing) + ' (the fastest measured configuration, README.md '

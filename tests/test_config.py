@@ -138,7 +138,10 @@ def test_speed_hint_names_what_the_fastest_configuration_adds():
         assert flag in plain, (flag, plain)
     eager = main.speed_hint(main.parse_option(['--cfg', TINY] + best)[1], cuda)
     assert eager.startswith('speed: this run leaves out --compile') and '--fused_layernorm' not in eager
-    assert main.speed_hint(main.parse_option(['--cfg', TINY] + best + ['--cuda-graph'])[1], cuda) is None
+    graph = main.speed_hint(main.parse_option(['--cfg', TINY] + best + ['--cuda-graph'])[1], cuda)
+    assert graph.startswith('speed: this run leaves out --fused_mlp --fused_dense (measured faster with --cuda-graph')
+    assert main.speed_hint(main.parse_option(['--cfg', TINY] + best + ['--cuda-graph', '--fused_mlp',
+                                                                     '--fused_dense'])[1], cuda) is None
     assert main.speed_hint(main.parse_option(['--cfg', TINY] + best + ['--compile'])[1], cuda) is None
     assert main.speed_hint(main.parse_option(['--cfg', TINY] + best[:3] + ['--compile'])[1], cuda) == (
         'speed: this run leaves out --fused_adam; --amp-opt-level O2 --amp-dtype bfloat16 (the fastest measured '
