@@ -184,8 +184,10 @@ def _flat_gradients(rank_, path, results):
     gathered = [[torch.empty_like(t) for _ in range(2)] for t in local]
     for t, out in zip(local, gathered):
         dist.all_gather(out, t)
-    results.put((rank_, len(flat.flats), is_view, [p.grad.float() for p in model.parameters()],
-                 [(a + b) / 2 for a, b in gathered], [p.grad.dtype for p in model.parameters()]))
+    # plain lists through the queue: a tensor would travel as a shared-memory handle that dies with
+    # this process, which may exit before the parent reads it
+    results.put((rank_, len(flat.flats), is_view, [p.grad.float().tolist() for p in model.parameters()],
+                 [((a + b) / 2).tolist() for a, b in gathered], [str(p.grad.dtype) for p in model.parameters()]))
     dist.destroy_process_group()
 
 
@@ -202,12 +204,11 @@ def test_flat_gradients_average_over_two_ranks(tmp_path):
         p.join(60)
     for n_flats, is_view, averaged, expected, dtypes in got.values():
         assert n_flats == 2 and all(is_view)
-        assert dtypes == [torch.float32] * 4 + [torch.bfloat16] * 2
+        assert dtypes == ['torch.float32'] * 4 + ['torch.bfloat16'] * 2
         for a, e, d in zip(averaged, expected, dtypes):
-            tol = dict(rtol=1e-6, atol=1e-7) if d == torch.float32 else dict(rtol=8e-3, atol=1e-5)
-            torch.testing.assert_close(a, e, **tol)
-    for a, b in zip(got[0][2], got[1][2]):
-        assert torch.equal(a, b)
+            tol = dict(rtol=1e-6, atol=1e-7) if d == 'torch.float32' else dict(rtol=8e-3, atol=1e-5)
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(e), **tol)
+    assert got[0][2] == got[1][2]                          # the same gradients on both ranks
 
 
 @needs_cuda
