@@ -136,9 +136,9 @@ class GraphedTrainStep:
         if self.flat is not None:                       # every rank skips, or none does
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.precision.backward(loss / self.accum)                 # as main.py's eager loop
-        if update and self.flat is not None:
-            self.flat.average()
         if update:
+            if self.flat is not None:
+                self.flat.average()
             norm = self.precision.step(self.optimizer, None, self.clip_grad, hparams=self.hparams)
         else:
             norm = torch.zeros((), device=self.device)

@@ -30,7 +30,7 @@ from kernels.optimizers import is_fused
 from logger import Scalars, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
-from optimizer import build_optimizer
+from optimizer import FUSED, build_optimizer
 from utils import (CheckpointError, all_rng_states, auto_resume_helper, broadcast_weights, is_dist,
                    load_checkpoint, load_pretrained, rank, read_checkpoint, reduce_tensor, replicas_differ,
                    rng_state, save_checkpoint, set_rng_state, world_size)
@@ -173,7 +173,7 @@ def speed_hint(config, device: torch.device) -> Optional[str]:
     flags = [('--fused_window_process', config.FUSED_WINDOW_PROCESS),
              ('--unfused_mha', config.UNFUSED_MHA or config.MODEL.TYPE == 'swin_mlp'),    # no attention there
              ('--fused_layernorm', config.FUSED_LAYERNORM),
-             ('--fused_adam', config.TRAIN.OPTIMIZER.NAME.lower() in ('fused_adam', 'fused_lamb')),
+             ('--fused_adam', config.TRAIN.OPTIMIZER.NAME.lower() in FUSED),
              ('--amp-opt-level O2 --amp-dtype bfloat16',
               amp_opt_level(config) == 'O2' and config.AMP_DTYPE == 'bfloat16')]
     missing = [flag for flag, on in flags if not on]
@@ -307,7 +307,7 @@ def main(config, logger=None):
     if resumed_rng is not None:
         set_rng_state(resumed_rng)
     graphed = None
-    if config.CUDA_GRAPH:
+    if graph_training:
         graphed = GraphedTrainStep(model, criterion, optimizer, precision, config.TRAIN.CLIP_GRAD,
                                    accum=config.TRAIN.ACCUMULATION_STEPS, distributed=is_dist())
         logger.info(f'--cuda-graph: the training step is captured after {graphed.warmup} eager steps')

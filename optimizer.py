@@ -23,6 +23,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
             {'params': no_decay, 'weight_decay': 0.}]
 
 
+FUSED = ('fused_adam', 'fused_lamb')      # TRAIN.OPTIMIZER.NAME of our fused optimizers (--fused_adam, --optim)
+
+
 def build_optimizer(config, model: torch.nn.Module) -> optim.Optimizer:
     if config.TRAIN.LAYER_DECAY != 1.0:
         raise NotImplementedError('TRAIN.LAYER_DECAY != 1.0 (SimMIM fine-tuning) is not implemented in this fork')
@@ -35,7 +38,7 @@ def build_optimizer(config, model: torch.nn.Module) -> optim.Optimizer:
     if name == 'adamw':
         return optim.AdamW(groups, eps=c.EPS, betas=tuple(c.BETAS), lr=config.TRAIN.BASE_LR,
                            weight_decay=config.TRAIN.WEIGHT_DECAY)
-    if name in ('fused_adam', 'fused_lamb'):
+    if name in FUSED:
         return build_fused_optimizer(name, groups, config, model)
     raise ValueError(f'TRAIN.OPTIMIZER.NAME {name!r} is not one of adamw, sgd, fused_adam, fused_lamb')
 

@@ -160,11 +160,10 @@ for part in $PARTS; do
                --fused_layernorm --fused_adam --amp-opt-level O2 --amp-dtype bfloat16 --compile ;;
     scaling-graph) # DDP scaling with --cuda-graph (the gradients averaged inside the captured step, not
              # overlapped with the backward) beside --compile (CUDA graphs, DDP's overlapped buckets); synthetic
-             F="--fused_window_process --unfused_mha --fused_layernorm --fused_adam --amp-opt-level O2"
-             N=$(nvidia-smi -L | wc -l)
-             bash benchmarks/scaling.sh "$N" $F --amp-dtype bfloat16 --cuda-graph
-             EXTRA_OPTS="EXTRA.COMPILE_MODE reduce-overhead" bash benchmarks/scaling.sh "$N" $F --amp-dtype bfloat16 \
-               --compile ;;
+             F="--fused_window_process --unfused_mha --fused_layernorm --fused_adam"
+             F="$F --amp-opt-level O2 --amp-dtype bfloat16"; N=$(nvidia-smi -L | wc -l)
+             bash benchmarks/scaling.sh "$N" $F --cuda-graph --fused_mlp --fused_dense
+             EXTRA_OPTS="EXTRA.COMPILE_MODE reduce-overhead" bash benchmarks/scaling.sh "$N" $F --compile ;;
     gil-main) # which of main.py's threads hold the GIL (benchmarks/gil_profile.py: py-spy, from a wheel on PATH),
              # synthetic inputs and the JPEG folder
              python3 benchmarks/bench_input.py --images 26000 --val-images 256 --parts folder gil \

@@ -161,12 +161,10 @@ def test_main_with_cuda_graph_trains_like_eager(demo_data, tmp_path, accum):
         assert abs(float(le[e]) - float(lg[e])) <= 1e-4 * abs(float(le[e])), (le, lg)
 
 
-def _flat_gradients(rank_, path, results):
+def _flat_gradients(rank_):
     """One gloo rank: a model of fp32 and bf16 layers, two micro-batches of this rank's own inputs
     accumulated into FlatGradients' views, then averaged; beside it a plain copy's own gradients."""
     import torch.distributed as dist
-    sys.path.insert(0, ROOT)
-    dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank_, world_size=2)
     torch.manual_seed(0)                                   # the same weights on both ranks
     model = torch.nn.ModuleList([torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3)])
     model[2].to(torch.bfloat16)
@@ -184,24 +182,15 @@ def _flat_gradients(rank_, path, results):
     gathered = [[torch.empty_like(t) for _ in range(2)] for t in local]
     for t, out in zip(local, gathered):
         dist.all_gather(out, t)
-    # plain lists through the queue: a tensor would travel as a shared-memory handle that dies with
-    # this process, which may exit before the parent reads it
-    results.put((rank_, len(flat.flats), is_view, [p.grad.float().tolist() for p in model.parameters()],
-                 [((a + b) / 2).tolist() for a, b in gathered], [str(p.grad.dtype) for p in model.parameters()]))
-    dist.destroy_process_group()
+    return (len(flat.flats), is_view, [p.grad.float().tolist() for p in model.parameters()],
+            [((a + b) / 2).tolist() for a, b in gathered], [str(p.grad.dtype) for p in model.parameters()])
 
 
 def test_flat_gradients_average_over_two_ranks(tmp_path):
     """--cuda-graph under torchrun: each rank's accumulated gradients, one flat buffer a dtype, become
     the mean of both ranks' (as DDP's), in place, in both dtypes, the same on both ranks."""
-    ctx = torch.multiprocessing.get_context('spawn')
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_flat_gradients, args=(r, str(tmp_path / 'store'), results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict((r[0], r[1:]) for r in (results.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(60)
+    from test_train import on_two_gloo_ranks
+    got = on_two_gloo_ranks(_flat_gradients, tmp_path)
     for n_flats, is_view, averaged, expected, dtypes in got.values():
         assert n_flats == 2 and all(is_view)
         assert dtypes == ['torch.float32'] * 4 + ['torch.bfloat16'] * 2

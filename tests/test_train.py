@@ -100,11 +100,31 @@ def test_two_process_cpu_ddp(demo_data, tmp_path, launcher):
     assert (tmp_path / 'swin_micro_shapes10' / 'default' / 'ckpt_epoch_0.pth').exists()
 
 
-def _replicas(rank_, path, results):
+def _gloo_rank(target, rank_, path, results):
     import torch.distributed as dist
     sys.path.insert(0, ROOT)
-    from utils import broadcast_weights, replicas_differ
     dist.init_process_group('gloo', init_method=f'file://{path}', rank=rank_, world_size=2)
+    # plain Python values through the queue: a tensor would travel as a shared-memory handle that
+    # dies with this process, which may exit before the parent reads it
+    results.put((rank_, target(rank_)))
+    dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(target, tmp_path) -> dict:
+    """target(rank) in two spawned processes joined as a gloo group -> {rank: what it returned}."""
+    ctx = torch.multiprocessing.get_context('spawn')
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(target, r, str(tmp_path / 'store'), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    return got
+
+
+def _replicas(rank_):
+    from utils import broadcast_weights, replicas_differ
     torch.manual_seed(rank_)                           # each rank its own initialisation, as main.py seeds
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     found = [replicas_differ(model)]
@@ -117,22 +137,13 @@ def _replicas(rank_, path, results):
     with torch.no_grad():
         model[1].bias.fill_(float('nan'))              # NaN on both ranks: the same, not a difference
     found.append(replicas_differ(model))
-    results.put((rank_, found))
-    dist.destroy_process_group()
+    return found
 
 
 def test_replicas_check_and_broadcast(tmp_path):
     """utils.broadcast_weights makes two gloo ranks' weights equal; replicas_differ names the first
     tensor that differs, however little."""
-    ctx = torch.multiprocessing.get_context('spawn')
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_replicas, args=(r, str(tmp_path / 'store'), results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
-    for found in got.values():
+    for found in on_two_gloo_ranks(_replicas, tmp_path).values():
         assert found[0] is not None and found[0].startswith('0.weight')
         assert found[1] is None
         assert found[2] is not None and found[2].startswith('1.bias')
