@@ -270,6 +270,30 @@ def bench_bias_grad(rows):
                          'fwd_us': us, 'fwd_GB/s': passes * dy.numel() * 2 / us / 1e3 if us else None})
 
 
+def bench_spatial_mlp(rows):
+    """Swin-MLP's window spatial MLP (--fused_window_process on swin_mlp) against upstream's ops (pad,
+    partition, head transpose, grouped Conv1d, merge, crop), eager and compiled, bf16, at Swin-MLP-T/256's
+    stage 1 and 3 (window 8, 4 / 16 heads of 24 channels), shifted; bandwidth: the map read and written once."""
+    from kernels import spatial_mlp as sm
+    compiled = torch.compile(sm.spatial_mlp_ref)
+    for name, B, HW, C, heads in [('Swin-MLP-T stage 1', 128, 64, 96, 4), ('Swin-MLP-T stage 3', 128, 16, 384, 16)]:
+        w, s = 8, 4
+        x = torch.randn(B, HW, HW, C, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        weight = (torch.randn(heads * w * w, w * w, 1, device='cuda') / w).bfloat16().requires_grad_()
+        bias = torch.zeros(heads * w * w, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn_like(x)
+        nbytes = 2 * x.numel() * x.element_size()
+        for impl, fn in (('upstream ops', sm.spatial_mlp_ref), ('upstream ops + torch.compile', compiled),
+                         ('ours', sm.spatial_mlp)):
+            call = (lambda fn=fn: fn(x, weight, bias, heads, w, s))
+            f = bench_ms(call)
+            fb = bench_ms(_fwd_bwd(call, [x, weight, bias], g))
+            fbg = graph_us(_fwd_bwd(call, [x, weight, bias], g))
+            rows.append({'op': 'spatial mlp', 'shape': f'{name}: B{B} {HW}x{HW} C{C}, {heads} heads, shifted',
+                         'dtype': 'bfloat16', 'impl': impl, 'fwd_us': f * 1e3, 'fwd+bwd_us': fb * 1e3,
+                         'fwd+bwd_graph_us': fbg, 'fwd_GB/s': nbytes / f / 1e6, 'fwd+bwd_GB/s': 2 * nbytes / fb / 1e6})
+
+
 def _warm_up_gpu(seconds=2.0):
     """Clocks settle before the first timing (an idle H100 boosts, then throttles)."""
     import time
@@ -285,7 +309,7 @@ def main():
     env = environment()
     rows = []
     parts = sys.argv[1:] or ['window_process', 'window_norm', 'window_attention', 'layer_norm', 'add_layer_norm',
-                             'mlp', 'dense', 'bias_grad']
+                             'mlp', 'dense', 'bias_grad', 'spatial_mlp']
     _warm_up_gpu()
     for part in parts:
         globals()[f'bench_{part}'](rows)

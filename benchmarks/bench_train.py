@@ -151,6 +151,10 @@ TRAIN_MLP = [
     ('reference eager O1 fp16 (upstream default)', {}, 'O1', 'float16', False),
     ('all flags + --fused_adam eager, O2 bf16', dict(MLP_FLAGS, **ADAM), 'O2', 'bfloat16', False),
     ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(MLP_FLAGS, **ADAM), 'O2', 'bfloat16', CG),
+    # the spatial MLP as upstream's ops (what --fused_window_process's kernel replaces), eager and compiled
+    ('--fused_layernorm + --fused_adam eager, O2 bf16', dict(fused_layernorm=True, **ADAM), 'O2', 'bfloat16', False),
+    ('--fused_layernorm + --fused_adam + compile (CUDA graphs), O2 bf16', dict(fused_layernorm=True, **ADAM), 'O2',
+     'bfloat16', CG),
     ('all four flags + --fused_adam + compile (CUDA graphs), O2 bf16',
      dict(MLP_FLAGS, fused_mlp=True, fused_dense=True, **ADAM), 'O2', 'bfloat16', CG),
     ('upstream MLP + compile, O1 bf16', 'upstream', 'O1', 'bfloat16', True),

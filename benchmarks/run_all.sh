@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|spatial-mlp|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -20,8 +20,8 @@ for part in $PARTS; do
                tests/test_layer_norm.py tests/test_fused_model.py tests/test_precision.py \
                tests/test_optimizers.py tests/test_compile.py tests/test_mlp.py tests/test_input_pipeline.py \
                2>&1 | tee "$OUT/pytest_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
-    tests2)  python3 -m pytest -q -rf $XDIST --durations=8 tests/test_swinv2.py tests/test_swin_mlp.py tests/test_cuda_graph.py \
-               tests/test_fp8.py 2>&1 | tee "$OUT/pytest_tests2.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
+    tests2)  python3 -m pytest -q -rf $XDIST --durations=8 tests/test_swinv2.py tests/test_swin_mlp.py tests/test_spatial_mlp.py \
+               tests/test_cuda_graph.py tests/test_fp8.py 2>&1 | tee "$OUT/pytest_tests2.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" | tail -30 ;;
     fused-dense) # --fused_dense / --fused_mlp (cuBLAS's GEMMs, our bias gradients and GELU backward): the kernels
              # alone, then whole steps with and without the two flags: eager, --cuda-graph, compile
              python3 benchmarks/bench_kernels.py bias_grad mlp dense
@@ -63,6 +63,10 @@ for part in $PARTS; do
              # upstream's compile takes minutes)
              for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
                python3 benchmarks/bench_train.py --model $m; done ;;
+    spatial-mlp) # Swin-MLP's fused spatial MLP (--fused_window_process on swin_mlp): the kernel against upstream's
+             # ops eager and compiled, then Swin-MLP-T/256 training with and without it beside upstream's module
+             python3 benchmarks/bench_kernels.py spatial_mlp
+             python3 benchmarks/bench_train.py --model mlptiny --skip-infer ;;
     v2-finetune) # SwinV2-B fine-tuning shapes: window 16 at 256 px (batch 128) and window 24 at 384 px (batch 32),
              # upstream's eager and compiled code beside our best (compile and --cuda-graph); upstream's compile
              # takes minutes: each model may need its own 10-minute call (the two commands below)

@@ -20,11 +20,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import dense, layer_norm, mlp, window_attention, window_process
+from . import dense, layer_norm, mlp, spatial_mlp, window_attention, window_process
 from ._utils import apex_available, triton_available, triton_interpret
 from .dense import dense_ref
 from .layer_norm import (add_layer_norm_partition_ref, add_layer_norm_ref, layer_norm_partition_ref, layer_norm_ref,
                          merge_add_layer_norm_ref, merge_post_norm_add_ref)
+from .spatial_mlp import spatial_mlp_ref
 from .window_process import window_merge_ref, window_partition_ref
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ OPS = {
     'mlp': Entry(mlp.IMPLS, ('--fused_mlp',),
                  apex_note="apex's fused MLP (FusedDenseGeluDense) uses the tanh GELU, not upstream's exact GELU"),
     'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE, auto_prefers_apex=True),
+    # Swin-MLP's pad + partition + spatial MLP + merge + crop (resolved only for models that ask:
+    # build_ops(spatial_mlp=True))
+    'spatial_mlp': Entry(spatial_mlp.IMPLS, ('--fused_window_process',),
+                         apex_note="apex has no window spatial MLP"),
 }
 BACKENDS = ('auto', 'triton', 'apex', 'torch')
 
@@ -130,28 +135,33 @@ class Ops:
     # None where --fused_layernorm does not run our kernels (the model then runs upstream's ops)
     post_norm_add: Optional[Callable] = None
     merge_post_norm_add: Optional[Callable] = None
+    # Swin-MLP's window spatial MLP, x [B, H, W, C] -> [B, H, W, C]: upstream's ops through the chosen
+    # partition and merge, or one kernel each way where --fused_window_process runs on Triton
+    spatial_mlp: Callable = spatial_mlp_ref
     chosen: tuple = ()                            # (op, backend) pairs, for the log
 
 
 def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool = False,
               dense: bool = False, window_attention: bool = False, backend: str = 'auto',
-              fold_window_norm: bool = True, post_norm: bool = False) -> Ops:
+              fold_window_norm: bool = True, post_norm: bool = False, spatial_mlp: bool = False) -> Ops:
     """Resolve every requested fused op once; log the choice; fail early and clearly.
 
     fold_window_norm: where --fused_window_process and --fused_layernorm both run on Triton, fold
     the window shuffles into the LayerNorm kernels (the math is the same either way; only the
     benchmarks turn it off, to measure what the fold buys).
-    post_norm: the model has res-post-norm blocks (Swin V2): resolve the post-norm forms too."""
+    post_norm: the model has res-post-norm blocks (Swin V2): resolve the post-norm forms too.
+    spatial_mlp: the model has window spatial MLPs (Swin-MLP): resolve that op too."""
     on = {'--fused_window_process': window_process, '--unfused_mha': window_attention,
           '--fused_layernorm': layer_norm, '--fused_mlp': mlp, '--fused_dense': dense}
     post_ops = ('post_norm_add', 'merge_post_norm_add')
     found = {op: get_impl(op, backend) for op, entry in OPS.items()
-             if all(on[f] for f in entry.flags) and (post_norm or op not in post_ops)}
+             if all(on[f] for f in entry.flags) and (post_norm or op not in post_ops)
+             and (spatial_mlp or op != 'spatial_mlp')}
     ops = Ops()
     for op, (b, impl) in found.items():
         if op == 'window_process':
             ops.window_partition, ops.window_merge = impl
-        elif op not in ('norm_partition', 'merge_add_norm', 'add_norm_partition') + post_ops:
+        elif op not in ('norm_partition', 'merge_add_norm', 'add_norm_partition', 'spatial_mlp') + post_ops:
             setattr(ops, 'linear' if op == 'dense' else op, impl)
     # the window-layout LayerNorms run where both of their flags run our kernels (and the
     # benchmarks have not turned the fold off); otherwise the two chosen ops are composed
@@ -180,6 +190,14 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
                                                         window_merge=ops.window_merge)
     else:
         found.pop('post_norm_add', None), found.pop('merge_post_norm_add', None)
+    # the spatial MLP: one kernel where --fused_window_process runs ours, else upstream's ops composed
+    # with the chosen partition and merge
+    if found.get('spatial_mlp', ('',))[0] == 'triton':
+        ops.spatial_mlp = found['spatial_mlp'][1]
+    else:
+        found.pop('spatial_mlp', None)
+        ops.spatial_mlp = functools.partial(spatial_mlp_ref, window_partition=ops.window_partition,
+                                            window_merge=ops.window_merge)
     ops.chosen = tuple((op, b) for op, (b, _) in found.items())
     if ops.chosen:
         logger.info('fused ops: ' + ', '.join(f'{op}={b}' for op, b in ops.chosen))

@@ -8,18 +8,18 @@ pad the map (w - s before, s after, on both axes, with zeros) instead of rolling
 needed; the map is cut back after merging.
 
 Flags: --fused_layernorm (every LayerNorm, and the residual add + norm2 as one kernel),
---fused_window_process (the partition and merge, unshifted: the shift is the padding), --fused_dense,
---fused_mlp. --unfused_mha is refused: Swin-MLP has no attention.
+--fused_window_process (pad, partition, spatial MLP, merge and crop as one kernel each way:
+kernels/spatial_mlp.py), --fused_dense, --fused_mlp. --unfused_mha is refused: Swin-MLP has no attention.
 """
 import functools
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath
 
 import kernels
+from kernels.spatial_mlp import spatial_mlp_padding
 
 from .swin_transformer import Mlp, PatchMerging, Stage, SwinBackbone, drop_path_scale, WindowBlock
 
@@ -34,7 +34,7 @@ class SwinMLPBlock(WindowBlock):
         super().__init__()
         self._geometry(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio)
         w, s = self.window_size, self.shift_size
-        self.padding = (w - s, s, w - s, s)                                   # left, right, top, bottom
+        self.padding = spatial_mlp_padding(w, s)                              # left, right, top, bottom
         self.ops = ops or kernels.Ops()
         self.norm1 = norm_layer(dim)
         self.spatial_mlp = nn.Conv1d(num_heads * w * w, num_heads * w * w, kernel_size=1, groups=num_heads)
@@ -44,21 +44,8 @@ class SwinMLPBlock(WindowBlock):
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The window spatial MLP: x [B, H, W, C] (normalised) -> [B, H, W, C]."""
-        B, H, W, C = x.shape
-        w, heads = self.window_size, self.num_heads
-        if self.shift_size > 0:
-            left, right, top, bottom = self.padding
-            x = F.pad(x, [0, 0, left, right, top, bottom])                    # B, H', W', C
-        Hp, Wp = x.shape[1], x.shape[2]
-        windows = self.ops.window_partition(x, w, 0).reshape(-1, w * w, heads, C // heads)   # B*nW, N, heads, hd
-        windows = windows.transpose(1, 2).reshape(-1, heads * w * w, C // heads)          # B*nW, heads*N, hd
-        windows = self.spatial_mlp(windows)                                               # B*nW, heads*N, hd
-        windows = windows.view(-1, heads, w * w, C // heads).transpose(1, 2).reshape(-1, w, w, C)
-        x = self.ops.window_merge(windows, Hp, Wp, 0)                                     # B, H', W', C
-        if self.shift_size > 0:
-            left, right, top, bottom = self.padding
-            x = x[:, top:Hp - bottom, left:Wp - right, :]
-        return x
+        return self.ops.spatial_mlp(x, self.spatial_mlp.weight, self.spatial_mlp.bias, self.num_heads,
+                                    self.window_size, self.shift_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
@@ -114,7 +101,7 @@ class SwinMLP(SwinBackbone):
             raise kernels.KernelUnavailable('--unfused_mha: Swin-MLP has no attention to fuse; turn the flag off '
                                             'for MODEL.TYPE swin_mlp (the other flags apply)')
         self.ops = kernels.build_ops(window_process=fused_window_process, layer_norm=fused_layernorm, mlp=fused_mlp,
-                                     dense=fused_dense, backend=kernel_backend)
+                                     dense=fused_dense, backend=kernel_backend, spatial_mlp=True)
         self._build_stem(img_size, patch_size, in_chans, embed_dim, depths, norm_layer, ape, patch_norm, drop_rate,
                          mlp_ratio, num_classes)
         self.layers = nn.ModuleList([

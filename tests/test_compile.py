@@ -7,6 +7,7 @@ from conftest import DEVICE
 from kernels import dense
 from kernels import layer_norm as ln
 from kernels import mlp
+from kernels import spatial_mlp as sm
 from kernels import window_attention as wa
 from kernels import window_process as wp
 from models.swin_transformer import SwinTransformer, relative_position_index, shifted_window_mask
@@ -41,6 +42,14 @@ def test_opcheck_layer_norm():
     torch.library.opcheck(ln._fwd_op, (strided, w, b, 1e-5, False, []), test_utils=CHECKS)
     tokens = torch.randn(2, 6 * 4, 40, device=DEVICE, requires_grad=True)     # norm1 into window layout
     torch.library.opcheck(ln._fwd_op, (tokens, w, b, 1e-5, False, [6, 4, 2, 1]), test_utils=CHECKS)
+
+
+def test_opcheck_spatial_mlp():
+    x = torch.randn(2, 8, 8, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(2 * 16, 16, 1, device=DEVICE, requires_grad=True)
+    bias = torch.randn(2 * 16, device=DEVICE, requires_grad=True)
+    for b, shift in ((bias, 2), (None, 0)):
+        torch.library.opcheck(sm._fwd_op, (x, weight, b, 2, 4, shift), test_utils=CHECKS)
 
 
 def test_no_graph_breaks_with_every_flag():
@@ -238,3 +247,9 @@ def test_eager_and_custom_op_paths_give_identical_gradients():
     eager = _grads_of(lambda t: wp._WindowPartition.apply(t, 4, 2), (xs,), up)
     g.manual_seed(1)
     _same(eager, _grads_of(lambda t: wp._window_partition_op(t, 4, 2), (xs,), up))
+    xm = torch.randn(2, 8, 8, 16, device=DEVICE)            # Swin-MLP's spatial MLP, shifted
+    wm, bm = torch.randn(2 * 16, 16, 1, device=DEVICE), torch.randn(2 * 16, device=DEVICE)
+    g.manual_seed(1)
+    eager = _grads_of(lambda t, w, b: sm._SpatialMLP.apply(t, w, b, 2, 4, 2), (xm, wm, bm), up)
+    g.manual_seed(1)
+    _same(eager, _grads_of(lambda t, w, b: sm._fwd_op(t, w, b, 2, 4, 2), (xm, wm, bm), up))

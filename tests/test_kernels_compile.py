@@ -1,5 +1,5 @@
-"""Our Triton kernels (window process, window attention, LayerNorm, the bias gradients, the fused
-optimizers, the input pipeline's) compiled for a Hopper GPU (sm_90) on any machine.
+"""Our Triton kernels (window process, window attention, LayerNorm, the bias gradients, Swin-MLP's
+spatial MLP, the fused optimizers, the input pipeline's) compiled for a Hopper GPU (sm_90) on any machine.
 
 On the CPU the tests run the kernels under Triton's interpreter, which accepts some code the GPU
 compiler refuses (a shape it does not broadcast, an op it lacks) and knows no shared-memory limit.
@@ -149,6 +149,27 @@ def test_window_attention_compiles_within_shared_memory(window, head_dim):
             B_=I32, **ints, n_groups=I32), const, num_warps=warps)
         compile_(wa._table_grad_kernel, dict(dbias_ptr='*fp32', order_ptr='*i64', starts_ptr='*i64',
                                              dtable_ptr='*fp32', NN=I32, heads=I32), dict(BLOCK_P=64, BLOCK_H=4))
+        ''')
+
+
+def test_spatial_mlp_compiles():
+    """Swin-MLP's spatial MLP (--fused_window_process on swin_mlp), forward and backward, in each dtype at
+    the shipped configs' windows and head widths (window 8: 24; window 7: 32, 12, 6), shifted and not."""
+    _compile_in_child('''
+        from kernels import spatial_mlp as sm
+        for dtype in ('bf16', 'fp16', 'fp32'):
+            mode = 1 if dtype == 'fp32' else 0
+            for H, C, heads, ws, shift in ((64, 96, 4, 8, 4), (56, 128, 4, 7, 0), (56, 96, 8, 7, 3),
+                                           (14, 768, 128, 7, 0)):
+                _, block_n, block_d = sm._geometry(H, H, C, ws, shift, heads)
+                geo = dict(H=H, W=H, C=C, WS=ws, SHIFT=shift, NH=heads, HD=C // heads, DOT_MODE=mode,
+                           BLOCK_N=block_n, BLOCK_D=block_d)
+                compile_(sm._spatial_mlp_fwd_kernel, dict(x_ptr='*' + dtype, w_ptr='*' + dtype, b_ptr='*' + dtype,
+                                                          y_ptr='*' + dtype, n_windows=I32),
+                         dict(geo, HAS_BIAS=True, WINDOWS=sm.FWD_WINDOWS), num_warps=4)
+                compile_(sm._spatial_mlp_bwd_kernel, dict(dy_ptr='*' + dtype, x_ptr='*' + dtype, w_ptr='*' + dtype,
+                                                          dx_ptr='*' + dtype, part_ptr='*fp32', n_windows=I32,
+                                                          windows_per_group=I32), geo, num_warps=4)
         ''')
 
 
