@@ -131,7 +131,7 @@ def test_layer_norm_and_window_process_compile():
 @pytest.mark.parametrize('window, head_dim', [(7, 32), (16, 32), (24, 32), (12, 128)])
 def test_window_attention_compiles_within_shared_memory(window, head_dim):
     """V1 at window 7 (one key tile) and V2's cosine attention with a per-head scale at windows 12-24
-    (keys in blocks of 64), bf16, forward and backward, and the table-gradient scatter."""
+    (keys in blocks of 64), bf16, forward and backward, the table-gradient scatter and the bias + mask tile."""
     _compile_in_child(f'''
         from kernels import window_attention as wa
         N, d = {window} ** 2, {head_dim}
@@ -149,6 +149,11 @@ def test_window_attention_compiles_within_shared_memory(window, head_dim):
             B_=I32, **ints, n_groups=I32), const, num_warps=warps)
         compile_(wa._table_grad_kernel, dict(dbias_ptr='*fp32', order_ptr='*i64', starts_ptr='*i64',
                                              dtable_ptr='*fp32', NN=I32, heads=I32), dict(BLOCK_P=64, BLOCK_H=4))
+        for table in ('fp32', 'bf16'):
+            compile_(wa._bias_mask_kernel, dict(table_ptr='*' + table, index_ptr='*i64', mask_ptr='*' + table,
+                                                out_ptr='*fp32', N=I32, heads=I32),
+                     dict(HAS_MASK=True, ROWS_PAD=num_m * block_m, COLS_PAD=num_k * block_n, BLOCK_R=16,
+                          BLOCK_C=min(num_k * block_n, 64)), num_warps=4)
         ''')
 
 

@@ -126,3 +126,22 @@ def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match='head_dim'):
         wa.window_attention(qkv, torch.randn(169, 3, device=DEVICE), relative_position_index(7).to(DEVICE),
                             None, 3, 1.0)
+
+
+@pytest.mark.parametrize('window, shifted, dtype', [(4, True, torch.float32), (7, True, torch.bfloat16),
+                                                    (7, False, torch.float32), (8, True, torch.float16),
+                                                    (12, True, torch.bfloat16), (12, False, torch.float32)])
+def test_bias_mask_tile_equals_torch_ops(window, shifted, dtype):
+    """The padded bias + mask tile the kernels read, built in one launch, equals torch's gather, cast,
+    add, zero fill and copy bit for bit (one fp32 add), at one key tile (window 4: unpadded, 7: padded
+    to 64, 8) and at several (window 12: 192 x 192), with the mask and the table in the model's dtype."""
+    N, heads = window * window, 3
+    g = torch.Generator().manual_seed(window)
+    table = torch.randn((2 * window - 1) ** 2, heads, generator=g).to(DEVICE, dtype)
+    index = relative_position_index(window).to(DEVICE)
+    mask = shifted_window_mask(2 * window, 3 * window, window, window // 2).to(DEVICE, dtype) if shifted else None
+    block_m, block_n, _, num_m, num_k, _ = wa._blocks(N, 32)
+    got = wa._bias_mask(table, index, mask, num_m * block_m, num_k * block_n)
+    want = wa._bias_mask_ref(table, index, mask, num_m * block_m, num_k * block_n)
+    assert got.shape == want.shape == ((6 if shifted else 1), heads, num_m * block_m, num_k * block_n)
+    assert torch.equal(got, want)
