@@ -13,10 +13,15 @@ in the workers), which tells nvJPEG's decode apart from the augmentation.
 `--set fp8`: the recommended flags at O2 bf16 with and without `--fp8` (torchao; Hopper or newer) on
 the same 224-px JPEGs and micro model (PIL pipeline), seeds 0 and 1.
 
-`--set v2`: the micro model as Swin V2 (same dims, MODEL.TYPE swinv2), flags off vs all flags +
-fused AdamW at O2 bf16, seeds 0 and 1, on the demo's shapes.
+`--set v2` / `--set mlp`: the micro model as Swin V2 / Swin-MLP (same dims, MODEL.TYPE swinv2 / swin_mlp),
+flags off vs all flags (those that apply) + fused AdamW at O2 bf16, seeds 0 and 1, on the demo's shapes.
 
-    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] [--set pipeline|v2|fp8]   # GPU machine
+`--set recommended`: the README's two recommended configurations (the best flags + `--compile` with
+CUDA graphs; the best flags + `--cuda-graph --fused_mlp --fused_dense`) beside flags off at O1 bf16, on
+the 224-px JPEGs with upstream's default RandAugment and erasing, seeds 0 and 1.
+
+    python benchmarks/convergence.py run  --out DIR [--epochs 20] [--gpus 2] \
+        [--set pipeline|v2|mlp|fp8|recommended]                                                   # GPU machine
     python benchmarks/convergence.py plot --out DIR                                              # anywhere
 """
 import argparse
@@ -69,6 +74,25 @@ V2_VARIANTS = {   # name: (extra main.py args, extra --opts)
     'V2 all flags + fused_adam, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'] + FLAGS, V2_MICRO),
 }
 
+# the README's recommended configurations (O2 bf16, the fused flags and AdamW) compiled with CUDA graphs
+# and, without compiling, the captured step with the two GEMM-epilogue flags, beside flags off; 224-px JPEGs
+RECOMMENDED_VARIANTS = {   # name: (extra main.py args, extra --opts)
+    'flags off, O1 bf16, JPEG 224': (['--amp-opt-level', 'O1', '--amp-dtype', 'bfloat16'], JPEG224),
+    'best flags + --compile (CUDA graphs), JPEG 224': (RECOMMENDED + ['--compile'],
+                                                       JPEG224 + ['EXTRA.COMPILE_MODE', 'reduce-overhead']),
+    'best flags + --cuda-graph --fused_mlp --fused_dense, JPEG 224': (
+        RECOMMENDED + ['--cuda-graph', '--fused_mlp', '--fused_dense'], JPEG224),
+}
+
+MLP_MICRO = ['MODEL.TYPE', 'swin_mlp', 'MODEL.SWIN_MLP.PATCH_SIZE', '2', 'MODEL.SWIN_MLP.EMBED_DIM', '48',
+             'MODEL.SWIN_MLP.DEPTHS', '[2, 2]', 'MODEL.SWIN_MLP.NUM_HEADS', '[3, 6]', 'MODEL.SWIN_MLP.WINDOW_SIZE', '4']
+MLP_FLAGS = ['--fused_window_process', '--fused_layernorm', '--fused_mlp', '--fused_dense', '--fused_adam']
+MLP_VARIANTS = {   # name: (extra main.py args, extra --opts)
+    'MLP flags off, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'], MLP_MICRO),
+    'MLP all flags + fused_adam, O2 bf16': (['--amp-opt-level', 'O2', '--amp-dtype', 'bfloat16'] + MLP_FLAGS,
+                                            MLP_MICRO),
+}
+
 
 def run_set(args, variants: dict, data: str, csv_name: str) -> None:
     """Each variant with seeds 0 and 1, spread over the GPUs."""
@@ -92,6 +116,16 @@ def _shapes224(args) -> str:
         subprocess.run([sys.executable, '-m', 'data.jpeg_folder', '--out', data, '--demo-shapes', '--size', '224',
                         '--train-per-class', '200', '--val-per-class', '50'], cwd=ROOT, check=True)
     return data
+
+
+def run_mlp(args):
+    data = os.path.join(args.out, 'shapes10')
+    subprocess.run([sys.executable, '-m', 'data.demo_dataset', '--out', data], cwd=ROOT, check=True)
+    run_set(args, MLP_VARIANTS, data, 'convergence_mlp.csv')
+
+
+def run_recommended(args):
+    run_set(args, RECOMMENDED_VARIANTS, _shapes224(args), 'convergence_recommended.csv')
 
 
 def run_pipelines(args):
@@ -240,16 +274,20 @@ def main():
     p.add_argument('--gpus', type=int, default=2)
     p.add_argument('--png', default=None)
     p.add_argument('--only', nargs='*', default=None, help='variant names to run (default: all)')
-    p.add_argument('--set', choices=['model', 'pipeline', 'v2', 'fp8'], default='model',
+    p.add_argument('--set', choices=list(SETS), default='model',
                    help='model: flags / precision / DDP variants; pipeline: PIL vs gpu input pipeline on JPEGs; '
-                        'v2: the micro model as Swin V2, flags off vs on; fp8: --fp8 on vs off on JPEGs')
+                        'v2 / mlp: the micro model as Swin V2 / Swin-MLP, flags off vs on; fp8: --fp8 on vs off '
+                        'on JPEGs; recommended: the README\'s two recommended configurations vs flags off on JPEGs')
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.action == 'plot':
         plot(a)
     else:
-        {'model': run, 'pipeline': run_pipelines, 'v2': run_v2, 'fp8': run_fp8}[a.set](a)
+        SETS[a.set](a)
 
+
+SETS = {'model': run, 'pipeline': run_pipelines, 'v2': run_v2, 'mlp': run_mlp, 'fp8': run_fp8,
+        'recommended': run_recommended}
 
 if __name__ == '__main__':
     main()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|spatial-mlp|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2 ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|spatial-mlp|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2|convergence-mlp|convergence-recommended ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -175,7 +175,8 @@ for part in $PARTS; do
     input-graph) # the same with --cuda-graph in place of --compile
              python3 benchmarks/bench_input.py --images 13000 --val-images 1024 --parts folder main harness \
                --main-runs gpu:synthetic:graph gpu:jpeg:graph --harness-steps graph ;;
-    convergence-pipeline|convergence-fp8|convergence-v2) # benchmarks/convergence.py's sets (each run a real
+    convergence-pipeline|convergence-fp8|convergence-v2|convergence-mlp|convergence-recommended)
+             # benchmarks/convergence.py's sets (each run a real
              # main.py training, two seeds a variant, spread over the GPUs; data and runs in /tmp); the curves
              # (csv) are copied to $OUT
              python3 benchmarks/convergence.py run --out /tmp/convergence --set "${part#convergence-}" --epochs 15 \
