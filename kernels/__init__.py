@@ -131,6 +131,7 @@ class Ops:
     # w, b, eps, H, W, window, shift) -> (h, windows); V1 blocks defer their MLP residual to it
     add_norm_partition: Callable = add_layer_norm_partition_ref
     defer_mlp_residual: bool = False              # True where add_norm_partition is one kernel
+    add_norm_fused: bool = False                  # True where add_layer_norm is our kernel (Swin-MLP defers then)
     # V2's `shortcut + drop_path(norm(branch))` as one kernel (and with the window merge folded in):
     # None where --fused_layernorm does not run our kernels (the model then runs upstream's ops)
     post_norm_add: Optional[Callable] = None
@@ -198,6 +199,7 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
         found.pop('spatial_mlp', None)
         ops.spatial_mlp = functools.partial(spatial_mlp_ref, window_partition=ops.window_partition,
                                             window_merge=ops.window_merge)
+    ops.add_norm_fused = found.get('add_layer_norm', ('',))[0] == 'triton'
     ops.chosen = tuple((op, b) for op, (b, _) in found.items())
     if ops.chosen:
         logger.info('fused ops: ' + ', '.join(f'{op}={b}' for op, b in ops.chosen))

@@ -7,7 +7,8 @@ grouped 1x1 Conv1d over heads * N channels (`spatial_mlp.weight` [heads*N, N, 1]
 pad the map (w - s before, s after, on both axes, with zeros) instead of rolling it, so no mask is
 needed; the map is cut back after merging.
 
-Flags: --fused_layernorm (every LayerNorm, and the residual add + norm2 as one kernel),
+Flags: --fused_layernorm (every LayerNorm, the residual add + norm2 as one kernel, and the MLP's residual
+add inside the next block's norm1 kernel),
 --fused_window_process (pad, partition, spatial MLP, merge and crop as one kernel each way:
 kernels/spatial_mlp.py), --fused_dense, --fused_mlp. --unfused_mha is refused: Swin-MLP has no attention.
 """
@@ -21,7 +22,7 @@ from timm.layers import DropPath
 import kernels
 from kernels.spatial_mlp import spatial_mlp_padding
 
-from .swin_transformer import Mlp, PatchMerging, Stage, SwinBackbone, drop_path_scale, WindowBlock
+from .swin_transformer import Mlp, PatchMerging, Stage, SwinBackbone, WindowBlock, add_residual, drop_path_scale
 
 
 class SwinMLPBlock(WindowBlock):
@@ -47,18 +48,35 @@ class SwinMLPBlock(WindowBlock):
         return self.ops.spatial_mlp(x, self.spatial_mlp.weight, self.spatial_mlp.bias, self.num_heads,
                                     self.window_size, self.shift_size)
 
+    @property
+    def defers_mlp_residual(self) -> bool:
+        """Whether the stage runs forward_deferred: where the residual add + LayerNorm is our kernel."""
+        return self.ops.add_norm_fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
+        return add_residual(*self.forward_deferred(x))
+
+    def forward_deferred(self, x: torch.Tensor, pending: Optional[tuple] = None) -> tuple:
+        """forward() with the MLP's residual add left to the next block: -> (h, (branch, scale)), the
+        block's output being h + branch * scale (scale: drop-path's per-sample factor, drawn as timm's
+        DropPath draws it, or None). `pending`, the previous block's (branch, scale), is added inside
+        norm1's kernel (one pass in place of the drop-path product, the add and the norm)."""
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
-        shortcut = x
-        x = self.ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        n1, n2 = self.norm1, self.norm2
+        if pending is None:
+            shortcut = x
+            x = self.ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
+        else:
+            shortcut, x = self.ops.add_layer_norm(x, *pending, n1.weight, n1.bias, n1.eps)
         branch = self.spatial(x.view(B, H, W, C)).reshape(B, H * W, C)
         # x = shortcut + drop_path(branch), y = norm2(x): one kernel under --fused_layernorm
         x, y = self.ops.add_layer_norm(shortcut, branch, drop_path_scale(shortcut, self.drop_path),
-                                       self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        return x + self.drop_path(self.mlp(y))
+                                       n2.weight, n2.bias, n2.eps)
+        branch = self.mlp(y)
+        return x, (branch, drop_path_scale(branch, self.drop_path))
 
     def flops(self) -> int:
         """Upstream's count."""

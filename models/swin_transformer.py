@@ -239,6 +239,11 @@ class SwinTransformerBlock(WindowBlock):
             attn_mask = None
         self.register_buffer('attn_mask', attn_mask)
 
+    @property
+    def defers_mlp_residual(self) -> bool:
+        """Whether the stage runs forward_deferred: where norm1 + partition takes the residual in its kernel."""
+        return self.ops.defer_mlp_residual
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
         return add_residual(*self.forward_deferred(x))
@@ -338,11 +343,11 @@ class Stage(nn.Module):
                            if downsample is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # V1 blocks hand their MLP residual to the next block's norm1 kernel where it is one kernel
-        # (--fused_layernorm with --fused_window_process); the stage's last one is added here. The
-        # blocks share one Ops bundle (make_block): the first one's decides.
-        first = self.blocks[0]
-        defer = hasattr(first, 'forward_deferred') and first.ops.defer_mlp_residual
+        # V1 and Swin-MLP blocks hand their MLP residual to the next block's norm1 kernel where that
+        # adds it in the same pass (V1: --fused_layernorm with --fused_window_process; Swin-MLP:
+        # --fused_layernorm); the stage's last one is added here. The blocks share one Ops bundle
+        # (make_block): the first one's decides.
+        defer = getattr(self.blocks[0], 'defers_mlp_residual', False)
         pending = None
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
