@@ -296,6 +296,12 @@ def test_stage_defers_the_mlp_residual_to_the_next_norm1():
         stages.append(BasicLayer(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
     ref, fused = stages
     assert fused.blocks[0].ops.defer_mlp_residual and not ref.blocks[0].ops.defer_mlp_residual
+    assert_stages_agree(ref, fused)
+
+
+def assert_stages_agree(ref, fused):
+    """Two [B, 64, 32]-token stages, the second given the first's weights, trained one step from the
+    same random draws: output and every gradient agree (to fp32 rounding: sums in another order)."""
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(6, 64, 32, device=DEVICE)
     outs = []
@@ -306,7 +312,7 @@ def test_stage_defers_the_mlp_residual_to_the_next_norm1():
         out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out))
         outs.append([out, xi.grad] + [p.grad for p in stage.parameters()])
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[0][1:], outs[1][1:]):   # sums over rows in another order: fp32 rounding
+    for a, b in zip(outs[0][1:], outs[1][1:]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
