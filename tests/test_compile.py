@@ -133,6 +133,34 @@ def test_compiled_backward_with_every_flag_matches_reference():
     _assert_same_grads(fused, ref)
 
 
+def test_compiled_swin_mlp_with_its_flags_matches_reference():
+    """Swin-MLP compiled (aot_eager on the CPU, inductor on CUDA), fullgraph, with the four flags that apply
+    (the fused spatial MLP and the deferred MLP residual included): forward and every parameter gradient
+    against the uncompiled reference. No drop-path: inductor draws its own random numbers."""
+    from models.swin_mlp import SwinMLP
+    kw = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+              num_classes=10, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    ref = SwinMLP(**kw).to(DEVICE)
+    fused = SwinMLP(**kw, fused_window_process=True, fused_layernorm=True, fused_mlp=True, fused_dense=True,
+                    kernel_backend='triton').to(DEVICE)
+    with torch.no_grad():           # the init zeroes biases and sets norm weights to one: make them count
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.normal_()
+    fused.load_state_dict(ref.state_dict())
+    assert dict(fused.ops.chosen)['spatial_mlp'] == 'triton' and fused.layers[0].blocks[0].defers_mlp_residual
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    g = torch.randn(2, 10, device=DEVICE)
+    out_ref, out = ref(x), compiled(x)
+    (out_ref * g).sum().backward()
+    (out * g).sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    _assert_same_grads(fused, ref)
+
+
 @pytest.mark.skipif(DEVICE != 'cuda', reason="CUDA graph trees need CUDA")
 def test_reduce_overhead_compile_trains_a_model_whose_kernels_never_ran():
     """torch.compile mode 'reduce-overhead' (CUDA graph trees: EXTRA.COMPILE_MODE, the benchmarks' best
