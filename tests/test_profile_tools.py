@@ -1,5 +1,6 @@
 """benchmarks/profile_main.py's trace analysis on a hand-made trace: the figures it reports (wall and
-GPU-busy time per step, idle gaps, each host thread's busy time) are what the docs quote."""
+GPU-busy time per step, idle gaps, each host thread's busy time) are what the docs quote; and
+benchmarks/host_cost.py's stand-ins leave no kernel of a training step to launch."""
 import os
 import sys
 
@@ -96,3 +97,26 @@ def test_fp8_finetune_procedure_on_the_cpu(tmp_path):
     assert [c['steps'] for c in result['curves'] if c['variant'] == 'bf16:0'] == [5, 10]
     for name in ('finetune_bf16_seed0.out', 'finetune_bf16_seed1.out'):
         assert 'for fine-tuning' in open(tmp_path / name).read()      # started from the pre-trained weights
+
+
+def test_host_cost_stubs_every_kernel_and_times_a_step(tmp_path):
+    """benchmarks/host_cost.py in its own process (it replaces the kernels of the modules it imports):
+    no Triton kernel of ours is left to launch, and a step of the all-flags model is timed."""
+    import subprocess
+    code = ('import sys; sys.argv = ["host_cost.py", "--steps", "1"]; import host_cost, importlib, triton; '
+            'host_cost.main(); '
+            'left = [f"{m}.{a}" for m in host_cost.KERNEL_MODULES '
+            'for a, v in vars(importlib.import_module("kernels." + m)).items() '
+            'if isinstance(v, triton.runtime.jit.KernelInterface)]; '
+            'import glob, os; mods = sorted(os.path.basename(f)[:-3] for f in glob.glob("kernels/*.py")); '
+            'print("LEFT", left); print("MODULES", mods); print("STUBBED", list(host_cost.KERNEL_MODULES))')
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OUT=str(tmp_path), PYTHONPATH=os.path.join(ROOT, 'benchmarks')))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'LEFT []' in p.stdout
+    assert "'flags': 'all5'" in p.stdout and (tmp_path / 'host_cost_tiny_all5.md').exists()
+    # every module of kernels/ with model kernels is stubbed (the input pipeline's are not in a training step)
+    # (not imported here: host_cost sets TRITON_INTERPRET for the process that imports it)
+    modules, stubbed = (eval(p.stdout.split(f'{key} ')[1].splitlines()[0]) for key in ('MODULES', 'STUBBED'))
+    pipeline = {'affine_resample', 'colour_ops', 'crop_resize', 'normalize_erase', '_utils', '__init__'}
+    assert set(modules) - pipeline == set(stubbed)
