@@ -60,6 +60,7 @@ OPS = {
     'post_norm_add': Entry(layer_norm.POST_IMPLS, ('--fused_layernorm',),
                            apex_note='apex has no LayerNorm + drop-path + residual add op'),
     'merge_post_norm_add': Entry(layer_norm.MERGE_POST_IMPLS, ('--fused_layernorm', '--fused_window_process')),
+    'post_norm_add_partition': Entry(layer_norm.POST_PARTITION_IMPLS, ('--fused_layernorm', '--fused_window_process')),
     'mlp': Entry(mlp.IMPLS, ('--fused_mlp',),
                  apex_note="apex's fused MLP (FusedDenseGeluDense) uses the tanh GELU, not upstream's exact GELU"),
     'dense': Entry(dense.IMPLS, ('--fused_dense',), dense.APEX_MODULE, auto_prefers_apex=True),
@@ -136,6 +137,10 @@ class Ops:
     # None where --fused_layernorm does not run our kernels (the model then runs upstream's ops)
     post_norm_add: Optional[Callable] = None
     merge_post_norm_add: Optional[Callable] = None
+    # V2's MLP residual with the next block's roll + partition, (shortcut, branch, drop-path scale, w, b,
+    # eps, H, W, window, next shift) -> (h, windows): one kernel where the folds run, else None (the
+    # next block partitions its input itself)
+    post_norm_add_partition: Optional[Callable] = None
     # Swin-MLP's window spatial MLP, x [B, H, W, C] -> [B, H, W, C]: upstream's ops through the chosen
     # partition and merge, or one kernel each way where --fused_window_process runs on Triton
     spatial_mlp: Callable = spatial_mlp_ref
@@ -154,7 +159,7 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
     spatial_mlp: the model has window spatial MLPs (Swin-MLP): resolve that op too."""
     on = {'--fused_window_process': window_process, '--unfused_mha': window_attention,
           '--fused_layernorm': layer_norm, '--fused_mlp': mlp, '--fused_dense': dense}
-    post_ops = ('post_norm_add', 'merge_post_norm_add')
+    post_ops = ('post_norm_add', 'merge_post_norm_add', 'post_norm_add_partition')
     found = {op: get_impl(op, backend) for op, entry in OPS.items()
              if all(on[f] for f in entry.flags) and (post_norm or op not in post_ops)
              and (spatial_mlp or op != 'spatial_mlp')}
@@ -185,12 +190,14 @@ def build_ops(window_process: bool = False, layer_norm: bool = False, mlp: bool 
         ops.post_norm_add = found['post_norm_add'][1]
         if fold and 'merge_post_norm_add' in found:
             ops.merge_post_norm_add = found['merge_post_norm_add'][1]
+            ops.post_norm_add_partition = found['post_norm_add_partition'][1]
         else:
-            found.pop('merge_post_norm_add', None)
+            found.pop('merge_post_norm_add', None), found.pop('post_norm_add_partition', None)
             ops.merge_post_norm_add = functools.partial(merge_post_norm_add_ref, post_norm_add=ops.post_norm_add,
                                                         window_merge=ops.window_merge)
     else:
         found.pop('post_norm_add', None), found.pop('merge_post_norm_add', None)
+        found.pop('post_norm_add_partition', None)
     # the spatial MLP: one kernel where --fused_window_process runs ours, else upstream's ops composed
     # with the chosen partition and merge
     if found.get('spatial_mlp', ('',))[0] == 'triton':

@@ -23,6 +23,9 @@ the cyclic shift applied (window_process.py's permutation). The kernels walk the
 address that side through the permutation: norm1 writes its output straight into window layout, and
 the residual + norm2 reads the attention output from it; the backwards gather dy and scatter
 dbranch the same way. Per row the arithmetic is the plain kernels', so results match them.
+Swin V2 (`merge_post_norm_add`, `post_norm_add_partition`): the attention output is read from window
+layout, and the MLP residual's h is written to the map and to the next block's window layout (its
+shift), h's two gradients summed in the backward's pass.
 
 Shapes: x [..., C] (any leading dims; made contiguous), w and b [C] (fp32 or half under O2).
 Saves mean and rstd (fp32, one per row) for the backward. Any width (one row per tile up to
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import apex_available, cdiv, check_triton_device, next_power_of_2, sm_count, triton_available
-from .window_process import check_tokens, check_window, window_merge_ref, window_partition_ref
+from .window_process import check_tokens, check_window, window_merge_ref, window_partition, window_partition_ref
 
 APEX_MODULE = 'apex.normalization'
 
@@ -80,7 +83,9 @@ if triton_available():
         Rows are tokens of a [B, H, W] map; with WINDOWED the attention side is in window layout
         (shift SHIFT): y is written there (norm1 + partition; with HAS_RESIDUAL and WIN_OUT the MLP's
         residual + norm1 + partition), or, with HAS_RESIDUAL or POST, the branch is read from there
-        (merge + residual + norm2; merge + norm1 + residual)."""
+        (merge + residual + norm2; merge + norm1 + residual); with POST and WIN_OUT the branch is a map
+        and h is written to the map and, into y_ptr, to window layout (V2's MLP residual + the next
+        block's partition)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < M
@@ -116,6 +121,8 @@ if triton_available():
                 y = (y * s[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
             h = tl.load(res_ptr + off, mask=ok, other=0.).to(tl.float32) + y
             tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=ok)
+            if WIN_OUT:   # h again, in the next block's window layout (y_ptr: a buffer of h's dtype then)
+                tl.store(y_ptr + win_off, h.to(y_ptr.dtype.element_ty), mask=ok)
         elif HAS_RESIDUAL and not WIN_OUT:
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
         else:
@@ -135,7 +142,9 @@ if triton_available():
         dbranch = dx * scale[row's sample]. With POST (dy is h's gradient in the norm's dtype, x the
         branch): dy * scale feeds dLN and dx is the branch's gradient. WINDOWED as in the forward:
         dbranch (HAS_DBRANCH) or, with POST, x and dx are in window layout; else (and with WIN_OUT)
-        dy is read from it (norm1 + partition)."""
+        dy is read from it (norm1 + partition). With POST and WIN_OUT (x a map): h's gradient is dy
+        plus dres read from window layout, rounded to h's dtype and written to dbranch_ptr (the
+        shortcut's gradient); HAS_DRES / HAS_DBRANCH are off then."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -155,11 +164,16 @@ if triton_available():
                 win_off = win_rows[:, None] * C + cols[None, :]
             else:
                 win_off = off
-            if POST:
+            if POST and not WIN_OUT:
                 x = tl.load(x_ptr + win_off, mask=ok, other=0.).to(tl.float32)
             else:
                 x = tl.load(x_ptr + off, mask=ok, other=0.).to(tl.float32)
-            if (HAS_DBRANCH or POST) and not WIN_OUT:
+            if POST and WIN_OUT:   # h's gradient from its two uses: the map's (dy) and the windows' (dres)
+                dy = tl.load(dy_ptr + off, mask=ok, other=0.).to(tl.float32)
+                dy = (dy + tl.load(dres_ptr + win_off, mask=ok, other=0.).to(tl.float32)).to(dy_ptr.dtype.element_ty)
+                tl.store(dbranch_ptr + off, dy.to(dbranch_ptr.dtype.element_ty), mask=ok)   # the shortcut's
+                dy = dy.to(tl.float32)
+            elif (HAS_DBRANCH or POST) and not WIN_OUT:
                 dy = tl.load(dy_ptr + off, mask=ok, other=0.).to(tl.float32)
             else:
                 dy = tl.load(dy_ptr + win_off, mask=ok, other=0.).to(tl.float32)
@@ -173,13 +187,13 @@ if triton_available():
             c1 = tl.sum(xhat * g, axis=1) / C
             c2 = tl.sum(g, axis=1) / C
             dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-            if HAS_DRES:
+            if HAS_DRES and not POST:
                 dx += tl.load(dres_ptr + off, mask=ok, other=0.).to(tl.float32)
-            if POST:
+            if POST and not WIN_OUT:
                 tl.store(dx_ptr + win_off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
             else:
                 tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-            if HAS_DBRANCH:
+            if HAS_DBRANCH and not POST:
                 if HAS_SCALE:
                     s = tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.).to(tl.float32)
                     dx = dx * s[:, None]
@@ -283,7 +297,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     """-> (y like x (fp32 with fp32_output), mean [M] fp32, rstd [M] fp32), and with `residual`
     (x is then the branch) also h = residual + x * scale, the tensor that was normalised.
     With `post` (and `residual`): -> (h = residual + LayerNorm(x) * scale, mean, rstd), the norm's
-    output (fp32 with fp32_output, else x's dtype) never written.
+    output (fp32 with fp32_output, else x's dtype) never written; with window = (H, W, window_size,
+    shift, 1) also h in that window layout (a 4th result; the norm's dtype must be h's).
     With window = (H, W, window_size, shift), the attention side is in window layout
     [B*nW, ws, ws, C]: y is returned in it (x is the map), or the branch x is read from it (with
     `residual`, which is the map); with window = (H, W, window_size, shift, 1) and `residual`, x and
@@ -304,8 +319,11 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         assert not post, 'post-norm needs the residual'
         h, res2, h_dtype = x2, x2, x.dtype
     y_dtype = torch.float32 if fp32_output else (x.dtype if post else h_dtype)
-    # the post-norm form never writes y: a one-element tensor carries its dtype into the kernel
-    y = torch.empty((1,) if post else x2.shape, dtype=y_dtype, device=x.device)
+    # the post-norm form never writes y: a one-element tensor carries its dtype into the kernel; with
+    # WIN_OUT it is h's copy in window layout (h's dtype, which must be the norm's then)
+    if post and geometry['WIN_OUT'] and h_dtype != y_dtype:
+        raise ValueError(f'post_norm_add_partition: h ({h_dtype}) and the norm\'s output ({y_dtype}) differ in dtype')
+    y = torch.empty((1,) if post and not geometry['WIN_OUT'] else x2.shape, dtype=y_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_rows, block_c, num_warps = _tile(C)
@@ -317,7 +335,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
             HAS_RESIDUAL=residual is not None and not post, HAS_SCALE=scale is not None, POST=post, **geometry,
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     if post:
-        return h.view(residual.shape), mean, rstd
+        out = h.view(residual.shape), mean, rstd
+        return out + (y.view(-1, geometry['WS'], geometry['WS'], C),) if geometry['WIN_OUT'] else out
     if residual is not None:
         y = y.view(-1, geometry['WS'], geometry['WS'], C) if geometry['WIN_OUT'] else y.view(residual.shape)
         return y, mean, rstd, h.view(residual.shape)
@@ -337,7 +356,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     layout, or (with branch_dtype) dbranch is returned in it (in the map's layout, dy read from window
     layout, where window has a 5th value 1). With `post` (post_norm_add's
     backward): x is the branch, dy h's gradient in the norm's output dtype, `scale` drop-path's; dx
-    (the branch's gradient) is returned in x's layout."""
+    (the branch's gradient) is returned in x's layout. With `post` and window = (H, W, window_size,
+    shift, 1): dres is the gradient of h's window-layout copy, and the 4th result (in `branch_dtype`,
+    the shortcut's dtype) is the shortcut's gradient, dy + dres in h's dtype."""
     check_triton_device(x)
     C = x.shape[-1]
     M = x.numel() // C
@@ -364,7 +385,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
         _layer_norm_bwd_kernel[(programs,)](
             dy2, x2, weight.contiguous(), mean, rstd, dx, part[0], part[1], dres2, scale_flat, dbranch,
             M, C, rows_per_program, _rows_per_sample(M, scale),
-            HAS_DRES=dres is not None, HAS_DBRANCH=branch_dtype is not None, HAS_SCALE=scale is not None,
+            HAS_DRES=dres is not None and not post, HAS_DBRANCH=branch_dtype is not None and not post,
+            HAS_SCALE=scale is not None,
             POST=post, **geometry, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     out = (dx.view(x.shape),) + sum_partials(part, weight.dtype)
     if branch_dtype is None:
@@ -677,6 +699,102 @@ def merge_post_norm_add(shortcut: torch.Tensor, windows: torch.Tensor, scale: Op
     return _post_norm_add(shortcut, windows, scale, weight, bias, eps, [H, W, windows.shape[1], shift_size])
 
 
+# V2's MLP residual with the next block's partition: h = shortcut + drop_path(LayerNorm(branch)), also
+# written in the next block's window layout; backward, h's two gradients summed in the same pass.
+@torch.library.custom_op('swin::post_norm_add_partition_fwd', mutates_args=())
+def _post_part_fwd_op(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor],
+                      weight: torch.Tensor, bias: torch.Tensor, eps: float, fp32_output: bool, window: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, mean, rstd, windows = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut, scale=scale,
+                                            window=window, post=True)
+    return h, windows, mean, rstd
+
+
+@_post_part_fwd_op.register_fake
+def _(shortcut, branch, scale, weight, bias, eps, fp32_output, window):
+    M = branch.numel() // branch.shape[-1]
+    h_dtype = torch.promote_types(shortcut.dtype, torch.float32 if fp32_output else branch.dtype)
+    return (shortcut.new_empty(shortcut.shape, dtype=h_dtype),
+            shortcut.new_empty(_windows_shape(window, M, branch.shape[-1]), dtype=h_dtype),
+            branch.new_empty((M,), dtype=torch.float32), branch.new_empty((M,), dtype=torch.float32))
+
+
+def _post_part_bwd(dh, dwin, branch, weight, mean, rstd, scale, shortcut_dtype, window):
+    """-> (dshortcut, dbranch, dweight, dbias)."""
+    dbranch, dw, db, dshortcut = layer_norm_bwd(dh, branch, weight, mean, rstd, dres=dwin, scale=scale,
+                                                branch_dtype=shortcut_dtype, window=window, post=True)
+    return dshortcut, dbranch, dw, db
+
+
+@torch.library.custom_op('swin::post_norm_add_partition_bwd', mutates_args=())
+def _post_part_bwd_op(dh: torch.Tensor, dwin: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
+                      mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor],
+                      shortcut_dtype: torch.dtype, window: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _post_part_bwd(dh, dwin, branch, weight, mean, rstd, scale, shortcut_dtype, window)
+
+
+@_post_part_bwd_op.register_fake
+def _(dh, dwin, branch, weight, mean, rstd, scale, shortcut_dtype, window):
+    return (branch.new_empty(branch.shape, dtype=shortcut_dtype), branch.new_empty(branch.shape),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+def _post_part_save(ctx, shortcut, branch, scale, weight, mean, rstd, window):
+    ctx.save_for_backward(branch, weight, mean, rstd, scale)
+    ctx.shortcut_dtype = shortcut.dtype
+    ctx.window = window
+
+
+def _post_part_grads(ctx, dh, dwin, bwd):
+    branch, weight, mean, rstd, scale = ctx.saved_tensors
+    dshortcut, dbranch, dw, db = bwd(dh, dwin, branch, weight, mean, rstd, scale, ctx.shortcut_dtype, ctx.window)
+    return dshortcut, dbranch, None, dw, db, None, None, None
+
+
+def _post_part_setup(ctx, inputs, output):
+    shortcut, branch, scale, weight, _, _, _, window = inputs
+    _post_part_save(ctx, shortcut, branch, scale, weight, output[2], output[3], window)
+
+
+_post_part_fwd_op.register_autograd(
+    lambda ctx, dh, dwin, _dmean, _drstd: _post_part_grads(ctx, dh, dwin, _post_part_bwd_op),
+    setup_context=_post_part_setup)
+
+
+class _PostNormAddPartition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shortcut, branch, scale, weight, bias, eps, fp32_output, window):
+        h, mean, rstd, windows = layer_norm_fwd(branch, weight, bias, eps, fp32_output, residual=shortcut,
+                                                scale=scale, window=window, post=True)
+        _post_part_save(ctx, shortcut, branch, scale, weight, mean, rstd, window)
+        return h, windows
+
+    @staticmethod
+    def backward(ctx, dh, dwin):
+        return _post_part_grads(ctx, dh, dwin, _post_part_bwd)
+
+
+def post_norm_add_partition(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor],
+                            weight: torch.Tensor, bias: torch.Tensor, eps: float, H: int, W: int, window_size: int,
+                            shift_size: int):
+    """Fused `h = post_norm_add(shortcut, branch, ...); windows = window_partition(h, window_size,
+    shift_size)` -> (h [B, H*W, C], windows [B*nW, ws, ws, C]): a V2 block's MLP residual with the next
+    block's roll + partition, one pass each way (the partition's pass, and backward its merge and the
+    add of h's two gradients, are saved). Where h's dtype is not the norm's (a half branch on an fp32
+    residual stream outside CUDA autocast) the two ops run composed."""
+    fp32_output = _fp32_output(branch.device, branch.dtype)
+    y_dtype = torch.float32 if fp32_output else branch.dtype
+    if torch.promote_types(shortcut.dtype, y_dtype) != y_dtype:
+        return post_norm_add_partition_ref(shortcut, branch, scale, weight, bias, eps, H, W, window_size, shift_size,
+                                           post_norm_add=post_norm_add, window_partition=window_partition)
+    window = [H, W, window_size, shift_size, 1]
+    if torch.compiler.is_compiling():
+        h, windows, _, _ = _post_part_fwd_op(shortcut, branch, scale, weight, bias, float(eps), fp32_output, window)
+        return h, windows
+    return _PostNormAddPartition.apply(shortcut, branch, scale, weight, bias, float(eps), fp32_output, window)
+
+
 # ----------------------------------------------------------------------------- references of the window forms
 def layer_norm_partition_ref(x, weight, bias, eps, H, W, window_size, shift_size, layer_norm=layer_norm_ref,
                              window_partition=window_partition_ref):
@@ -698,6 +816,13 @@ def merge_add_layer_norm_ref(shortcut, windows, scale, weight, bias, eps, H, W, 
     """merge + reverse roll, then residual add + norm2, through the given implementations."""
     x = window_merge(windows, H, W, shift_size).view(shortcut.shape)
     return add_layer_norm(shortcut, x, scale, weight, bias, eps)
+
+
+def post_norm_add_partition_ref(shortcut, branch, scale, weight, bias, eps, H, W, window_size, shift_size,
+                                post_norm_add=post_norm_add_ref, window_partition=window_partition_ref):
+    """V2's MLP residual, then the next block's roll + partition, through the given implementations."""
+    h = post_norm_add(shortcut, branch, scale, weight, bias, eps)
+    return h, window_partition(h.view(h.shape[0], H, W, h.shape[-1]), window_size, shift_size)
 
 
 def merge_post_norm_add_ref(shortcut, windows, scale, weight, bias, eps, H, W, shift_size,
@@ -754,6 +879,12 @@ MERGE_ADD_IMPLS = {
 POST_IMPLS = {
     'torch': post_norm_add_ref,
     'triton': post_norm_add if triton_available() else None,
+    'apex': None,
+}
+
+POST_PARTITION_IMPLS = {
+    'torch': post_norm_add_partition_ref,
+    'triton': post_norm_add_partition if triton_available() else None,
     'apex': None,
 }
 

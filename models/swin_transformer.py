@@ -347,13 +347,18 @@ class Stage(nn.Module):
         # adds it in the same pass (V1: --fused_layernorm with --fused_window_process; Swin-MLP:
         # --fused_layernorm); the stage's last one is added here. The blocks share one Ops bundle
         # (make_block): the first one's decides.
+        # V2 blocks write the next block's windows with their output where that is one kernel.
         defer = getattr(self.blocks[0], 'defers_mlp_residual', False)
-        pending = None
-        for blk in self.blocks:
+        carry = getattr(self.blocks[0], 'carries_windows', False)
+        pending = windows = None
+        for i, blk in enumerate(self.blocks):
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = checkpoint.checkpoint(blk, x, use_reentrant=False)
             elif defer:
                 x, pending = blk.forward_deferred(x, pending)
+            elif carry:
+                next_shift = self.blocks[i + 1].shift_size if i + 1 < len(self.blocks) else None
+                x, windows = blk.forward_windows(x, windows, next_shift)
             else:
                 x = blk(x)
         if pending is not None:

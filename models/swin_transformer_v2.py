@@ -151,27 +151,44 @@ class SwinTransformerBlockV2(WindowBlock):
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
 
+    @property
+    def carries_windows(self) -> bool:
+        """Whether the stage runs forward_windows: where the MLP residual kernel also writes the next
+        block's windows (--fused_layernorm with --fused_window_process on our kernels)."""
+        return self.ops.post_norm_add_partition is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
+        return self.forward_windows(x)[0]
+
+    def forward_windows(self, x: torch.Tensor, windows: Optional[torch.Tensor] = None,
+                        next_shift: Optional[int] = None) -> tuple:
+        """forward() that takes its input's windows from the previous block where it wrote them
+        (`windows`: x rolled by this block's shift and partitioned, [B*nW, w, w, C]) and, given the next
+        block's shift, writes the next block's windows with its output: -> (x, next windows or None)."""
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
         w = self.window_size
         shortcut = x
-        windows = self.ops.window_partition(x.view(B, H, W, C), w, self.shift_size)   # B*nW, w, w, C
+        if windows is None:
+            windows = self.ops.window_partition(x.view(B, H, W, C), w, self.shift_size)   # B*nW, w, w, C
         attn_windows = self.attn(windows.view(-1, w * w, C), mask=self.attn_mask)       # B*nW, N, C
         if self.ops.post_norm_add is not None:
             # --fused_layernorm: merge (with --fused_window_process), norm1, drop-path and the residual
-            # add in one kernel each way; then norm2, drop-path and the add in another
+            # add in one kernel each way; then norm2, drop-path and the add in another (which also
+            # writes the next block's windows where it can)
             n1, n2 = self.norm1, self.norm2
             x = self.ops.merge_post_norm_add(shortcut, attn_windows.view(-1, w, w, C),
                                              drop_path_scale(shortcut, self.drop_path), n1.weight, n1.bias, n1.eps,
                                              H, W, self.shift_size)
-            return self.ops.post_norm_add(x, self.mlp(x), drop_path_scale(x, self.drop_path), n2.weight, n2.bias,
-                                          n2.eps)
+            args = x, self.mlp(x), drop_path_scale(x, self.drop_path), n2.weight, n2.bias, n2.eps
+            if next_shift is not None and self.carries_windows:
+                return self.ops.post_norm_add_partition(*args, H, W, w, next_shift)
+            return self.ops.post_norm_add(*args), None
         x = self.ops.window_merge(attn_windows.view(-1, w, w, C), H, W, self.shift_size)  # B, H, W, C
         x = shortcut + self.drop_path(self._norm(self.norm1, x.reshape(B, H * W, C)))
-        return x + self.drop_path(self._norm(self.norm2, self.mlp(x)))
+        return x + self.drop_path(self._norm(self.norm2, self.mlp(x))), None
 
     def flops(self) -> int:
         H, W = self.input_resolution

@@ -77,7 +77,10 @@ def test_opcheck_add_layer_norm():
     for s in (scale, None):     # the MLP's residual + norm1 + partition: y to window layout
         torch.library.opcheck(ln._add_fwd_op, (shortcut, branch, s, w, b, 1e-5, False, [2, 2, 2, 1, 1]),
                               test_utils=CHECKS)
-    # Swin V2's post-norm residual, plain and merging from window layout
+    # Swin V2's post-norm residual, plain and merging from window layout, and with the next block's partition
+    for s in (scale, None):
+        torch.library.opcheck(ln._post_part_fwd_op, (shortcut, branch, s, w, b, 1e-5, False, [2, 2, 2, 1, 1]),
+                              test_utils=CHECKS)
     torch.library.opcheck(ln._post_fwd_op, (shortcut, branch, scale, w, b, 1e-5, False, []), test_utils=CHECKS)
     torch.library.opcheck(ln._post_fwd_op, (shortcut, windows, None, w, b, 1e-5, False, [2, 2, 2, 1]),
                           test_utils=CHECKS)
@@ -133,23 +136,31 @@ def test_compiled_backward_with_every_flag_matches_reference():
     _assert_same_grads(fused, ref)
 
 
-def test_compiled_swin_mlp_with_its_flags_matches_reference():
-    """Swin-MLP compiled (aot_eager on the CPU, inductor on CUDA), fullgraph, with the four flags that apply
-    (the fused spatial MLP and the deferred MLP residual included): forward and every parameter gradient
-    against the uncompiled reference. No drop-path: inductor draws its own random numbers."""
+@pytest.mark.parametrize('model_type', ['swin_mlp', 'swinv2'])
+def test_compiled_swin_mlp_and_v2_with_their_flags_match_reference(model_type):
+    """Swin-MLP (four flags apply) and Swin V2 (all five) compiled (aot_eager on the CPU, inductor on CUDA),
+    fullgraph: forward and every parameter gradient against the uncompiled reference; the fused spatial
+    MLP and the deferred MLP residual (Swin-MLP), the merge and the next block's partition inside the
+    post-norm residual kernels (V2) included. No drop-path: inductor draws its own random numbers."""
     from models.swin_mlp import SwinMLP
+    from models.swin_transformer_v2 import SwinTransformerV2
+    cls, flags = ((SwinMLP, {}) if model_type == 'swin_mlp' else (SwinTransformerV2, dict(fused_attention=True)))
     kw = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
               num_classes=10, drop_path_rate=0.0)
     torch.manual_seed(0)
-    ref = SwinMLP(**kw).to(DEVICE)
-    fused = SwinMLP(**kw, fused_window_process=True, fused_layernorm=True, fused_mlp=True, fused_dense=True,
-                    kernel_backend='triton').to(DEVICE)
+    ref = cls(**kw).to(DEVICE)
+    fused = cls(**kw, **flags, fused_window_process=True, fused_layernorm=True, fused_mlp=True, fused_dense=True,
+                kernel_backend='triton').to(DEVICE)
     with torch.no_grad():           # the init zeroes biases and sets norm weights to one: make them count
         for p in ref.parameters():
             if p.ndim == 1:
                 p.normal_()
     fused.load_state_dict(ref.state_dict())
-    assert dict(fused.ops.chosen)['spatial_mlp'] == 'triton' and fused.layers[0].blocks[0].defers_mlp_residual
+    block = fused.layers[0].blocks[0]
+    if model_type == 'swin_mlp':
+        assert dict(fused.ops.chosen)['spatial_mlp'] == 'triton' and block.defers_mlp_residual
+    else:
+        assert dict(fused.ops.chosen)['post_norm_add_partition'] == 'triton' and block.carries_windows
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
@@ -246,6 +257,14 @@ def test_eager_and_custom_op_paths_give_identical_gradients():
         g.manual_seed(1)
         via_op = _grads_of(lambda a, c, w, b: ln._post_fwd_op(a, c, s, w, b, 1e-5, False, window)[0],
                            (x, branch, w, b), up)
+        _same(eager, via_op)
+    for s in (scale, None):     # V2's MLP residual with the next block's partition
+        g.manual_seed(1)
+        eager = _grads_of(lambda a, c, w, b: ln._PostNormAddPartition.apply(a, c, s, w, b, 1e-5, False,
+                                                                              [6, 4, 2, 1, 1]), (x, x * 2, w, b), up)
+        g.manual_seed(1)
+        via_op = _grads_of(lambda a, c, w, b: ln._post_part_fwd_op(a, c, s, w, b, 1e-5, False, [6, 4, 2, 1, 1])[:2],
+                           (x, x * 2, w, b), up)
         _same(eager, via_op)
     x2 = torch.randn(10, 16, device=DEVICE)
     w1, b1 = torch.randn(32, 16, device=DEVICE), torch.randn(32, device=DEVICE)

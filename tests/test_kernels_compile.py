@@ -101,7 +101,8 @@ def test_layer_norm_and_window_process_compile():
             fwd = dict(x_ptr='*bf16', res_ptr='*fp32', scale_ptr='*bf16', h_ptr='*fp32', w_ptr='*fp32', b_ptr='*fp32',
                        y_ptr='*fp32', mean_ptr='*fp32', rstd_ptr='*fp32', M=I32, C=I32, rows_per_sample=I32, eps=F32)
             for residual, post, windowed, out in ((False, False, False, False), (True, False, True, False),
-                                                  (True, True, False, False), (True, False, True, True)):
+                                                  (True, True, False, False), (True, False, True, True),
+                                                  (True, True, True, True)):     # V2's residual + next partition
                 compile_(ln._layer_norm_fwd_kernel, fwd, dict(
                     HAS_RESIDUAL=residual and not post, HAS_SCALE=residual, POST=post,
                     **(dict(geometry, WIN_OUT=out) if windowed else
@@ -112,7 +113,8 @@ def test_layer_norm_and_window_process_compile():
                        dw_part_ptr='*fp32', db_part_ptr='*fp32', dres_ptr='*fp32', scale_ptr='*bf16',
                        dbranch_ptr='*bf16', M=I32, C=I32, rows_per_program=I32, rows_per_sample=I32)
             for dres, post, windowed, out in ((False, False, False, False), (True, False, True, False),
-                                              (False, True, False, False), (True, False, True, True)):
+                                              (False, True, False, False), (True, False, True, True),
+                                              (False, True, True, True)):
                 compile_(ln._layer_norm_bwd_kernel, bwd, dict(
                     HAS_DRES=dres, HAS_DBRANCH=dres, HAS_SCALE=dres or post, POST=post,
                     **(dict(geometry, WIN_OUT=out) if windowed else

@@ -386,3 +386,45 @@ def test_merge_post_norm_add_matches_the_unfolded_kernels(case, with_scale):
     _same(got, want)
     for a, e in zip(_grads([got], [dh], inputs), want_grads):
         _same(a, e)
+
+
+@pytest.mark.parametrize('with_scale', [False, True], ids=['no_drop_path', 'drop_path'])
+@pytest.mark.parametrize('case', WINDOW_CASES, ids=str)
+def test_post_norm_add_partition_matches_the_unfolded_kernels(case, with_scale):
+    """V2's MLP residual with the next block's roll + partition in one kernel each way (h written to the map
+    and to window layout; backward, h's two gradients summed in the same pass), against post_norm_add
+    followed by the window partition: the same bits. bf16 gradients on quarter-integers: the sum of h's two
+    gradients is then exact, which the CPU interpreter's fp32 -> bf16 cast (not round-to-nearest-even)
+    would otherwise round differently from torch's add."""
+    from kernels import window_process as wp
+    B, H, W, C, ws, s, dtype = case
+    shortcut, w, b, g = _window_inputs(B, H, W, C, dtype, C + 3)
+    branch = (torch.randn(B, H * W, C, generator=g) * 2).to(dtype).to(DEVICE)
+    scale = (torch.arange(B) % 2 == 1).to(dtype).div_(0.8).view(B, 1, 1).to(DEVICE) if with_scale else None
+    if dtype == torch.bfloat16:
+        dh = torch.randint(-8, 9, (B, H * W, C), generator=g).div(4).to(dtype).to(DEVICE)
+        dwin = torch.randint(-8, 9, (B * H * W // ws ** 2, ws, ws, C), generator=g).div(4).to(dtype).to(DEVICE)
+    else:
+        dh = torch.randn(B, H * W, C, generator=g).to(dtype).to(DEVICE)
+        dwin = torch.randn(B * H * W // ws ** 2, ws, ws, C, generator=g).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (shortcut, branch, w, b)]
+    h = ln.post_norm_add(inputs[0], inputs[1], scale, inputs[2], inputs[3])
+    want = [h, wp.window_partition_ref(h.view(B, H, W, C), ws, s)]
+    want_grads = _grads(want, [dh, dwin], inputs)
+    got = ln.post_norm_add_partition(inputs[0], inputs[1], scale, inputs[2], inputs[3], 1e-5, H, W, ws, s)
+    for a, e in zip(got, want):
+        _same(a, e)
+    for a, e in zip(_grads(list(got), [dh, dwin], inputs), want_grads):
+        _same(a, e)
+
+
+def test_post_norm_add_partition_composes_where_h_is_wider_than_the_norm():
+    """A bf16 branch on an fp32 residual stream outside CUDA autocast: h is fp32, the norm's output bf16;
+    the one kernel needs them equal, so the two ops run composed (same results as composing them)."""
+    from kernels import window_process as wp
+    shortcut, w, b, g = _window_inputs(2, 8, 8, 16, torch.float32, 5)
+    branch = torch.randn(2, 64, 16, generator=g).to(torch.bfloat16).to(DEVICE)
+    h, windows = ln.post_norm_add_partition(shortcut, branch, None, w, b, 1e-5, 8, 8, 4, 2)
+    want = ln.post_norm_add(shortcut, branch, None, w, b)
+    assert h.dtype == torch.float32 and torch.equal(h, want)
+    assert torch.equal(windows, wp.window_partition_ref(want.view(2, 8, 8, 16), 4, 2))

@@ -306,3 +306,26 @@ def test_pretrained_22k_window12_into_the_shipped_finetune_configs(tmp_path, ft)
     with torch.no_grad():
         out = model(torch.randn(1, 3, size, size))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_stage_hands_each_block_its_windows(monkeypatch):
+    """A V2 stage of three blocks with drop-path, training, with --fused_layernorm and
+    --fused_window_process: each block's MLP residual kernel also writes the next block's windows, which
+    that block takes instead of partitioning; output and every gradient as the reference stage's."""
+    import kernels
+    from models.swin_transformer_v2 import BasicLayerV2, SwinTransformerBlockV2
+    from test_layer_norm import assert_stages_agree
+    stages = []
+    for ops in (kernels.Ops(), kernels.build_ops(layer_norm=True, window_process=True, backend='triton',
+                                                 post_norm=True)):
+        torch.manual_seed(0)
+        stages.append(BasicLayerV2(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
+    ref, fused = stages
+    assert fused.blocks[0].carries_windows and not ref.blocks[0].carries_windows
+    handed = []            # per block call: whether the block was given its windows
+    plain = SwinTransformerBlockV2.forward_windows
+    monkeypatch.setattr(SwinTransformerBlockV2, 'forward_windows',
+                        lambda blk, x, windows=None, next_shift=None: handed.append(windows is not None)
+                        or plain(blk, x, windows, next_shift))
+    assert_stages_agree(ref, fused)
+    assert handed == [False, False, False, False, True, True]    # the reference's forward(), then the stage's
