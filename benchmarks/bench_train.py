@@ -60,6 +60,7 @@ ALL_ADAM = dict(ALL, **ADAM)
 WP_LN = dict(fused_window_process=True, fused_layernorm=True)
 UNFOLDED = dict(fold=False)   # not a flag: keep the window shuffles out of the LayerNorm kernels
 UNDEFERRED = dict(defer=False)   # not a flag: each block adds its own MLP residual (torch's ops)
+UNCARRIED = dict(carry=False)    # not a flag: each V2 block partitions its own input (a kernel of its own)
 CG = 'reduce-overhead'      # torch.compile with CUDA graphs
 MAT = 'max-autotune'        # torch.compile with CUDA graphs and inductor's GEMM templates (bias / GELU inside)
 GRAPH = 'graph'             # not torch.compile: the whole eager step captured (--cuda-graph, cuda_graph.py)
@@ -143,6 +144,11 @@ TRAIN_V2 = [
     ('all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', GRAPH),
     ('all flags + --fused_adam + compile (CUDA graphs), O2 bf16', ALL_ADAM, 'O2', 'bfloat16', CG),
     ('all five flags + --fused_adam + compile (CUDA graphs), O2 bf16', dict(ALL5, **ADAM), 'O2', 'bfloat16', CG),
+    # each block partitioning its own input (what the MLP residual kernel's window-layout copy replaces)
+    ('all flags + --fused_adam + compile (CUDA graphs), next partition not folded, O2 bf16',
+     dict(ALL_ADAM, **UNCARRIED), 'O2', 'bfloat16', CG),
+    ('all flags + --fused_adam + --cuda-graph, next partition not folded, O2 bf16', dict(ALL_ADAM, **UNCARRIED), 'O2',
+     'bfloat16', GRAPH),
 ]
 # Swin-MLP (--model mlptiny): upstream's own module beside ours; --unfused_mha does not apply (no attention)
 MLP_FLAGS = dict(fused_window_process=True, fused_layernorm=True)
@@ -214,8 +220,11 @@ def build(size, flags):
         from models.swin_mlp import SwinMLP
         return SwinMLP(**MODELS[size], **{k: v for k, v in flags.items() if k != 'optim'})
     if size.startswith('v2'):
-        model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend')}
-        return SwinTransformerV2(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'))
+        model_flags = {k: v for k, v in flags.items() if k not in ('optim', 'fold', 'backend', 'carry')}
+        model = SwinTransformerV2(**MODELS[size], **model_flags, kernel_backend=flags.get('backend', 'triton'))
+        if not flags.get('carry', True):
+            model.ops.post_norm_add_partition = None         # one Ops bundle, shared by every block
+        return model
     if flags == 'timm':
         import timm
         return timm.create_model(TIMM[size], pretrained=False, drop_path_rate=MODELS[size]['drop_path_rate'])

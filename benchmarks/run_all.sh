@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, printing short tables at the end.
-#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|spatial-mlp|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2|convergence-mlp|convergence-recommended ...]
+#   bash benchmarks/run_all.sh [tiny|large|both] [tests|tests2|kernels|optim|host|tune|train|fused-dense|infer-autotune|train-eager|train-compiled|main|input|nvjpeg|input-engines|input-locked|input-locked-main|input-main|input-main-nvjpeg|input-workers|input-prefetch|input-contention|input-streams|scaling-jpeg|profile-main|gil-main|input-graph|scaling-graph|apex|v2|v2-fold|spatial-mlp|v2-finetune|v2-upstream|fp8|fp8-finetune|fp8-profile|convergence-pipeline|convergence-fp8|convergence-v2|convergence-mlp|convergence-recommended ...]
 # (tune, the launch sweeps of the window, LayerNorm and attention kernels, is not in the default list)
 # Results (JSON + markdown) go to $OUT (else benchmarks/results).
 set -uo pipefail
@@ -63,6 +63,13 @@ for part in $PARTS; do
              # upstream's compile takes minutes)
              for m in $(case $MODEL in both) echo v2tiny v2base;; base) echo v2base;; *) echo v2tiny;; esac); do
                python3 benchmarks/bench_train.py --model $m; done ;;
+    v2-fold) # Swin V2-T: the MLP residual kernel writing the next block's windows vs each block partitioning its
+             # own input, compiled and with --cuda-graph (our rows only: no upstream compile)
+             python3 benchmarks/bench_train.py --model v2tiny --skip-infer --exact --only \
+               "all flags + --fused_adam + compile (CUDA graphs), O2 bf16" \
+               "all flags + --fused_adam + compile (CUDA graphs), next partition not folded, O2 bf16" \
+               "all flags + --fused_adam + --cuda-graph (whole step, no compile), O2 bf16" \
+               "all flags + --fused_adam + --cuda-graph, next partition not folded, O2 bf16" ;;
     spatial-mlp) # Swin-MLP's fused spatial MLP (--fused_window_process on swin_mlp): the kernel against upstream's
              # ops eager and compiled, then Swin-MLP-T/256 training with and without it beside upstream's module
              python3 benchmarks/bench_kernels.py spatial_mlp
