@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from common import cuda_time_ms, environment, write_results
+from common import cuda_time_ms, environment, train_step, write_results
 
 from amp import FP8_LAYERS, Precision, enable_fp8
 from cuda_graph import GraphedTrainStep
@@ -264,14 +264,7 @@ def train_row(size, name, flags, level, dtype, compile_, batch):
     y = torch.randint(0, 1000, (batch,), device='cuda')
     model.train()
 
-    def step():
-        with precision.autocast():
-            out = step_model(x)
-        loss = criterion(out.float(), y)
-        precision.backward(loss)
-        precision.step(optimizer, master.parameters(), 5.0)
-        precision.zero_grad(optimizer, model)
-
+    step = train_step(precision, step_model, model, master, optimizer, x, y, criterion)
     if compile_ == GRAPH:                    # 3 eager warm-up calls, then replays of one captured step
         graphed = GraphedTrainStep(model, criterion, optimizer, precision, 5.0)
         run = functools.partial(graphed, x, y)

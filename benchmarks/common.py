@@ -57,6 +57,24 @@ def graph_us(fn):
         return None
 
 
+def train_step(precision, run, model, master, optimizer, x, y, criterion=None):
+    """The harness's training step (docs/benchmarks.md's protocol) as a closure: forward under the
+    precision's autocast (`run`: the model or its compiled form), the loss in fp32 (label-smoothed cross
+    entropy unless `criterion` is given), backward, clip at 5.0 and step, zero_grad."""
+    def step():
+        with precision.autocast():
+            out = run(x)
+        loss = (criterion or _smoothed_ce)(out.float(), y)
+        precision.backward(loss)
+        precision.step(optimizer, master.parameters(), 5.0)
+        precision.zero_grad(optimizer, model)
+    return step
+
+
+def _smoothed_ce(out, y):
+    return torch.nn.functional.cross_entropy(out, y, label_smoothing=0.1)
+
+
 def markdown_table(rows: list, columns: list) -> str:
     out = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     for r in rows:

@@ -22,7 +22,7 @@ os.environ.setdefault('TRITON_INTERPRET', '1')     # launchers accept CPU tensor
 
 import torch  # noqa: E402
 
-from common import environment, write_results  # noqa: E402
+from common import environment, train_step, write_results  # noqa: E402
 
 from amp import Precision  # noqa: E402
 from kernels.optimizers import FusedAdamW  # noqa: E402
@@ -77,14 +77,7 @@ def main():
     x = precision.cast_input(torch.randn(2, 3, 64, 64))
     y = torch.randint(0, 1000, (2,))
 
-    def step():
-        with precision.autocast():
-            out = model(x)
-        loss = torch.nn.functional.cross_entropy(out.float(), y, label_smoothing=0.1)
-        precision.backward(loss)
-        precision.step(opt, master.parameters(), 5.0)
-        precision.zero_grad(opt, model)
-
+    step = train_step(precision, model, model, master, opt, x, y)
     for _ in range(5):
         step()
     t = time.perf_counter()

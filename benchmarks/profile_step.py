@@ -10,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_train import ALL, MODELS, build
+from common import train_step
 
 from amp import FP8_LAYERS, Precision, enable_fp8
 from config import FP8_RECIPES
@@ -41,14 +42,7 @@ def main():
     x = precision.cast_input(torch.randn(128, 3, 224, 224, device='cuda'))
     y = torch.randint(0, 1000, (128,), device='cuda')
 
-    def step():
-        with precision.autocast():
-            out = run(x)
-        loss = torch.nn.functional.cross_entropy(out.float(), y, label_smoothing=0.1)
-        precision.backward(loss)
-        precision.step(opt, master.parameters(), 5.0)
-        precision.zero_grad(opt, model)
-
+    step = train_step(precision, run, model, master, opt, x, y)
     for _ in range(8):
         step()
     torch.cuda.synchronize()

@@ -107,6 +107,20 @@ def _reference_and_fused():
     return ref, fused
 
 
+def _assert_compiled_matches(ref, fused):
+    """`fused` compiled (aot_eager on the CPU, inductor on CUDA), fullgraph: output and every parameter
+    gradient of one forward + backward against the uncompiled `ref`."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    g = torch.randn(2, 10, device=DEVICE)
+    out_ref, out = ref(x), compiled(x)
+    (out_ref * g).sum().backward()
+    (out * g).sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    _assert_same_grads(fused, ref)
+
+
 def _assert_same_grads(fused, ref, msg=''):
     ref_grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
@@ -125,15 +139,7 @@ def test_compiled_backward_with_every_flag_matches_reference():
                                                               'add_norm_partition', 'mlp', 'dense')}
     assert fused.ops.norm_partition is layer_norm_partition and fused.ops.merge_add_norm is merge_add_layer_norm
     assert fused.ops.add_norm_partition is add_layer_norm_partition and fused.ops.defer_mlp_residual
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
-    g = torch.randn(2, 10, device=DEVICE)
-    out_ref, out = ref(x), compiled(x)
-    (out_ref * g).sum().backward()
-    (out * g).sum().backward()
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
-    _assert_same_grads(fused, ref)
+    _assert_compiled_matches(ref, fused)
 
 
 @pytest.mark.parametrize('model_type', ['swin_mlp', 'swinv2'])
@@ -161,15 +167,7 @@ def test_compiled_swin_mlp_and_v2_with_their_flags_match_reference(model_type):
         assert dict(fused.ops.chosen)['spatial_mlp'] == 'triton' and block.defers_mlp_residual
     else:
         assert dict(fused.ops.chosen)['post_norm_add_partition'] == 'triton' and block.carries_windows
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, backend='aot_eager' if DEVICE == 'cpu' else 'inductor', fullgraph=True)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
-    g = torch.randn(2, 10, device=DEVICE)
-    out_ref, out = ref(x), compiled(x)
-    (out_ref * g).sum().backward()
-    (out * g).sum().backward()
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
-    _assert_same_grads(fused, ref)
+    _assert_compiled_matches(ref, fused)
 
 
 @pytest.mark.skipif(DEVICE != 'cuda', reason="CUDA graph trees need CUDA")

@@ -217,6 +217,15 @@ def _same(got, want):
                                    atol=2 * ulp if got.dtype != torch.float32 else 1e-5)
 
 
+def _same_outputs_and_grads(got, want, want_grads, upstream, inputs):
+    """A fused form's outputs `got` and the gradients `upstream` gives `inputs` through them, against the
+    composed ops' `want` and `want_grads`."""
+    for a, e in zip(got, want):
+        _same(a, e)
+    for a, e in zip(_grads(list(got), upstream, inputs), want_grads):
+        _same(a, e)
+
+
 def _grads(outputs, grads, inputs):
     torch.autograd.backward(outputs, grads)
     out = [t.grad.clone() for t in inputs]
@@ -277,10 +286,7 @@ def test_add_layer_norm_partition_matches_the_unfolded_kernels(case, with_scale)
     want = (h, wp.window_partition_ref(y.view(B, H, W, C), ws, s))
     want_grads = _grads(list(want), [dh, dy], inputs)
     got = ln.add_layer_norm_partition(inputs[0], inputs[1], scale, inputs[2], inputs[3], 1e-5, H, W, ws, s)
-    for a, e in zip(got, want):
-        _same(a, e)
-    for a, e in zip(_grads(list(got), [dh, dy], inputs), want_grads):
-        _same(a, e)
+    _same_outputs_and_grads(got, want, want_grads, [dh, dy], inputs)
 
 
 def test_stage_defers_the_mlp_residual_to_the_next_norm1():
@@ -289,14 +295,20 @@ def test_stage_defers_the_mlp_residual_to_the_next_norm1():
     every gradient as the reference stage's, from the same random draws."""
     import kernels
     from models.swin_transformer import BasicLayer
-    torch.manual_seed(0)
-    stages = []
-    for ops in (kernels.Ops(), kernels.build_ops(layer_norm=True, window_process=True, backend='triton')):
-        torch.manual_seed(0)
-        stages.append(BasicLayer(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
-    ref, fused = stages
+    ref, fused = stage_pair(BasicLayer, kernels.build_ops(layer_norm=True, window_process=True, backend='triton'))
     assert fused.blocks[0].ops.defer_mlp_residual and not ref.blocks[0].ops.defer_mlp_residual
     assert_stages_agree(ref, fused)
+
+
+def stage_pair(stage_cls, fused_ops):
+    """A stage of three blocks with drop-path ([B, 8x8, 32], 2 heads, window 4) on upstream's ops and the
+    same on `fused_ops`, from one initialisation."""
+    import kernels
+    stages = []
+    for ops in (kernels.Ops(), fused_ops):
+        torch.manual_seed(0)
+        stages.append(stage_cls(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
+    return stages
 
 
 def assert_stages_agree(ref, fused):
@@ -412,10 +424,7 @@ def test_post_norm_add_partition_matches_the_unfolded_kernels(case, with_scale):
     want = [h, wp.window_partition_ref(h.view(B, H, W, C), ws, s)]
     want_grads = _grads(want, [dh, dwin], inputs)
     got = ln.post_norm_add_partition(inputs[0], inputs[1], scale, inputs[2], inputs[3], 1e-5, H, W, ws, s)
-    for a, e in zip(got, want):
-        _same(a, e)
-    for a, e in zip(_grads(list(got), [dh, dwin], inputs), want_grads):
-        _same(a, e)
+    _same_outputs_and_grads(got, want, want_grads, [dh, dwin], inputs)
 
 
 def test_post_norm_add_partition_composes_where_h_is_wider_than_the_norm():

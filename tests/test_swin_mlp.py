@@ -72,13 +72,9 @@ def test_stage_defers_the_mlp_residual_to_the_next_norm1(window_process, monkeyp
     gradient as the reference stage's, from the same random draws."""
     import kernels
     from models.swin_mlp import BasicLayerMLP
-    from test_layer_norm import assert_stages_agree
-    stages = []
-    for ops in (kernels.Ops(), kernels.build_ops(layer_norm=True, window_process=window_process, backend='triton',
-                                                 spatial_mlp=True)):
-        torch.manual_seed(0)
-        stages.append(BasicLayerMLP(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
-    ref, fused = stages
+    from test_layer_norm import assert_stages_agree, stage_pair
+    ref, fused = stage_pair(BasicLayerMLP, kernels.build_ops(layer_norm=True, window_process=window_process,
+                                                             backend='triton', spatial_mlp=True))
     assert fused.blocks[0].defers_mlp_residual and not ref.blocks[0].defers_mlp_residual
     deferred = []          # per block call: whether a residual came with it
     plain = SwinMLPBlock.forward_deferred

@@ -314,13 +314,9 @@ def test_stage_hands_each_block_its_windows(monkeypatch):
     that block takes instead of partitioning; output and every gradient as the reference stage's."""
     import kernels
     from models.swin_transformer_v2 import BasicLayerV2, SwinTransformerBlockV2
-    from test_layer_norm import assert_stages_agree
-    stages = []
-    for ops in (kernels.Ops(), kernels.build_ops(layer_norm=True, window_process=True, backend='triton',
-                                                 post_norm=True)):
-        torch.manual_seed(0)
-        stages.append(BasicLayerV2(32, (8, 8), 3, 2, 4, drop_path=[0.3, 0.5, 0.4], ops=ops).to(DEVICE))
-    ref, fused = stages
+    from test_layer_norm import assert_stages_agree, stage_pair
+    ref, fused = stage_pair(BasicLayerV2, kernels.build_ops(layer_norm=True, window_process=True, backend='triton',
+                                                            post_norm=True))
     assert fused.blocks[0].carries_windows and not ref.blocks[0].carries_windows
     handed = []            # per block call: whether the block was given its windows
     plain = SwinTransformerBlockV2.forward_windows
