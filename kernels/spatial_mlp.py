@@ -279,9 +279,8 @@ class _SpatialMLP(torch.autograd.Function):
 
 
 def spatial_mlp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
-                window_size: int, shift_size: int, **_composed) -> torch.Tensor:
-    """Fused, differentiable `spatial_mlp_ref` (x [B, H, W, C] -> [B, H, W, C]); autocast as Conv1d.
-    (`_composed`: the reference's partition / merge arguments, which the one kernel does not need.)"""
+                window_size: int, shift_size: int) -> torch.Tensor:
+    """Fused, differentiable `spatial_mlp_ref` (x [B, H, W, C] -> [B, H, W, C]); autocast as Conv1d."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     args = (x, weight, bias, int(num_heads), int(window_size), int(shift_size))
     with torch.autocast(x.device.type, enabled=False):
